@@ -1,0 +1,19 @@
+"""moola-engine: a PyTorch training engine for transfer learning on small labeled data."""
+
+from __future__ import annotations
+
+from .errors import CheckFailed, ConfigError, MoolaError, PluginError, ScheduleError
+from .hookspecs import hookimpl, hookspec
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CheckFailed",
+    "ConfigError",
+    "MoolaError",
+    "PluginError",
+    "ScheduleError",
+    "__version__",
+    "hookimpl",
+    "hookspec",
+]

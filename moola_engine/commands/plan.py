@@ -1,0 +1,57 @@
+"""``moola-engine plan --strategy NAME --epochs N``: the schedule, dry-run, without data or training."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from ..config import ExperimentConfig, load_config
+from ..freezing import resolve_groups
+from ..models import build_model, group_specs
+from ..plan import Plan, compute_plan, validate_plan
+from ..train import resolve_strategy
+
+
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser("plan", help="print a strategy's schedule: epoch -> trainable groups -> lr")
+    p.add_argument("--config", help="experiment TOML (default: built-in SimpleLSTM groups)")
+    p.add_argument("--strategy", required=True)
+    p.add_argument("--strategies", metavar="FILE")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--allow", action="append", default=[], metavar="OVERRIDE")
+    p.add_argument("--json", action="store_true")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config) if args.config else ExperimentConfig()
+    _, named = resolve_strategy(cfg, args.strategy, args.strategies)
+    strat = named.build()
+    model = build_model(cfg.model, cfg.source)
+    groups = resolve_groups(model, group_specs(model, cfg.model))
+    epochs = args.epochs or cfg.train.epochs
+    plan = compute_plan(strat, [g.name for g in groups], [g.name for g in groups if g.head], epochs, cfg.train.lr,
+                        name=named.name)
+    validate_plan(plan, strat, named.name, allow=set(args.allow) | set(cfg.run.allow))
+    if args.json:
+        print(json.dumps(plan.to_json(), indent=2))
+    else:
+        print(render_plan(plan))
+    return 0
+
+
+def render_plan(plan: Plan) -> str:
+    """Epoch ranges with identical state collapse into one row."""
+    rows: list[tuple[int, int, list[str]]] = []
+    for e in plan.epochs:
+        cells = [f"trainable {e.lr[g]:.3g}" if e.trainable[g] else "frozen" for g in plan.groups]
+        if rows and rows[-1][2] == cells:
+            rows[-1] = (rows[-1][0], e.epoch, cells)
+        else:
+            rows.append((e.epoch, e.epoch, cells))
+    header = ["epoch", *plan.groups]
+    body = [[f"{a}" if a == b else f"{a}-{b}", *cells] for a, b, cells in rows]
+    widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in [header, *body]]
+    lines += [f"note: {n}" for n in plan.notes]
+    return "\n".join(lines)

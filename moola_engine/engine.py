@@ -1,0 +1,293 @@
+"""The epoch loop, readable top to bottom.  Hook order: see :mod:`moola_engine.hookspecs`."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+import pluggy
+import torch
+from torch import nn
+
+from .config import ChecksConfig, GroupSpec, TrainConfig
+from .data import TensorData
+from .errors import MoolaError, PluginError
+from .freezing import Freezer, ParamGroup, apply_module_modes, resolve_groups
+from .logs import Event, bind, get_logger
+from .metrics import classification_metrics
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+EvalFn = Callable[[torch.Tensor, torch.Tensor], dict[str, float]]
+
+
+def select_device(name: str) -> torch.device:
+    """``auto``: CUDA when present, else CPU.  An explicit device that is absent is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise MoolaError(f"train.device = {name!r} but CUDA is not available here (use \"auto\" or \"cpu\")")
+    return dev
+
+
+def build_optimizer(groups: Sequence[ParamGroup], cfg: TrainConfig) -> torch.optim.Optimizer:
+    """One optimizer param group per model group, every parameter included from step 0."""
+    param_groups = [{"params": g.tensors, "lr": cfg.lr, "group": g.name} for g in groups]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(param_groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(param_groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(param_groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+@attrs.define
+class FitResult:
+    epochs_run: int = 0
+    best_epoch: int = -1
+    best_metric: float = math.nan
+    stopped_early: bool = False
+    stop_reason: str = "epochs"
+    history: list[dict[str, float]] = attrs.Factory(list)
+    seconds: float = 0.0
+
+
+class Engine:
+    """Runs the epoch loop on one device and fires the hooks.
+
+    Strategies and observers reach the run through this object: ``freezer``,
+    ``model``, ``optimizer``, ``groups``, ``epochs``, ``config``, ``log``,
+    ``run_dir``, ``history``, ``device``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        train: TrainConfig,
+        groups: Sequence[GroupSpec] | None = None,
+        pm: pluggy.PluginManager,
+        strategy: Any,
+        train_data: TensorData,
+        val_data: TensorData | None = None,
+        checks: ChecksConfig | None = None,
+        loss_fn: LossFn | None = None,
+        eval_fn: EvalFn | None = None,
+        logger: Any = None,
+        run_dir: Path | None = None,
+        strategy_name: str | None = None,
+        allow: Sequence[str] = (),
+        pretrained: Mapping[str, torch.Tensor] | None = None,
+    ) -> None:
+        self.config = train
+        self.checks = checks or ChecksConfig()
+        self.log = logger or get_logger()
+        self.pm = pm
+        self.strategy = strategy
+        self.strategy_name = strategy_name or getattr(strategy, "name", None) or type(strategy).__name__
+        self.run_dir = run_dir
+        self.allow = set(allow)
+        self.epochs = train.epochs
+        self.dry_run = False
+        self.device = select_device(train.device)
+        self.history: list[dict[str, float]] = []
+        self.pretrained = pretrained  # name -> tensor as loaded (for distance-from-pretrained checks)
+
+        torch.manual_seed(train.seed)
+        if train.threads is not None:
+            torch.set_num_threads(train.threads)
+        self.model = model.to(self.device)
+        specs = list(groups) if groups else list(getattr(model, "default_groups", lambda: [])())
+        self.groups = resolve_groups(self.model, specs)
+        self.optimizer = build_optimizer(self.groups, train)
+        self.freezer = Freezer(self.groups, base_lr=train.lr, optimizer=self.optimizer, logger=self.log)
+        self.train_data = train_data.to(self.device)
+        self.val_data = val_data.to(self.device) if val_data is not None else None
+        self.loss_fn: LossFn = loss_fn or nn.functional.cross_entropy
+        self.eval_fn: EvalFn = eval_fn or classification_metrics
+        self._gen = torch.Generator(device=self.device)
+        self._gen.manual_seed(train.seed)
+        self.step = 0
+        self.epoch = 0
+        self.plan: Any = None
+        self._since_improved = 0
+        self._hooks_with_impls: set[str] = set()
+        self._model_fn: Callable[[torch.Tensor], torch.Tensor] = self.model
+        if train.compile:
+            self._model_fn = torch.compile(self.model)  # type: ignore[assignment]
+
+    # ------------------------------------------------------------------ hooks
+    def _fire(self, name: str, **kwargs: Any) -> None:
+        """Call hook ``name``; then fire on_freeze/on_unfreeze for transitions requested inside it."""
+        if name in self._hooks_with_impls:
+            hook = getattr(self.pm.hook, name)
+            try:
+                hook(engine=self, **kwargs)
+            except MoolaError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - blamed on the plugin, by name
+                plugin = self._blame(name, exc)
+                self.log.error(Event.PLUGIN_FAILED, plugin=plugin, hook=name, error=f"{type(exc).__name__}: {exc}")
+                raise PluginError(
+                    f'plugin "{plugin}" raised in hook {name}: {type(exc).__name__}: {exc}'
+                ) from exc
+        if self.freezer.pending and name not in ("on_freeze", "on_unfreeze"):
+            self._flush_transitions()
+
+    def _flush_transitions(self) -> None:
+        while self.freezer.pending:
+            for t in self.freezer.take_pending():
+                self._on_transition()
+                if t.to_state == "frozen":
+                    self._fire("on_freeze", group=t.group, epoch=t.epoch, reason=t.reason)
+                else:
+                    self._fire("on_unfreeze", group=t.group, epoch=t.epoch, lr=t.lr, reason=t.reason)
+
+    def _blame(self, hook_name: str, exc: BaseException) -> str:
+        """The plugin whose implementation of ``hook_name`` raised, read off the traceback."""
+        hook = getattr(self.pm.hook, hook_name)
+        codes = {}
+        for impl in hook.get_hookimpls():
+            fn = getattr(impl.function, "__func__", impl.function)
+            code = getattr(fn, "__code__", None)
+            if code is not None:
+                codes[code] = impl.plugin_name
+        tb = exc.__traceback__
+        while tb is not None:
+            if tb.tb_frame.f_code in codes:
+                return codes[tb.tb_frame.f_code]
+            tb = tb.tb_next
+        return "?"
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self) -> FitResult:
+        from .plan import compute_plan, validate_plan
+
+        cfg = self.config
+        result = FitResult()
+        t0 = time.perf_counter()
+        bind(epoch=0, step=0)
+        self.log.info(Event.DEVICE_SELECTED, device=str(self.device), precision=cfg.precision, compile=cfg.compile)
+        self.log.info(
+            Event.GROUPS_RESOLVED,
+            groups=[{"name": g.name, "head": g.head, "tensors": len(g.params), "numel": g.numel()} for g in self.groups],
+        )
+
+        # --- the plan: dry-run the strategy's own hooks, refuse a schedule that cannot keep its promise
+        self.plan = compute_plan(self.strategy, self.freezer.groups, self.freezer.head_groups, cfg.epochs, cfg.lr)
+        validate_plan(self.plan, self.strategy, self.strategy_name, allow=self.allow, log=self.log,
+                      early_stopping=cfg.early_stopping)
+        self.log.debug(Event.PLAN_COMPUTED, plan=self.plan.to_json())
+
+        self._hooks_with_impls = {n for n in dir(self.pm.hook) if not n.startswith("_")
+                                  and getattr(self.pm.hook, n).get_hookimpls()}
+        self._fire("on_fit_start")
+
+        es = cfg.early_stopping
+        best = math.inf if (es is None or es.mode == "min") else -math.inf
+        best_state: dict[str, torch.Tensor] | None = None
+        self._since_improved = 0
+        hold_until = self.plan.last_scheduled_transition()  # never stop before a promised transition
+
+        for epoch in range(cfg.epochs):
+            self.epoch = self.freezer.epoch = epoch
+            bind(epoch=epoch)
+            self._fire("on_epoch_start", epoch=epoch)
+            train_metrics = self._train_epoch(epoch)
+
+            # --- validation: host floats once per epoch
+            metrics = dict(train_metrics)
+            if self.val_data is not None and len(self.val_data):
+                metrics.update(self.evaluate(self.val_data, prefix="val_"))
+            metrics["epoch"] = epoch
+            self.history.append(metrics)
+            self._fire("on_validation_end", epoch=epoch, metrics=metrics)
+            self._fire("on_epoch_end", epoch=epoch, metrics=metrics)
+            self.log.info(Event.EPOCH_COMPLETED, trainable=self.freezer.trainable_groups(),
+                          **{k: v for k, v in metrics.items() if k != "epoch"})
+            result.epochs_run = epoch + 1
+
+            # --- early stopping (patience counts from the last transition)
+            if es is not None:
+                value = metrics.get(es.metric, math.nan)
+                if math.isnan(value):
+                    raise MoolaError(f"train.early_stopping.metric = {es.metric!r} is not a metric of this run; "
+                                     f"metrics: {', '.join(sorted(metrics))}")
+                improved = value < best - es.min_delta if es.mode == "min" else value > best + es.min_delta
+                if improved:
+                    best, result.best_epoch, result.best_metric = value, epoch, value
+                    if cfg.restore_best:
+                        best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+                    self._since_improved = 0
+                else:
+                    self._since_improved += 1
+                if self._since_improved >= es.patience and (hold_until is None or epoch >= hold_until):
+                    result.stopped_early, result.stop_reason = True, "early_stopping"
+                    self.log.info(Event.EARLY_STOP, metric=es.metric, best=best, best_epoch=result.best_epoch,
+                                  patience=es.patience)
+                    break
+
+        result.history = self.history
+        result.seconds = time.perf_counter() - t0
+        self._fire("on_fit_end", result=result)
+        if best_state is not None:
+            self.model.load_state_dict(best_state)
+        return result
+
+    def _on_transition(self) -> None:
+        # A transition restarts the early-stopping clock: the new phase gets its full patience.
+        self._since_improved = 0
+
+    def _train_epoch(self, epoch: int) -> dict[str, float]:
+        cfg = self.config
+        data = self.train_data
+        self.model.train()
+        apply_module_modes(self.groups, {g: self.freezer.is_trainable(g) for g in self.freezer.groups},
+                           train_bn=cfg.train_bn, frozen_dropout=cfg.frozen_dropout)
+        trainable = [p for g in self.groups if self.freezer.is_trainable(g.name) for p in g.tensors]
+        n = len(data)
+        perm = torch.randperm(n, generator=self._gen, device=self.device)
+        loss_sum = torch.zeros((), device=self.device)
+        first_bad = torch.full((), -1, dtype=torch.long, device=self.device)
+        autocast = (torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+                    if cfg.precision == "bf16" else contextlib.nullcontext())
+        for idx in perm.split(cfg.batch_size):
+            xb, yb = data.x[idx], data.y[idx]
+            bind(step=self.step)
+            self._fire("before_step", epoch=epoch, step=self.step, batch=(xb, yb))
+            self.optimizer.zero_grad(set_to_none=True)
+            with autocast:
+                out = self._model_fn(xb)
+                loss = self.loss_fn(out.float(), yb)
+            loss.backward()
+            if cfg.grad_clip is not None and trainable:
+                nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
+            self.optimizer.step()
+            detached = loss.detach()
+            loss_sum += detached * idx.numel()
+            # remember the first non-finite step without a host sync
+            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(detached), self.step, first_bad)
+            self._fire("after_step", epoch=epoch, step=self.step, loss=detached)
+            self.step += 1
+        bad = int(first_bad)
+        if bad >= 0:
+            raise MoolaError(f"non-finite training loss at step {bad} (epoch {epoch}); "
+                             "lower train.lr or set train.grad_clip")
+        return {"train_loss": float(loss_sum) / max(n, 1)}
+
+    @torch.no_grad()
+    def predict(self, data: TensorData, batch_size: int = 1024) -> torch.Tensor:
+        """Model outputs for ``data`` in eval mode, concatenated on the device."""
+        was_training = self.model.training
+        self.model.eval()
+        outs = [self._model_fn(data.x[i:i + batch_size]).float() for i in range(0, len(data), batch_size)]
+        self.model.train(was_training)
+        return torch.cat(outs)
+
+    def evaluate(self, data: TensorData, prefix: str = "") -> dict[str, float]:
+        metrics = self.eval_fn(self.predict(data), data.y)
+        return {f"{prefix}{k}": v for k, v in metrics.items()}

@@ -1,0 +1,139 @@
+"""One training run from config: the path ``moola-engine train`` takes.
+
+TOML -> config objects -> plugin manager picks the named strategy -> plan
+validated (before any data is loaded) -> run folder + event log -> data and
+model -> pretrained weights -> engine loop -> test metrics -> result.json.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import IO, Any
+
+import attrs
+
+from . import __version__
+from .config import ExperimentConfig, unstructure
+from .data import build_splits
+from .engine import Engine, FitResult
+from .errors import ConfigError, MoolaError
+from .freezing import resolve_groups
+from .logs import Event, RunLog, bind, clear_contextvars
+from .models import build_model, group_specs
+from .plan import compute_plan, validate_plan
+from .plugins import (
+    NamedStrategy,
+    build_plugin_manager,
+    default_strategies_file,
+    load_strategies,
+    register_checked,
+    select_strategy,
+)
+from .run import create_run_dir, link_latest, new_run_id, write_json_atomic, write_metrics_csv
+
+
+@attrs.define
+class RunOutcome:
+    run_id: str
+    run_dir: Path
+    fit: FitResult
+    test_metrics: dict[str, float]
+    strategy: str
+
+
+def strategies_path(cfg: ExperimentConfig, override: str | None) -> Path:
+    """--strategies FILE, else run.strategies_file (relative to the config), else ./strategies.toml."""
+    if override:
+        return Path(override)
+    if cfg.run.strategies_file:
+        p = Path(cfg.run.strategies_file)
+        return p if p.is_absolute() else Path(cfg.source).parent / p
+    found = default_strategies_file()
+    if found is None:
+        raise ConfigError("--strategies", "no strategies.toml here or beside the project; pass --strategies FILE")
+    return found
+
+
+def resolve_strategy(cfg: ExperimentConfig, name: str | None, strategies_file: str | None,
+                     extra_plugins: tuple[Any, ...] = ()) -> tuple[Any, NamedStrategy]:
+    pm, registry = build_plugin_manager(extra_plugins)
+    path = strategies_path(cfg, strategies_file)
+    named = load_strategies(path, registry)
+    chosen = name or cfg.run.strategy
+    if chosen is None:
+        raise ConfigError("--strategy", f"no strategy selected; pass --strategy NAME (defined: {', '.join(sorted(named))})")
+    return pm, select_strategy(chosen, named, str(path))
+
+
+def train(
+    cfg: ExperimentConfig,
+    *,
+    strategy: str | None = None,
+    strategies_file: str | None = None,
+    extra_plugins: tuple[Any, ...] = (),
+    stream: IO[str] | None = None,
+    capture: bool = False,
+) -> RunOutcome:
+    """Run one training as ``cfg`` describes; raises :class:`MoolaError` subclasses for user errors."""
+    pm, named = resolve_strategy(cfg, strategy, strategies_file, extra_plugins)
+    strat = named.build()
+    base_dir = Path(cfg.source).parent if cfg.source != "<defaults>" else Path.cwd()
+    allow = set(cfg.run.allow)
+
+    # --- refuse a schedule that cannot keep its promise before any data is loaded
+    model = build_model(cfg.model, cfg.source)
+    specs = group_specs(model, cfg.model)
+    groups = resolve_groups(model, specs)
+    head = [g.name for g in groups if g.head]
+    plan = compute_plan(strat, [g.name for g in groups], head, cfg.train.epochs, cfg.train.lr, name=named.name)
+    validate_plan(plan, strat, named.name, allow=allow, early_stopping=cfg.train.early_stopping)
+
+    run_id = new_run_id(named.name, cfg.train.seed, cfg.run.name)
+    runs_dir = Path(cfg.run.runs_dir)
+    if not runs_dir.is_absolute():
+        runs_dir = Path.cwd() / runs_dir
+    run_dir = create_run_dir(runs_dir, run_id)
+    run_id = run_dir.name
+    runlog = RunLog(run_dir / "events.jsonl", console=cfg.run.console, stream=stream or sys.stderr, capture=capture)
+    log = runlog.logger
+    clear_contextvars()
+    bind(run_id=run_id, strategy=named.name)
+    try:
+        log.info(Event.RUN_STARTED, run_dir=str(run_dir), version=__version__, config_file=cfg.source)
+        log.debug(Event.CONFIG_LOADED, config=unstructure(cfg))
+        log.info(Event.STRATEGY_SELECTED, plugin=named.plugin, params=unstructure(named.params),
+                 source=named.info.source, strategies_file=named.source)
+        write_json_atomic(run_dir / "config.json", {"config": unstructure(cfg), "strategy": named.name,
+                                                    "plugin": named.plugin, "params": unstructure(named.params)})
+        link_latest(run_dir)
+
+        splits = build_splits(cfg.data, base_dir=base_dir, seed=cfg.train.seed)
+        register_checked(pm, strat, name=f"strategy:{named.name}")  # last: runs first among plain impls
+        engine = Engine(
+            model, train=cfg.train, groups=specs, pm=pm, strategy=strat, train_data=splits.train,
+            val_data=splits.val, checks=cfg.checks, logger=log, run_dir=run_dir, strategy_name=named.name,
+            allow=sorted(allow),
+        )
+        fit = engine.fit()
+        test_metrics = engine.evaluate(splits.test, prefix="test_") if splits.test is not None else {}
+        if test_metrics:
+            log.info(Event.EVALUATION_COMPLETED, split="test", **test_metrics)
+        write_metrics_csv(run_dir / "metrics.csv", fit.history)
+        write_json_atomic(run_dir / "result.json", {
+            "run_id": run_id, "strategy": named.name, "epochs_run": fit.epochs_run, "best_epoch": fit.best_epoch,
+            "stopped_early": fit.stopped_early, "stop_reason": fit.stop_reason, "seconds": fit.seconds,
+            "final": fit.history[-1] if fit.history else {}, "test": test_metrics,
+        })
+        log.info(Event.RUN_FINISHED, epochs_run=fit.epochs_run, stop_reason=fit.stop_reason,
+                 seconds=round(fit.seconds, 3), **test_metrics)
+        return RunOutcome(run_id=run_id, run_dir=run_dir, fit=fit, test_metrics=test_metrics, strategy=named.name)
+    except MoolaError as exc:
+        log.error(Event.RUN_FAILED, error=str(exc), error_type=type(exc).__name__)
+        raise
+    except BaseException as exc:
+        log.error(Event.RUN_FAILED, error=f"{type(exc).__name__}: {exc}", error_type=type(exc).__name__)
+        raise
+    finally:
+        runlog.close()
+        clear_contextvars()
