@@ -157,6 +157,10 @@ class DataConfig:
     """Which loader builds the dataset; its own keys live in ``options``."""
     path: str | None = None
     val_fraction: float = attrs.field(default=0.2, validator=_fraction)
+    folds: int = attrs.field(default=1, validator=_positive)
+    """Number of folds the loader can cut (repeated stratified for i.i.d. data, chronological for series)."""
+    fold: int = attrs.field(default=0, validator=_non_negative)
+    """Which fold this run uses (0 <= fold < folds); the ablation sets it per grid cell."""
     options: dict[str, Any] = attrs.Factory(dict)
 
 

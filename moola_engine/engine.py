@@ -129,7 +129,7 @@ class Engine:
                 hook(engine=self, **kwargs)
             except MoolaError:
                 raise
-            except Exception as exc:  # noqa: BLE001 - blamed on the plugin, by name
+            except Exception as exc:
                 plugin = self._blame(name, exc)
                 self.log.error(Event.PLUGIN_FAILED, plugin=plugin, hook=name, error=f"{type(exc).__name__}: {exc}")
                 raise PluginError(

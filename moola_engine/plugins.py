@@ -14,6 +14,7 @@ hard-coded list of defaults.  Loading goes through :func:`build_plugin_manager`:
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata as md
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -61,10 +62,8 @@ class NamedStrategy:
         """A fresh strategy object (hook implementations) for one run."""
         obj = self.info.factory(self.params)
         if getattr(obj, "name", None) is None:
-            try:
+            with contextlib.suppress(AttributeError):
                 obj.name = self.name
-            except AttributeError:
-                pass
         return obj
 
 
@@ -124,7 +123,7 @@ def discover(pm: pluggy.PluginManager, group: str = ENTRY_POINT_GROUP) -> dict[s
         seen.add(label)
         try:
             plugin = ep.load()
-        except Exception as exc:  # noqa: BLE001 - any import failure is reported, by name
+        except Exception as exc:
             raise PluginError(f'failed to load plugin "{label}": {type(exc).__name__}: {exc}') from exc
         if pm.is_registered(plugin):
             continue
@@ -189,7 +188,7 @@ def collect_strategies(pm: pluggy.PluginManager, sources: dict[str, str] | None 
             impl.function(register=register)
         except PluginError:
             raise
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             raise PluginError(f'plugin "{pname}" failed in hook register_strategies: {exc}') from exc
     return registry
 

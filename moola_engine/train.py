@@ -7,11 +7,13 @@ model -> pretrained weights -> engine loop -> test metrics -> result.json.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import IO, Any
 
 import attrs
+import numpy as np
 
 from . import __version__
 from .config import ExperimentConfig, unstructure
@@ -19,8 +21,9 @@ from .data import build_splits
 from .engine import Engine, FitResult
 from .errors import ConfigError, MoolaError
 from .freezing import resolve_groups
-from .logs import Event, RunLog, bind, clear_contextvars
+from .logs import Event, RunLog, bind, clear_contextvars, get_logger
 from .models import build_model, group_specs
+from .observers import build_observers
 from .plan import compute_plan, validate_plan
 from .plugins import (
     NamedStrategy,
@@ -66,6 +69,20 @@ def resolve_strategy(cfg: ExperimentConfig, name: str | None, strategies_file: s
     return pm, select_strategy(chosen, named, str(path))
 
 
+def save_predictions(path: Path, engine: Engine, splits: Any) -> None:
+    """Validation (and test) outputs and targets, for red flags and paired statistics across runs."""
+    arrays: dict[str, np.ndarray] = {}
+    for split in ("val", "test"):
+        data = getattr(splits, split)
+        if data is not None and len(data):
+            arrays[f"{split}_outputs"] = engine.predict(data).cpu().numpy()
+            arrays[f"{split}_y"] = data.y.cpu().numpy()
+    if arrays:
+        tmp = path.with_name(f".{path.stem}.tmp.npz")
+        np.savez(tmp, **arrays)
+        os.replace(tmp, path)
+
+
 def train(
     cfg: ExperimentConfig,
     *,
@@ -87,7 +104,8 @@ def train(
     groups = resolve_groups(model, specs)
     head = [g.name for g in groups if g.head]
     plan = compute_plan(strat, [g.name for g in groups], head, cfg.train.epochs, cfg.train.lr, name=named.name)
-    validate_plan(plan, strat, named.name, allow=allow, early_stopping=cfg.train.early_stopping)
+    validate_plan(plan, strat, named.name, allow=allow, early_stopping=cfg.train.early_stopping,
+                  log=get_logger())  # the engine validates again and logs any override in the run log
 
     run_id = new_run_id(named.name, cfg.train.seed, cfg.run.name)
     runs_dir = Path(cfg.run.runs_dir)
@@ -109,6 +127,8 @@ def train(
         link_latest(run_dir)
 
         splits = build_splits(cfg.data, base_dir=base_dir, seed=cfg.train.seed)
+        for obs_name, observer in build_observers(cfg, run_dir):
+            register_checked(pm, observer, name=obs_name)
         register_checked(pm, strat, name=f"strategy:{named.name}")  # last: runs first among plain impls
         engine = Engine(
             model, train=cfg.train, groups=specs, pm=pm, strategy=strat, train_data=splits.train,
@@ -120,6 +140,7 @@ def train(
         if test_metrics:
             log.info(Event.EVALUATION_COMPLETED, split="test", **test_metrics)
         write_metrics_csv(run_dir / "metrics.csv", fit.history)
+        save_predictions(run_dir / "predictions.npz", engine, splits)
         write_json_atomic(run_dir / "result.json", {
             "run_id": run_id, "strategy": named.name, "epochs_run": fit.epochs_run, "best_epoch": fit.best_epoch,
             "stopped_early": fit.stopped_early, "stop_reason": fit.stop_reason, "seconds": fit.seconds,

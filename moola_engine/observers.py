@@ -1,0 +1,19 @@
+"""Observer plugins a run registers besides its strategy (checks, checkpoints, ...).
+
+Observers are ordinary plugins whose hook implementations are ``trylast=True``,
+so they see the state after the strategy acted.  :func:`build_observers` is the
+one place a run's observers are chosen from its config.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .config import ExperimentConfig
+
+
+def build_observers(cfg: ExperimentConfig, run_dir: Path | None) -> list[tuple[str, Any]]:
+    """(name, plugin object) pairs to register for one run, in registration order."""
+    observers: list[tuple[str, Any]] = []
+    return observers
