@@ -130,9 +130,13 @@ def discover(pm: pluggy.PluginManager, group: str = ENTRY_POINT_GROUP) -> dict[s
         try:
             pm.register(plugin, name=label)
         except (pluggy.PluginValidationError, ValueError) as exc:
-            raise PluginError(f'failed to load plugin "{label}": {exc}') from exc
+            raise PluginError(f'failed to load plugin "{label}": {_one_line(exc)}') from exc
         sources[label] = _dist_label(ep)
     return sources
+
+
+def _one_line(exc: BaseException) -> str:
+    return "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
 
 
 def check(pm: pluggy.PluginManager) -> None:
@@ -141,15 +145,16 @@ def check(pm: pluggy.PluginManager) -> None:
         pm.check_pending()
     except pluggy.PluginValidationError as exc:
         name = pm.get_name(exc.plugin) if exc.plugin is not None else "?"
-        raise PluginError(f'plugin "{name}": {exc}') from exc
+        raise PluginError(f'plugin "{name}": {_one_line(exc)}') from exc
 
 
 def register_checked(pm: pluggy.PluginManager, plugin: Any, name: str | None = None) -> None:
     """Register a plugin object and validate its hooks at once."""
+    label = name or repr(plugin)
     try:
         pm.register(plugin, name=name)
     except pluggy.PluginValidationError as exc:
-        raise PluginError(f'plugin "{name or plugin!r}": {exc}') from exc
+        raise PluginError(f'plugin "{label}": {_one_line(exc)}') from exc
     check(pm)
 
 

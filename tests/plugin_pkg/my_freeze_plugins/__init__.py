@@ -1,0 +1,1 @@
+"""A third-party plugin package, written from docs/writing-plugins.md alone."""
