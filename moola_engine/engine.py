@@ -195,7 +195,7 @@ class Engine:
 
         for epoch in range(cfg.epochs):
             self.epoch = self.freezer.epoch = epoch
-            bind(epoch=epoch)
+            bind(epoch=epoch, step=self.step)  # the next step to run
             self._fire("on_epoch_start", epoch=epoch)
             train_metrics = self._train_epoch(epoch)
 
