@@ -34,6 +34,7 @@ from .plugins import (
     select_strategy,
 )
 from .run import create_run_dir, link_latest, new_run_id, write_json_atomic, write_metrics_csv
+from .weights import load_pretrained
 
 
 @attrs.define
@@ -126,6 +127,8 @@ def train(
                                                     "plugin": named.plugin, "params": unstructure(named.params)})
         link_latest(run_dir)
 
+        # pretrained weights after the model is built, before the engine; enabled = false is the control
+        pretrained = load_pretrained(model, cfg.model.pretrained, groups=groups, base_dir=base_dir, log=log)
         splits = build_splits(cfg.data, base_dir=base_dir, seed=cfg.train.seed)
         for obs_name, observer in build_observers(cfg, run_dir):
             register_checked(pm, observer, name=obs_name)
@@ -133,7 +136,7 @@ def train(
         engine = Engine(
             model, train=cfg.train, groups=specs, pm=pm, strategy=strat, train_data=splits.train,
             val_data=splits.val, checks=cfg.checks, logger=log, run_dir=run_dir, strategy_name=named.name,
-            allow=sorted(allow),
+            allow=sorted(allow), pretrained=pretrained,
         )
         fit = engine.fit()
         test_metrics = engine.evaluate(splits.test, prefix="test_") if splits.test is not None else {}
