@@ -232,6 +232,8 @@ class WeightDeltaCheck(_DeltaObserver):
         changed, max_abs, _norm, rel = self._measure(engine, {group: self.phase[group]}, [group])[group]
         moved = bool(changed)
         ok = (expected == "zero") != moved
+        if steps == 0 and ok:
+            return []  # the phase ran no step and nothing changed: no event
         lr = self.ref_lr.get(group, math.nan)
         fields = {"group": group, "expected": expected, "trainable": trainable, "moved": moved,
                   "max_abs_delta": _num(max_abs), "rel_delta": rel, "steps": steps, "lr": lr,
