@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import math
 import pickle
 import re
 from collections.abc import Mapping, Sequence
@@ -48,8 +49,9 @@ from .logs import Event, get_logger
 
 # A freshly initialised tensor has the std its init gives (within sampling noise) and stays inside
 # the init's range.  Trained weights leave at least one of the two.
-FRESH_STD_TOLERANCE = 0.12
+FRESH_MIN_TOLERANCE = 0.03
 FRESH_MAX_TOLERANCE = 1.02
+REFERENCE_SAMPLES = 4096
 MIN_NUMEL_FOR_FRESH_VERDICT = 16
 
 _LSTM_KEY = re.compile(r"^(?P<stem>.*(?:weight|bias)_(?:ih|hh|hr))_l(?P<layer>\d+)(?P<rev>_reverse)?$")
@@ -240,7 +242,10 @@ def _owner(model: nn.Module, key: str) -> tuple[nn.Module, str] | None:
 
 
 def init_reference(model: nn.Module, key: str, _cache: dict[int, nn.Module] | None = None) -> torch.Tensor | None:
-    """The tensor ``key`` as the owning module's ``reset_parameters()`` draws it (on a copy, RNG untouched)."""
+    """Values of ``key`` as the owning module's ``reset_parameters()`` draws them (flattened, on a copy, RNG untouched).
+
+    Small tensors are drawn several times (at least ``REFERENCE_SAMPLES`` values) so the reference std is precise.
+    """
     found = _owner(model, key)
     if found is None:
         return None
@@ -248,19 +253,30 @@ def init_reference(model: nn.Module, key: str, _cache: dict[int, nn.Module] | No
     if not callable(getattr(module, "reset_parameters", None)):
         return None
     cache = _cache if _cache is not None else {}
-    fresh = cache.get(id(module))
-    if fresh is None:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(12345)
-            fresh = copy.deepcopy(module).cpu()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(12345)
+        fresh = cache.get(id(module))
+        if fresh is None:
+            fresh = cache[id(module)] = copy.deepcopy(module).cpu()
+        draws: list[torch.Tensor] = []
+        total = 0
+        while total < REFERENCE_SAMPLES and len(draws) < 64:
             fresh.reset_parameters()  # type: ignore[operator]
-        cache[id(module)] = fresh
-    t = getattr(fresh, attr, None)
-    return t.detach() if isinstance(t, torch.Tensor) else None
+            t = getattr(fresh, attr, None)
+            if not isinstance(t, torch.Tensor) or t.numel() == 0:
+                return None
+            draws.append(t.detach().reshape(-1).clone())
+            total += t.numel()
+    return torch.cat(draws)
 
 
 def fresh_stats(tensor: torch.Tensor, ref: torch.Tensor | None) -> tuple[float, float | None, float | None, bool | None]:
-    """(std, init std, ratio, looks fresh) of ``tensor`` against an init draw ``ref``."""
+    """(std, init std, ratio, looks fresh) of ``tensor`` against init draws ``ref``.
+
+    Fresh means: the std is within sampling noise of the init's (4 standard errors of a
+    sample std over ``tensor.numel()`` values, at least 3%) and no value lies outside the
+    init's range.  Trained weights fail at least one of the two.
+    """
     t = tensor.detach().double().cpu()
     std = float(t.std()) if t.numel() > 1 else 0.0
     if ref is None or not t.is_floating_point():
@@ -268,10 +284,11 @@ def fresh_stats(tensor: torch.Tensor, ref: torch.Tensor | None) -> tuple[float, 
     r = ref.double()
     ref_std = float(r.std()) if r.numel() > 1 else 0.0
     if ref_std == 0.0:  # constant init (zeros, ones): fresh means equal to it
-        return std, 0.0, None, bool(torch.equal(t, r))
+        return std, 0.0, None, bool(torch.equal(t.reshape(-1), r[: t.numel()]))
     ratio = std / ref_std
+    tolerance = max(FRESH_MIN_TOLERANCE, 4.0 * math.sqrt(0.5 / max(t.numel(), 1)))
     inside = float(t.abs().max()) <= FRESH_MAX_TOLERANCE * float(r.abs().max())
-    return std, ref_std, ratio, abs(ratio - 1.0) <= FRESH_STD_TOLERANCE and inside
+    return std, ref_std, ratio, abs(ratio - 1.0) <= tolerance and inside
 
 
 # --------------------------------------------------------------------------- loading
