@@ -14,6 +14,7 @@ from typing import IO, Any
 
 import attrs
 import numpy as np
+import torch
 
 from . import __version__
 from .config import ExperimentConfig, unstructure
@@ -100,6 +101,7 @@ def train(
     allow = set(cfg.run.allow)
 
     # --- refuse a schedule that cannot keep its promise before any data is loaded
+    torch.manual_seed(cfg.train.seed)  # the model's init depends on the seed only: a control run starts equal
     model = build_model(cfg.model, cfg.source)
     specs = group_specs(model, cfg.model)
     groups = resolve_groups(model, specs)
