@@ -245,3 +245,15 @@ def test_bad_expect_file_is_a_config_error(tmp_path: Path, capsys: pytest.Captur
     (tmp_path / "events.jsonl").write_text("")
     code = main(["verify", str(tmp_path / "events.jsonl"), "--expect", str(path)])
     assert code == 2 and "expect.toml: 2 problems" in capsys.readouterr().err
+
+
+def test_verification_events_are_declared_and_documented() -> None:
+    from moola_engine.logs import Event
+
+    ours = ["weights.loaded", "weights.control", "weight_delta.check", "weight_delta.violation", "grad_flow.check",
+            "bn_stats.check", "check.failed", "red_flag.raised"]
+    docs = (Path(__file__).resolve().parent.parent / "docs" / "events.md").read_text()
+    declared = {e.value for e in Event}
+    for name in ours:
+        assert name in declared, name
+        assert f"\n## {name}\n" in docs, name
