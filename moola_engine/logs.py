@@ -67,6 +67,10 @@ class Event(enum.StrEnum):
     PRETRAIN_SAVED = "pretrain.saved"
     EVALUATION_COMPLETED = "evaluation.completed"
 
+    # verification (weights.py, checks.py, redflags.py, verify.py); weights.loaded, weight_delta.*,
+    # grad_flow.check, bn_stats.check, check.failed and red_flag.raised are declared above
+    WEIGHTS_CONTROL = "weights.control"
+
 
 def _json_default(obj: Any) -> Any:
     if isinstance(obj, Path):

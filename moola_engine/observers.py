@@ -15,5 +15,8 @@ from .config import ExperimentConfig
 
 def build_observers(cfg: ExperimentConfig, run_dir: Path | None) -> list[tuple[str, Any]]:
     """(name, plugin object) pairs to register for one run, in registration order."""
+    from .checks import build_checks
+
     observers: list[tuple[str, Any]] = []
+    observers += build_checks(cfg.checks)  # weight delta, gradient flow, BN statistics (moola_engine.checks)
     return observers

@@ -14,6 +14,7 @@ from typing import IO, Any
 
 import attrs
 import numpy as np
+import torch
 
 from . import __version__
 from .config import ExperimentConfig, unstructure
@@ -34,6 +35,7 @@ from .plugins import (
     select_strategy,
 )
 from .run import create_run_dir, link_latest, new_run_id, write_json_atomic, write_metrics_csv
+from .weights import load_pretrained
 
 
 @attrs.define
@@ -99,6 +101,7 @@ def train(
     allow = set(cfg.run.allow)
 
     # --- refuse a schedule that cannot keep its promise before any data is loaded
+    torch.manual_seed(cfg.train.seed)  # the model's init depends on the seed only: a control run starts equal
     model = build_model(cfg.model, cfg.source)
     specs = group_specs(model, cfg.model)
     groups = resolve_groups(model, specs)
@@ -126,6 +129,8 @@ def train(
                                                     "plugin": named.plugin, "params": unstructure(named.params)})
         link_latest(run_dir)
 
+        # pretrained weights after the model is built, before the engine; enabled = false is the control
+        pretrained = load_pretrained(model, cfg.model.pretrained, groups=groups, base_dir=base_dir, log=log)
         splits = build_splits(cfg.data, base_dir=base_dir, seed=cfg.train.seed)
         for obs_name, observer in build_observers(cfg, run_dir):
             register_checked(pm, observer, name=obs_name)
@@ -133,7 +138,7 @@ def train(
         engine = Engine(
             model, train=cfg.train, groups=specs, pm=pm, strategy=strat, train_data=splits.train,
             val_data=splits.val, checks=cfg.checks, logger=log, run_dir=run_dir, strategy_name=named.name,
-            allow=sorted(allow),
+            allow=sorted(allow), pretrained=pretrained,
         )
         fit = engine.fit()
         test_metrics = engine.evaluate(splits.test, prefix="test_") if splits.test is not None else {}

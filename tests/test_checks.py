@@ -1,0 +1,406 @@
+"""The verification observers catch each known silent failure, with a clear message, and raise no false alarm."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+import pytest
+import torch
+from conftest import TINY_GROUPS, TinyNet, make_engine, named
+from torch import nn
+
+from moola_engine import hookimpl
+from moola_engine.checks import build_checks, optimizer_membership
+from moola_engine.config import ChecksConfig, GroupSpec, structure
+from moola_engine.engine import Engine
+from moola_engine.errors import CheckFailed, ScheduleError
+from moola_engine.logs import RunLog
+from moola_engine.plan import compute_plan, validate_plan
+from moola_engine.plugins import build_plugin_manager
+from moola_engine.testing import assert_run
+
+
+def run(strategy: Any, *, rogue: tuple[Any, ...] = (), checks: ChecksConfig | None = None, epochs: int = 3,
+        **kw: Any) -> tuple[Engine, RunLog]:
+    """A tiny engine with the check observers of ``checks`` registered as a run registers them."""
+    checks = checks or ChecksConfig()
+    log = RunLog(None, console="none", capture=True)
+    observers = tuple(p for _, p in build_checks(checks))
+    engine = make_engine(strategy, epochs=epochs, extra=(*observers, *rogue), checks=checks, runlog=log, **kw)
+    return engine, log
+
+
+def failures(log: RunLog) -> list[str]:
+    return [e["message"] for e in log.events if e["event"] in ("weight_delta.violation", "check.failed")]
+
+
+def only(**flags: bool) -> ChecksConfig:
+    base = {"weight_delta": False, "grad_flow": False, "bn_stats": False}
+    return ChecksConfig(**{**base, **flags})
+
+
+# --------------------------------------------------------------------------- (1) the seed's bug
+
+
+class SeedTwoPhase:
+    """The seed's schedule: ``unfreeze_encoder_after = 0`` silently meant "never"."""
+
+    name = "seed_two_phase"
+
+    def __init__(self, unfreeze_after: int) -> None:
+        self.unfreeze_after = unfreeze_after
+
+    @hookimpl
+    def on_fit_start(self, engine: Any) -> None:
+        for g in engine.freezer.encoder_groups:
+            engine.freezer.freeze(g, reason="phase 1")
+
+    @hookimpl
+    def on_epoch_start(self, engine: Any, epoch: int) -> None:
+        if epoch == self.unfreeze_after and epoch > 0:  # the seed's condition: 0 never fires
+            for g in engine.freezer.encoder_groups:
+                engine.freezer.unfreeze(g, reason="unfreeze_after")
+
+
+def test_seed_bug_is_refused_before_training() -> None:
+    engine, _ = run(SeedTwoPhase(unfreeze_after=0))
+    w0 = engine.model.enc0.weight.detach().clone()
+    with pytest.raises(ScheduleError) as err:
+        engine.fit()
+    assert "group encoder.layer0 never trains in 3 epochs, but the strategy promises to train it" in str(err.value)
+    assert torch.equal(w0, engine.model.enc0.weight)  # refused before any step
+
+
+class DefaultedThaw:
+    """Unfreezes when val_loss reaches a target; a ``.get`` default makes its dry run unfreeze at once."""
+
+    name = "defaulted_thaw"
+
+    @hookimpl
+    def on_fit_start(self, engine: Any) -> None:
+        for g in engine.freezer.encoder_groups:
+            engine.freezer.freeze(g, reason="phase 1")
+
+    @hookimpl
+    def on_validation_end(self, engine: Any, metrics: dict[str, float]) -> None:
+        if metrics.get("val_loss", 0.0) <= 0.0:  # the plan (no metrics) thaws; a real loss is never <= 0
+            for g in engine.freezer.encoder_groups:
+                engine.freezer.unfreeze(g, reason="target reached")
+
+
+def test_promise_broken_at_run_time_is_caught_at_fit_end() -> None:
+    engine, log = run(DefaultedThaw())
+    with pytest.raises(CheckFailed) as err:
+        engine.fit()
+    msg = "group encoder.layer0 never trained in 3 epoch(s), but strategy defaulted_thaw promises to train it"
+    assert msg in str(err.value) and msg in " ".join(failures(log))
+    fit = [e for e in log.events if e["event"] == "weight_delta.check" and e["scope"] == "fit"]
+    assert {e["group"]: e["ok"] for e in fit} == {"encoder.layer0": False, "encoder.layer1": False, "head": True}
+
+
+def test_allowed_never_unfreeze_is_not_a_failure() -> None:
+    engine, log = run(SeedTwoPhase(unfreeze_after=0))
+    engine.allow = {"never-unfreeze"}
+    engine.fit()
+    assert failures(log) == []
+    fit = {e["group"]: e for e in log.events if e["event"] == "weight_delta.check" and e["scope"] == "fit"}
+    assert fit["encoder.layer0"]["allowed"] is True and fit["encoder.layer0"]["moved"] is False
+
+
+# --------------------------------------------------------------------------- (2) unfrozen but not optimized
+
+
+class DropFromOptimizer:
+    """Mimics an optimizer built from ``requires_grad`` params while the encoder was frozen."""
+
+    @hookimpl
+    def on_fit_start(self, engine: Any) -> None:
+        engine.optimizer.param_groups[1]["params"] = []
+
+
+class ZeroLr:
+    @hookimpl
+    def on_fit_start(self, engine: Any) -> None:
+        engine.optimizer.param_groups[1]["lr"] = 0.0
+
+
+def test_unfrozen_parameter_absent_from_optimizer() -> None:
+    engine, log = run(named("immediate"), rogue=(DropFromOptimizer(),))
+    with pytest.raises(CheckFailed) as err:
+        engine.fit()
+    assert "enc1.weight is trainable but in no optimizer param group: it can never change" in str(err.value)
+    assert engine.step == 0  # raised in after_step of the very first step (step 0)
+    bad = [e for e in log.events if e["event"] == "grad_flow.check" and not e["ok"]]
+    assert [e["group"] for e in bad] == ["encoder.layer1"] and bad[0]["level"] == "error"
+
+
+def test_unfrozen_parameter_in_group_with_lr_zero() -> None:
+    engine, _ = run(named("immediate"), rogue=(ZeroLr(),))
+    with pytest.raises(CheckFailed, match=r"enc1.weight is trainable but its optimizer param group 1 has lr 0"):
+        engine.fit()
+
+
+def test_absent_from_optimizer_caught_by_weight_delta_alone() -> None:
+    engine, log = run(named("immediate"), rogue=(DropFromOptimizer(),), checks=only(weight_delta=True))
+    with pytest.raises(CheckFailed) as err:
+        engine.fit()
+    assert "trainable group encoder.layer1 did not move in epoch 0 over 4 step(s)" in str(err.value)
+    [v] = [e for e in log.events if e["event"] == "weight_delta.violation"]
+    assert v["level"] == "error" and "encoder.layer1" in v["message"]
+
+
+# --------------------------------------------------------------------------- (3) frozen by zeroing grads
+
+
+class ZeroGradFreeze:
+    """Declares the encoder frozen, then 'freezes' it by zeroing its gradients instead of clearing them."""
+
+    name = "zero_grad_freeze"
+
+    def __init__(self, from_epoch: int = 0) -> None:
+        self.from_epoch = from_epoch
+
+    def promised_groups(self, groups: list[str], head_groups: list[str]) -> list[str]:
+        return list(head_groups)
+
+    def _freeze(self, engine: Any) -> None:
+        for g in engine.freezer.encoder_groups:
+            engine.freezer.freeze(g, reason="zeroing")
+        if getattr(engine, "dry_run", False):
+            return
+        for g in engine.groups:
+            if g.name in engine.freezer.encoder_groups:
+                for p in g.tensors:
+                    p.requires_grad_(True)
+                    p.register_hook(torch.zeros_like)
+
+    @hookimpl
+    def on_fit_start(self, engine: Any) -> None:
+        if self.from_epoch == 0:
+            self._freeze(engine)
+
+    @hookimpl
+    def on_epoch_start(self, engine: Any, epoch: int) -> None:
+        if epoch == self.from_epoch and epoch > 0:
+            self._freeze(engine)
+
+
+def test_zeroed_grads_let_weight_decay_move_a_frozen_group() -> None:
+    engine, log = run(ZeroGradFreeze(), checks=only(weight_delta=True), train_kwargs={"weight_decay": 0.1})
+    with pytest.raises(CheckFailed) as err:
+        engine.fit()
+    assert "frozen group encoder.layer0 changed in epoch 0 (max |dw| = " in str(err.value)
+    assert "grad zeroed instead of cleared to None? weight decay or momentum still acting?" in str(err.value)
+    bad = [e for e in log.events if e["event"] == "weight_delta.check" and not e["ok"]]
+    assert {e["group"] for e in bad} == {"encoder.layer0", "encoder.layer1"}
+    assert all(e["expected"] == "zero" and e["max_abs_delta"] > 0 for e in bad)
+
+
+def test_zeroed_grads_let_adam_momentum_move_a_frozen_group() -> None:
+    # no weight decay at all: one epoch of training leaves momentum that keeps moving the "frozen" encoder
+    engine, _ = run(ZeroGradFreeze(from_epoch=1), checks=only(weight_delta=True), train_kwargs={"weight_decay": 0.0})
+    with pytest.raises(CheckFailed, match=r"frozen group encoder.layer0 changed in epoch 1 \(max \|dw\| = "):
+        engine.fit()
+
+
+def test_zeroed_grads_caught_by_grad_flow_after_first_step() -> None:
+    engine, _ = run(ZeroGradFreeze(), checks=only(grad_flow=True), train_kwargs={"weight_decay": 0.1})
+    with pytest.raises(CheckFailed) as err:
+        engine.fit()
+    assert "enc0.weight is in frozen group encoder.layer0 but has requires_grad = True" in str(err.value)
+    assert ("enc0.weight is frozen but its grad is not None: a zeroed grad still lets AdamW weight decay and "
+            "momentum move it") in str(err.value)
+    assert engine.step == 0  # raised in after_step of step 0
+
+
+def test_fingerprint_snapshots_catch_the_same_movement() -> None:
+    engine, log = run(ZeroGradFreeze(), checks=ChecksConfig(
+        grad_flow=False, bn_stats=False, snapshots="fingerprint"), train_kwargs={"weight_decay": 0.1})
+    with pytest.raises(CheckFailed, match=r"frozen group encoder.layer0 changed in epoch 0:"):
+        engine.fit()
+    bad = [e for e in log.events if e["event"] == "weight_delta.check" and not e["ok"]]
+    assert bad and all(e["mode"] == "fingerprint" and e["max_abs_delta"] is None and e["estimate"] for e in bad)
+
+
+# --------------------------------------------------------------------------- (4) BatchNorm drifting while frozen
+
+
+class TinyBN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc0 = nn.Sequential(nn.Linear(3, 8), nn.BatchNorm1d(8))
+        self.enc1 = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.enc1(torch.relu(self.enc0(x.mean(dim=1))))))
+
+
+class TrainModeEveryStep:
+    """A well-meant ``model.train()`` that undoes the engine's eval mode for frozen BatchNorm."""
+
+    @hookimpl
+    def before_step(self, engine: Any) -> None:
+        engine.model.train()
+
+
+def test_batchnorm_statistics_drifting_in_frozen_encoder() -> None:
+    engine, log = run(named("frozen"), rogue=(TrainModeEveryStep(),), model=TinyBN())
+    with pytest.raises(CheckFailed) as err:
+        engine.fit()
+    assert ("BatchNorm running statistics of frozen group encoder.layer0 drifted in epoch 0 (max |delta| = "
+            in str(err.value))
+    [bn] = [e for e in log.events if e["event"] == "bn_stats.check"]
+    assert bn["group"] == "encoder.layer0" and bn["ok"] is False and bn["expected"] == "zero"
+    # the weights themselves stayed bitwise frozen: only the statistics moved
+    wd = [e for e in log.events if e["event"] == "weight_delta.check" and e["group"] == "encoder.layer0"]
+    assert wd and all(e["ok"] and not e["moved"] for e in wd)
+
+
+def test_batchnorm_frozen_properly_and_train_bn_opt_in_are_clean() -> None:
+    engine, log = run(named("frozen"), model=TinyBN())
+    engine.fit()
+    bn = [e for e in log.events if e["event"] == "bn_stats.check"]
+    assert len(bn) == 3 and all(e["ok"] and not e["moved"] for e in bn)
+    engine, log = run(named("frozen"), model=TinyBN(), train_kwargs={"train_bn": True})
+    engine.fit()
+    bn = [e for e in log.events if e["event"] == "bn_stats.check"]
+    assert len(bn) == 3 and all(e["ok"] and e["moved"] and e["expected"] == "any" for e in bn)
+
+
+# --------------------------------------------------------------------------- (7) no gradient reaches a group
+
+
+class BranchNet(TinyNet):
+    def __init__(self, mode: str) -> None:
+        super().__init__()
+        self.mode = mode
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.enc0(x.mean(dim=1)))
+        h = h.detach() if self.mode == "detach" else h * 0.0 + 1.0
+        return self.head(torch.relu(self.enc1(h)))
+
+
+def test_detached_branch_gets_no_gradient() -> None:
+    engine, _ = run(named("immediate"), model=BranchNet("detach"))
+    with pytest.raises(CheckFailed) as err:
+        engine.fit()
+    assert ("enc0.weight is trainable but got no gradient (grad None): the loss does not reach it "
+            "(detached branch or unused module?)") in str(err.value)
+
+
+def test_all_zero_gradients_for_a_trainable_group() -> None:
+    engine, log = run(named("immediate"), model=BranchNet("zero"))
+    with pytest.raises(CheckFailed) as err:
+        engine.fit()
+    assert "enc0.weight is trainable but its gradient is all zeros" in str(err.value)
+    [bad] = [e for e in log.events if e["event"] == "grad_flow.check" and not e["ok"]]
+    assert bad["group"] == "encoder.layer0" and bad["grad_norm"] == 0.0
+
+
+def test_non_strict_mode_logs_and_continues() -> None:
+    checks = ChecksConfig(strict=False)
+    engine, log = run(named("immediate"), model=BranchNet("zero"), checks=checks)
+    engine.fit()
+    assert engine.step == 12 and any("gradient is all zeros" in m for m in failures(log))
+    with pytest.raises(AssertionError, match=r"enc0.weight is trainable but its gradient is all zeros"):
+        assert_run(log.events, {"require_finished": False})
+
+
+# --------------------------------------------------------------------------- (9) membership by identity
+
+
+class TwinBiases(TinyNet):
+    def __init__(self) -> None:
+        super().__init__()
+        nn.init.zeros_(self.enc0.bias)
+        nn.init.zeros_(self.enc1.bias)
+
+
+class DedupeByValue:
+    """What a by-value membership test does: drop a parameter equal to one already seen."""
+
+    @hookimpl
+    def on_fit_start(self, engine: Any) -> None:
+        seen: list[torch.Tensor] = []
+        for pg in engine.optimizer.param_groups:
+            kept = []
+            for p in pg["params"]:
+                if any(q.shape == p.shape and torch.equal(q, p) for q in seen):
+                    continue
+                seen.append(p)
+                kept.append(p)
+            pg["params"] = kept
+
+
+def test_equal_valued_parameters_both_reach_the_optimizer() -> None:
+    model = TwinBiases()
+    assert torch.equal(model.enc0.bias, model.enc1.bias)
+    engine, log = run(named("immediate"), model=model)
+    member = optimizer_membership(engine.optimizer)
+    assert id(model.enc0.bias) in member and id(model.enc1.bias) in member
+    assert member[id(model.enc0.bias)][0] != member[id(model.enc1.bias)][0]
+    engine.fit()
+    assert failures(log) == []
+    assert not torch.equal(model.enc0.bias, model.enc1.bias)  # both trained, separately
+
+
+def test_value_dedupe_dropping_a_twin_is_caught() -> None:
+    engine, _ = run(named("immediate"), model=TwinBiases(), rogue=(DedupeByValue(),))
+    with pytest.raises(CheckFailed, match=r"enc1.bias is trainable but in no optimizer param group"):
+        engine.fit()
+
+
+# --------------------------------------------------------------------------- no false alarm
+
+
+def _fit_three_epochs(info: Any) -> Any:
+    """Default params, with int schedule fields that would not fit in 3 epochs shortened to 1."""
+    fields = {f.name: 1 for f in attrs.fields(info.params)
+              if f.type in (int, "int") and isinstance(f.default, int) and f.default >= 3} if attrs.has(info.params) else {}
+    obj = info.factory(structure(fields, info.params, source="test"))
+    obj.name = info.plugin
+    return obj
+
+
+_, REGISTRY = build_plugin_manager()
+
+
+@pytest.mark.parametrize("plugin", REGISTRY.names())
+def test_builtin_strategies_run_clean_across_10_seeds(plugin: str) -> None:
+    info = REGISTRY[plugin]
+    strat = _fit_three_epochs(info)
+    epochs = 3
+    groups = [g.name for g in TINY_GROUPS]
+    while True:  # a strategy added later whose defaults need longer still runs, just longer
+        plan = compute_plan(strat, groups, ["head"], epochs, 1e-2, name=plugin)
+        try:
+            validate_plan(plan, strat, plugin)
+            break
+        except ScheduleError:
+            epochs += 1
+            assert epochs <= 12, f"strategy {plugin}: no valid plan within 12 epochs"
+    for seed in range(10):
+        optimizer = ("adamw", "sgd", "adam")[seed % 3]
+        snapshots = "fingerprint" if seed % 5 == 4 else "exact"
+        model = TinyBN() if seed % 2 else TinyNet()
+        engine, log = run(_fit_three_epochs(info), epochs=epochs, seed=seed, model=model,
+                          checks=ChecksConfig(snapshots=snapshots),
+                          train_kwargs={"optimizer": optimizer, "weight_decay": 0.01})
+        engine.fit()
+        assert failures(log) == [], f"{plugin} seed {seed}"
+        result = assert_run(log.events, {"require_finished": False})
+        assert result.counts["weight_delta"] > 0 and result.counts["grad_flow"] > 0
+
+
+def test_groups_declared_per_module_pattern_list() -> None:
+    """A group spanning two modules is checked as one group (no false alarm from the grouping itself)."""
+    groups = [GroupSpec(name="encoder", modules=["enc0", "enc1"]), GroupSpec(name="head", modules=["head"], head=True)]
+    engine, log = run(named("two-phase", unfreeze_after=1), groups=groups)
+    engine.fit()
+    assert failures(log) == []
+    assert_run(log.events, {"require_finished": False,
+                            "expect": [{"group": "encoder", "trainable_from_epoch": 1, "frozen_before": 1,
+                                        "moves_after": 1}]})
