@@ -313,6 +313,8 @@ def _run_folders_of(grid: Grid) -> dict[str, list[Path]]:
     if not grid.runs_dir.is_dir():
         return found
     for d in sorted(grid.runs_dir.iterdir()):
+        if d.is_symlink() or not d.is_dir():  # runs/latest
+            continue
         try:
             cfg = json.loads((d / "config.json").read_text(encoding="utf-8"))["config"]
             name, seed, fold = cfg["run"]["name"], cfg["train"]["seed"], cfg["data"]["fold"]

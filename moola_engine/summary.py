@@ -24,7 +24,8 @@ from .logs import Event, read_events
 
 METRICS = ("accuracy", "balanced_accuracy", "auc")
 WIDE_INTERVAL = 0.10
-"""A paired accuracy interval wider than this (10 points) cannot tell "no effect" from a large one."""
+"""A paired accuracy interval that holds zero and is wider than this (10 points) cannot tell "no effect" from a
+large one.  (A wide interval that excludes zero still settles the direction.)"""
 MIN_PAIRS = 6
 """With fewer non-zero pairs the two-sided Wilcoxon test cannot reach p < 0.05 (2 / 2**5 = 0.0625)."""
 
@@ -254,7 +255,8 @@ def summarize(grid: Grid, *, records: list[RunRecord] | None = None, missing: li
                 red.append(_flag("too-few-pairs", arm.label,
                                  f"{nonzero} non-zero paired differences: the Wilcoxon test cannot reach p < 0.05 "
                                  f"with fewer than {MIN_PAIRS} (run more seeds or folds)"))
-            if acc["lo"] is not None and acc["hi"] is not None and acc["hi"] - acc["lo"] > WIDE_INTERVAL:
+            if (acc["lo"] is not None and acc["hi"] is not None and acc["lo"] <= 0.0 <= acc["hi"]
+                    and acc["hi"] - acc["lo"] > WIDE_INTERVAL):
                 red.append(_flag("interval-too-wide", arm.label,
                                  f"95% interval of the accuracy difference vs control is {acc['lo']:+.3f}..{acc['hi']:+.3f} "
                                  f"(wider than {WIDE_INTERVAL:.2f}): it cannot tell no effect from a large one"))
