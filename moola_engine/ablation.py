@@ -511,6 +511,18 @@ def run_grid(grid: Grid, *, jobs: int | None = None, threads: int | None = None,
         if on_done is not None:
             on_done(cell)
 
+    try:
+        _execute(tasks, jobs, threads, finish)
+    except KeyboardInterrupt:
+        progress.close()
+        print(f"ablate: interrupted; {progress.done} of {len(cells)} runs are done and kept. Rerun the same command "
+              "to continue.", file=stream)
+        raise
+    progress.close()
+    return {"total": len(cells), "skipped": before, "ran": len(todo), "adopted": adopted}
+
+
+def _execute(tasks: list[Task], jobs: int, threads: int, finish: Callable[[dict[str, Any]], None]) -> None:
     if jobs == 1:  # in-process: no spawn cost, same results (each cell seeds itself)
         import torch
 
@@ -533,8 +545,6 @@ def run_grid(grid: Grid, *, jobs: int | None = None, threads: int | None = None,
             raise
         finally:
             pool.join()
-    progress.close()
-    return {"total": len(cells), "skipped": before, "ran": len(todo), "adopted": adopted}
 
 
 def load_grid_config(config: str | None, preset: Preset | None) -> ExperimentConfig:
