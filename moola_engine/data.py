@@ -62,6 +62,30 @@ def stratified_split(y: np.ndarray, val_fraction: float, seed: int) -> tuple[np.
     return np.sort(np.array(train, dtype=np.int64)), np.sort(np.array(val, dtype=np.int64))
 
 
+def stratified_folds(y: np.ndarray, folds: int, fold: int, val_fraction: float,
+                     seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Indices (train, val, test) of repeated stratified K-fold: fold ``fold`` of ``folds`` is the test set.
+
+    Each class is shuffled with ``seed`` (one repeat per seed; every strategy of a seed sees the same
+    partition, so runs pair) and dealt round-robin into ``folds`` parts; the validation set (early
+    stopping, best epoch) is a stratified ``val_fraction`` of the remaining rows.
+    """
+    if not 0 <= fold < folds:
+        raise DataError(f"data.fold = {fold}: expected 0 <= fold < data.folds = {folds}")
+    rng = np.random.default_rng(seed)
+    part = np.empty(len(y), dtype=np.int64)
+    for c in np.unique(y):
+        idx = np.flatnonzero(y == c)
+        rng.shuffle(idx)
+        part[idx] = (np.arange(len(idx)) + int(rng.integers(folds))) % folds
+    test = np.flatnonzero(part == fold)
+    rest = np.flatnonzero(part != fold)
+    if len(test) == 0 or len(rest) < 2:
+        raise DataError(f"data.folds = {folds}: {len(y)} rows are too few for {folds} folds")
+    tr, va = stratified_split(y[rest], val_fraction, seed + 7919 * (fold + 1))
+    return rest[tr], rest[va], test
+
+
 def _as_float(x: np.ndarray) -> torch.Tensor:
     return torch.as_tensor(np.ascontiguousarray(x), dtype=torch.float32)
 
@@ -86,11 +110,22 @@ def load_npz(path: Path, cfg: DataConfig, seed: int) -> Splits:
         bad = np.argwhere(~np.isfinite(x))[0]
         raise DataError(f"{path}: array 'x' has a non-finite value at index {tuple(int(i) for i in bad)}")
     yt = torch.as_tensor(y.astype(np.int64))
+    if "x_val" in arrays and cfg.folds > 1:
+        raise DataError(f"{path}: data.folds = {cfg.folds} needs the validation rows to rotate, but the file fixes "
+                        "them ('x_val'); drop 'x_val'/'y_val' or set data.folds = 1")
     if "x_val" in arrays:
         val = TensorData(x=_as_float(arrays["x_val"]), y=torch.as_tensor(arrays["y_val"].astype(np.int64)))
         train = TensorData(x=_as_float(x), y=yt)
+    elif cfg.folds > 1 and "x_test" not in arrays:  # no test set given: the held-out fold is the test set
+        tr, va, te = stratified_folds(y, cfg.folds, cfg.fold, cfg.val_fraction, seed)
+        full = TensorData(x=_as_float(x), y=yt)
+        meta = {"source": str(path), "folds": cfg.folds, "fold": cfg.fold}
+        return Splits(train=full.subset(tr), val=full.subset(va), test=full.subset(te), meta=meta)
     else:
         tr, va = stratified_split(y, cfg.val_fraction, seed)
+        if cfg.folds > 1:  # a fixed test set: the folds rotate the validation set through the training rows
+            rest_train, rest_val, va = stratified_folds(y, cfg.folds, cfg.fold, cfg.val_fraction, seed)
+            tr = np.sort(np.concatenate([rest_train, rest_val]))
         full = TensorData(x=_as_float(x), y=yt)
         train, val = full.subset(tr), full.subset(va)
     test = None

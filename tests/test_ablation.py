@@ -1,0 +1,254 @@
+"""The ablation grid: resumable runner, progress, red flags and the report."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from moola_engine.ablation import Arm, Cell, Grid, Progress, _write_marker, build_grid, prepare, run_grid
+from moola_engine.config import ExperimentConfig, ModelConfig, PretrainedConfig, load_config
+from moola_engine.errors import ConfigError, MoolaError
+from moola_engine.report import console_summary, write_report
+from moola_engine.summary import collect, summarize
+
+ROOT = Path(__file__).resolve().parent.parent
+
+STRATEGIES = """
+[strategy.frozen]
+plugin = "frozen"
+[strategy.immediate]
+plugin = "immediate"
+[strategy.two_phase]
+plugin = "two-phase"
+unfreeze_after = 1
+lr_scale = 0.5
+"""
+
+
+def tiny_experiment(tmp: Path, epochs: int = 3) -> Path:
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(48, 6, 4)).astype(np.float32)
+    y = (x[:, :, 0].mean(1) > 0).astype(np.int64)
+    np.savez(tmp / "tiny.npz", x=x, y=y)
+    (tmp / "strategies.toml").write_text(STRATEGIES)
+    cfg = tmp / "tiny.toml"
+    cfg.write_text(f"""
+[train]
+epochs = {epochs}
+batch_size = 16
+lr = 0.01
+device = "cpu"
+[model]
+name = "simple_lstm"
+params = {{ hidden_size = 4, head_hidden = 4 }}
+[data]
+kind = "npz"
+path = "tiny.npz"
+folds = 2
+[run]
+strategies_file = "strategies.toml"
+""")
+    return cfg
+
+
+def per_run(results: dict) -> dict[str, tuple]:
+    return {r["key"]: (r["accuracy"], r["balanced_accuracy"], r["auc"]) for r in results["runs"]}
+
+
+@pytest.mark.slow
+def test_killed_ablation_resumes_without_rerunning_finished_runs(tmp_path: Path) -> None:
+    cfg_path = tiny_experiment(tmp_path)
+    out = tmp_path / "grid"
+    cmd = [sys.executable, "-m", "moola_engine.cli", "ablate", "--config", str(cfg_path),
+           "--strategies", "frozen,two_phase", "--seeds", "2", "--threads", "1", "--out", str(out), "--no-figures"]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.Popen([*cmd, "--jobs", "2"], cwd=tmp_path, env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    total = 3 * 2 * 2
+    deadline = time.monotonic() + 120
+    done: list[Path] = []
+    while time.monotonic() < deadline:
+        done = sorted((out / "cells").glob("*.json")) if (out / "cells").is_dir() else []
+        if len(done) >= 3 or proc.poll() is not None:
+            break
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)  # the whole process group: the runner and its workers
+    proc.wait()
+    done = sorted((out / "cells").glob("*.json"))
+    assert 3 <= len(done) < total, f"kill landed at {len(done)}/{total} finished runs"
+    before = {p.name: (p.stat().st_mtime_ns, p.read_text()) for p in done}
+
+    resumed = subprocess.run([*cmd, "--jobs", "1"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                             timeout=180)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"{len(before)} of {total} runs already done" in resumed.stderr or "already done" in resumed.stderr
+    for name, (mtime, text) in before.items():  # finished runs were not touched, let alone rerun
+        p = out / "cells" / name
+        assert (p.stat().st_mtime_ns, p.read_text()) == (mtime, text)
+    markers = [json.loads(p.read_text()) for p in (out / "cells").glob("*.json")]
+    assert len(markers) == total
+    run_dirs = {m["run_dir"] for m in markers}
+    assert len(run_dirs) == total  # one run folder per cell
+    finished_folders = [d for d in (out / "runs").iterdir() if not d.is_symlink() and (d / "result.json").is_file()]
+    assert len(finished_folders) == total  # no cell trained twice to completion
+    interrupted = list((out / "interrupted").iterdir()) if (out / "interrupted").is_dir() else []
+    assert len(interrupted) <= 2  # at most one run per killed worker, moved aside
+
+    # the same grid, uninterrupted, in-process
+    cfg = load_config(cfg_path)
+    ref = build_grid(cfg, strategies=["frozen", "two_phase"], seeds=2, out=tmp_path / "ref")
+    counts = run_grid(ref, jobs=1, threads=1, stream=io.StringIO())
+    assert counts == {"total": total, "skipped": 0, "ran": total, "adopted": 0}
+    again = run_grid(ref, jobs=1, threads=1, stream=io.StringIO())
+    assert again["ran"] == 0 and again["skipped"] == total
+
+    resumed_results = json.loads((out / "results.json").read_text())
+    ref_results = summarize(ref)
+    assert per_run(resumed_results) == per_run(ref_results)
+    assert resumed_results["arms"] == json.loads(json.dumps(ref_results["arms"]))
+
+
+def test_a_grid_folder_refuses_a_different_experiment(tmp_path: Path) -> None:
+    cfg_path = tiny_experiment(tmp_path)
+    cfg = load_config(cfg_path)
+    grid = build_grid(cfg, strategies=["frozen"], seeds=1, out=tmp_path / "g")
+    prepare(grid)
+    import attrs
+
+    changed = attrs.evolve(cfg, train=attrs.evolve(cfg.train, epochs=4))
+    with pytest.raises(MoolaError, match=r"different experiment \(changed: experiment.train.epochs\)"):
+        prepare(build_grid(changed, strategies=["frozen"], seeds=1, out=tmp_path / "g"))
+    more_seeds = build_grid(cfg, strategies=["frozen", "two_phase"], seeds=3, out=tmp_path / "g")
+    prepare(more_seeds)  # more seeds or arms extend the same experiment
+
+
+def test_bad_grid_requests_fail_before_any_run(tmp_path: Path) -> None:
+    cfg = load_config(tiny_experiment(tmp_path))
+    with pytest.raises(MoolaError, match=r"unknown strategy \"gradul\"; defined in .*: frozen, immediate, two_phase"):
+        build_grid(cfg, strategies=["gradul"], seeds=1, out=tmp_path / "g")
+    with pytest.raises(ConfigError, match="random-encoder control"):
+        build_grid(cfg, strategies=["control"], seeds=1, out=tmp_path / "g")
+    grid = build_grid(cfg, strategies=["frozen"], seeds=1, out=tmp_path / "g")
+    assert any("no [model.pretrained]" in w for w in grid.warnings)  # said loudly
+    assert not (tmp_path / "g").exists()
+
+
+def test_progress_bar_counts_runs() -> None:
+    buf = io.StringIO()
+    p = Progress(total=4, done=1, stream=buf, width=8)
+    p.advance("frozen seed 0 fold 1")
+    p.advance("two_phase seed 0 fold 1")
+    lines = buf.getvalue().splitlines()
+    assert lines[0].startswith("[####----] 2/4 runs  frozen seed 0 fold 1  elapsed ")
+    assert "eta" in lines[0]
+    assert lines[1].startswith("[######--] 3/4 runs  two_phase seed 0 fold 1")
+
+
+# --------------------------------------------------------------------------- red flags on constructed runs
+
+
+def fake_grid(tmp: Path, labels: dict[str, str], seeds: int = 8) -> Grid:
+    cfg = ExperimentConfig(model=ModelConfig(pretrained=PretrainedConfig(path="enc.safetensors")),
+                           source=str(tmp / "x.toml"))
+    arms = [Arm(label="control", strategy="immediate", control=True, definition={"plugin": "immediate", "params": {}})]
+    arms += [Arm(label=k, strategy=k, control=False, definition={"plugin": v, "params": {}}) for k, v in labels.items()]
+    grid = Grid(cfg=cfg, arms=arms, seeds=list(range(seeds)), folds=1, out=tmp / "grid",
+                strategies_file=tmp / "s.toml")
+    prepare(grid)
+    return grid
+
+
+def fake_run(grid: Grid, cell: Cell, pred: np.ndarray, y: np.ndarray, trainable: list[list[str]]) -> None:
+    d = grid.runs_dir / cell.key
+    d.mkdir(parents=True)
+    outputs = np.stack([1.0 - pred, pred.astype(np.float64)], axis=1).astype(np.float32)
+    np.savez(d / "predictions.npz", test_outputs=outputs, test_y=y)
+    events = [{"event": "groups.resolved", "groups": [{"name": "encoder.layer0", "head": False},
+                                                      {"name": "head", "head": True}]}]
+    events += [{"event": "epoch.completed", "epoch": i, "trainable": t} for i, t in enumerate(trainable)]
+    events += [{"event": "run.finished"}]
+    (d / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+    (d / "metrics.csv").write_text("epoch,val_accuracy\n" + "".join(f"{i},0.5\n" for i in range(len(trainable))))
+    (d / "result.json").write_text("{}")
+    _write_marker(grid, cell, d, 1.0)
+
+
+def test_red_flags_on_constructed_runs(tmp_path: Path) -> None:
+    grid = fake_grid(tmp_path, {"stuck": "two-phase", "copy": "immediate", "probe": "frozen"})
+    rng = np.random.default_rng(0)
+    both, head = [["encoder.layer0", "head"]] * 3, [["head"]] * 3
+    for cell in grid.cells():
+        y = np.array([0] * 14 + [1] * 6)
+        noise = np.random.default_rng(cell.seed).integers(0, 2, 20)  # chance-level predictions, paired by seed
+        pred = noise if cell.label in ("control", "copy") else rng.integers(0, 2, 20)
+        fake_run(grid, cell, pred, y, both if cell.label in ("control", "copy") else head)
+    res = summarize(grid, n_boot=500)
+    flags = {(f["code"], f["arm"]) for f in res["red_flags"]}
+    assert ("encoder-never-trained", "stuck") in flags  # a two-phase run whose encoder never trained
+    assert ("encoder-never-trained", "probe") not in flags  # frozen by design: a note, not a flag
+    assert any("never trains, by design" in n for n in res["notes"])
+    assert ("predictions-identical", "copy") in flags
+    assert ("near-majority", None) in flags  # nobody beats always predicting class 0 (70%)
+    assert ("interval-too-wide", "stuck") in flags
+    copy = next(a for a in res["arms"] if a["label"] == "copy")
+    assert copy["vs_control"]["accuracy"]["mean"] == 0.0 and copy["vs_control"]["accuracy"]["p"] == 1.0
+    assert res["majority_rate"]["mean"] == pytest.approx(0.7)
+    text = console_summary(res)
+    assert "RED FLAG [predictions-identical] copy" in text
+    records, _ = collect(grid)
+    paths = write_report(grid, res, records, command="moola-engine ablate ...", with_figures=False)
+    md = paths["markdown"].read_text()
+    assert "**encoder-never-trained** (stuck)" in md and "stuck: encoder.layer0: 0-2 frozen" in md
+    assert json.loads(paths["results"].read_text())["red_flags"] == res["red_flags"]
+    assert "<table>" in paths["html"].read_text()
+
+
+def test_a_real_effect_raises_no_flag(tmp_path: Path) -> None:
+    grid = fake_grid(tmp_path, {"good": "two-phase"}, seeds=10)
+    both = [["encoder.layer0", "head"]] * 2
+    for cell in grid.cells():
+        y = np.array([0, 1] * 10)
+        rng = np.random.default_rng(cell.seed)
+        flip = rng.random(20) < (0.45 if cell.control else 0.1)  # control near chance, "good" ~90% right
+        fake_run(grid, cell, np.where(flip, 1 - y, y), y, both)
+    res = summarize(grid, n_boot=500)
+    assert res["red_flags"] == []
+    good = next(a for a in res["arms"] if a["label"] == "good")
+    assert good["vs_control"]["accuracy"]["lo"] > 0 and good["vs_control"]["accuracy"]["p"] < 0.01
+    assert not good["within_noise_of_majority"]
+
+
+def test_report_has_figures_with_matplotlib(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    grid = fake_grid(tmp_path, {"probe": "frozen"}, seeds=2)
+    for cell in grid.cells():
+        y = np.array([0, 1] * 5)
+        fake_run(grid, cell, y, y, [["head"], ["encoder.layer0", "head"]])
+    records, _ = collect(grid)
+    paths = write_report(grid, summarize(grid, n_boot=200), records, command="x")
+    page = paths["html"].read_text()
+    assert page.count("data:image/png;base64,") == 2  # learning curves + freeze timeline
+    assert "distance from the pretrained weights unavailable" in page
+
+
+def test_preset_without_its_config_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    import attrs
+
+    from moola_engine import ablation
+    from moola_engine.cli import main
+
+    missing = tmp_path / "nope.toml"
+    monkeypatch.setitem(ablation.PRESETS, "seed", attrs.evolve(ablation.PRESETS["seed"], config=missing))
+    assert main(["ablate", "--preset", "seed"]) == 2
+    err = capsys.readouterr().err
+    assert f"--preset seed: its config {missing} does not exist" in err
