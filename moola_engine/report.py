@@ -23,7 +23,7 @@ import numpy as np
 
 from .ablation import Grid
 from .run import write_json_atomic
-from .summary import METRICS, PRETRAINED_DISTANCE_FIELDS, RunRecord
+from .summary import METRICS, PRETRAINED_DISTANCE_FIELD, RunRecord
 
 LABELS = {"accuracy": "accuracy", "balanced_accuracy": "balanced acc.", "auc": "AUC"}
 
@@ -206,8 +206,8 @@ def figures(records: Sequence[RunRecord]) -> tuple[dict[str, str], list[str]]:
             ax.legend(fontsize=7)
         figs["pretrained_distance"] = _png(fig)
     else:
-        notes.append("distance from the pretrained weights unavailable: no weight_delta.check event carried one of "
-                     f"the fields {', '.join(PRETRAINED_DISTANCE_FIELDS)}")
+        notes.append("distance from the pretrained weights unavailable: no weight_delta.check event carried "
+                     f"{PRETRAINED_DISTANCE_FIELD} (no pretrained weights were loaded, or the checks were off)")
 
     # freeze timeline of each arm (its first run)
     firsts = {label: runs[0] for label, runs in arms.items() if runs}

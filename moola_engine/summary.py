@@ -21,6 +21,7 @@ import numpy as np
 from . import stats
 from .ablation import Cell, Grid, read_marker
 from .logs import Event, read_events
+from .redflags import predictions_identical
 
 METRICS = ("accuracy", "balanced_accuracy", "auc")
 WIDE_INTERVAL = 0.10
@@ -29,20 +30,8 @@ large one.  (A wide interval that excludes zero still settles the direction.)"""
 MIN_PAIRS = 6
 """With fewer non-zero pairs the two-sided Wilcoxon test cannot reach p < 0.05 (2 / 2**5 = 0.0625)."""
 
-# Fields of ``weight_delta.check`` events that may carry a group's distance from the pretrained weights.
-PRETRAINED_DISTANCE_FIELDS = ("distance_from_pretrained", "pretrained_distance", "dist_from_pretrained",
-                              "from_pretrained")
-
-
-try:  # the verification area owns the definition; this fallback keeps the ablation working without it
-    from .redflags import predictions_identical  # type: ignore[import-not-found,unused-ignore]
-except ImportError:  # pragma: no cover - depends on merge order
-
-    def predictions_identical(a: np.ndarray, b: np.ndarray) -> bool:
-        """Same predicted class for every sample (outputs of shape (N, C) or labels of shape (N,))."""
-        pa = a.argmax(axis=1) if a.ndim == 2 else a
-        pb = b.argmax(axis=1) if b.ndim == 2 else b
-        return pa.shape == pb.shape and bool(np.array_equal(pa, pb))
+# The field of ``weight_delta.check`` events (scope "interval") holding a group's distance from the pretrained weights.
+PRETRAINED_DISTANCE_FIELD = "from_pretrained"
 
 
 @attrs.define(kw_only=True)
@@ -119,9 +108,9 @@ def read_run(grid: Grid, cell: Cell, marker: dict[str, Any]) -> RunRecord:
         elif name in (Event.CHECK_FAILED, Event.WEIGHT_DELTA_VIOLATION):
             failed.append(str(e.get("message") or e.get("check") or name))
         elif name == Event.WEIGHT_DELTA_CHECK:
-            field = next((f for f in PRETRAINED_DISTANCE_FIELDS if isinstance(e.get(f), (int, float))), None)
-            if field is not None and e.get("group") is not None:
-                distances.setdefault(str(e["group"]), []).append((int(e.get("epoch", 0)), float(e[field])))
+            value = e.get(PRETRAINED_DISTANCE_FIELD)
+            if isinstance(value, (int, float)) and e.get("group") is not None and e.get("scope", "interval") == "interval":
+                distances.setdefault(str(e["group"]), []).append((int(e.get("epoch", 0)), float(value)))
     return RunRecord(
         cell=cell, run_dir=run_dir, split=split, metrics=_metrics(outputs, y), majority=stats.majority_rate(y),
         outputs=outputs, y=y, history=_read_history(run_dir / "metrics.csv"), groups=groups,
