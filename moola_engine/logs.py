@@ -66,6 +66,9 @@ class Event(enum.StrEnum):
     PRETRAIN_EPOCH = "pretrain.epoch"
     PRETRAIN_SAVED = "pretrain.saved"
     EVALUATION_COMPLETED = "evaluation.completed"
+    # strategies and schedules (plugins/, freezing.py, plan.py)
+    FREEZE_PARAMS = "freeze.params"
+    STRATEGY_PLATEAU = "strategy.plateau"
 
 
 def _json_default(obj: Any) -> Any:
