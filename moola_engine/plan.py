@@ -276,5 +276,6 @@ def validate_plan(plan: Plan, strategy: Any, strategy_name: str, *, allow: set[s
         if override in allow:
             log.warning(Event.CONFIG_OVERRIDE, allow=override, message=msg)
             continue
-        hint = 'Use strategy "frozen" for a frozen encoder, or pass' if override == "never-unfreeze" else "Or pass"
-        raise ScheduleError(f"{msg}.\n       {hint} --allow {override}.")
+        hint = (f'Use strategy "frozen" for a frozen encoder, or pass --allow {override}.' if override == "never-unfreeze"
+                else f"Pass --allow {override} to run it anyway (the run log records it).")
+        raise ScheduleError(f"{msg}.\n       {hint}")

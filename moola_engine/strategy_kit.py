@@ -48,13 +48,17 @@ class MetricTrigger:
     """
 
     unfreeze_on: Literal["epoch", "plateau"] = "epoch"
+    """"epoch": the transition comes at a fixed epoch; "plateau": when the validation metric stalls."""
     patience: int | None = attrs.field(default=None, validator=positive)
     """Plateau only: epochs without improvement before the transition (default 3)."""
     max_epoch: int | None = attrs.field(default=None, validator=positive)
     """Plateau only (required): the transition happens at the latest so that training at epoch max_epoch uses it."""
     metric: str = "val_loss"
+    """Plateau only: the metric watched."""
     mode: Literal["min", "max"] = "min"
+    """Plateau only: "min" when lower is better, "max" when higher is better."""
     min_delta: float = attrs.field(default=0.0, validator=non_negative)
+    """Plateau only: the smallest change that counts as an improvement."""
 
     def _check_trigger(self, epoch_fields: Mapping[str, Any]) -> None:
         """Refuse parameters of the other mode: they would be silently ignored."""

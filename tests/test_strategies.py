@@ -199,10 +199,8 @@ def test_l2_sp_gradient_is_the_penalised_loss_gradient() -> None:
     model.zero_grad(set_to_none=True)
     loss = nn.functional.cross_entropy(model(x), y)
     for n, p in model.named_parameters():
-        if n.startswith("head"):
-            loss = loss + beta / 2 * (p ** 2).sum()
-        else:
-            loss = loss + alpha / 2 * ((p - w0[n]) ** 2).sum()
+        penalty = beta / 2 * (p ** 2).sum() if n.startswith("head") else alpha / 2 * ((p - w0[n]) ** 2).sum()
+        loss = loss + penalty
     loss.backward()
     for n, p in model.named_parameters():
         torch.testing.assert_close(got[n], p.grad, rtol=1e-6, atol=1e-7)
