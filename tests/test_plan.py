@@ -271,7 +271,7 @@ def test_docs_strategies_md_is_generated() -> None:
     assert committed == gen.render(committed), "docs/strategies.md is stale: run python docs/gen_strategies.py"
 
 
-def test_unused_group_spec_import_guard() -> None:
+def test_head_flag_not_position_decides_the_head() -> None:
     # GroupSpec with head=True placed first still counts as head in the plan
     model = TinyNet()
     groups = resolve_groups(model, [GroupSpec(name="head", modules=["head"], head=True),
