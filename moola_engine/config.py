@@ -139,6 +139,13 @@ class TrainConfig:
     """Run BatchNorm of frozen groups in train mode (default: eval, statistics frozen too)."""
     frozen_dropout: bool = True
     """Keep dropout active inside frozen groups (``false``: eval mode there)."""
+    # lr scheduler (moola_engine.schedulers): composes with the strategy's per-group lr scales
+    scheduler: Literal["none", "onecycle", "plateau", "cosine"] = "none"
+    scheduler_metric: str = "val_loss"
+    """The metric ``scheduler = "plateau"`` watches."""
+    scheduler_mode: Literal["min", "max"] = "min"
+    plateau_factor: float = attrs.field(default=0.5, validator=_fraction)
+    plateau_patience: int = attrs.field(default=2, validator=_non_negative)
 
 
 @attrs.frozen(kw_only=True)

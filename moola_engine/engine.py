@@ -20,6 +20,7 @@ from .errors import MoolaError, PluginError
 from .freezing import Freezer, ParamGroup, apply_module_modes, resolve_groups
 from .logs import Event, bind, get_logger
 from .metrics import classification_metrics
+from .schedulers import build_lr_schedule
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 EvalFn = Callable[[torch.Tensor, torch.Tensor], dict[str, float]]
@@ -105,6 +106,8 @@ class Engine:
         self.groups = resolve_groups(self.model, specs)
         self.optimizer = build_optimizer(self.groups, train)
         self.freezer = Freezer(self.groups, base_lr=train.lr, optimizer=self.optimizer, logger=self.log)
+        self.lr_schedule = build_lr_schedule(self.optimizer, train, math.ceil(len(train_data) / train.batch_size))
+        self.freezer.lr_schedule = self.lr_schedule  # scale changes rescale the scheduler's per-group lrs
         self.train_data = train_data.to(self.device)
         self.val_data = val_data.to(self.device) if val_data is not None else None
         self.loss_fn: LossFn = loss_fn or nn.functional.cross_entropy
@@ -178,7 +181,8 @@ class Engine:
         )
 
         # --- the plan: dry-run the strategy's own hooks, refuse a schedule that cannot keep its promise
-        self.plan = compute_plan(self.strategy, self.freezer.groups, self.freezer.head_groups, cfg.epochs, cfg.lr)
+        self.plan = compute_plan(self.strategy, self.freezer.groups, self.freezer.head_groups, cfg.epochs, cfg.lr,
+                                 name=self.strategy_name, model_groups=self.groups, train=cfg)
         validate_plan(self.plan, self.strategy, self.strategy_name, allow=self.allow, log=self.log,
                       early_stopping=cfg.early_stopping)
         self.log.debug(Event.PLAN_COMPUTED, plan=self.plan.to_json())
@@ -205,6 +209,7 @@ class Engine:
                 metrics.update(self.evaluate(self.val_data, prefix="val_"))
             metrics["epoch"] = epoch
             self.history.append(metrics)
+            self.lr_schedule.after_validation(metrics)
             self._fire("on_validation_end", epoch=epoch, metrics=metrics)
             self._fire("on_epoch_end", epoch=epoch, metrics=metrics)
             self.log.info(Event.EPOCH_COMPLETED, trainable=self.freezer.trainable_groups(),
@@ -267,6 +272,7 @@ class Engine:
             if cfg.grad_clip is not None and trainable:
                 nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
             self.optimizer.step()
+            self.lr_schedule.after_step()
             detached = loss.detach()
             loss_sum += detached * idx.numel()
             # remember the first non-finite step without a host sync

@@ -10,14 +10,22 @@
   the group's lr into *its own* optimizer param group (one per model group from
   step 0: freezing never adds or removes param groups), logs
   ``freeze.transition`` and queues the ``on_freeze``/``on_unfreeze`` hooks.
-* Without a model (``groups`` given as names) the same class is the recording
-  freezer that ``moola-engine plan`` dry-runs a strategy against.
+* ``freeze_params(group, predicate, reason=)`` freezes single parameters of a
+  group by name (BitFit: everything but the biases) under the same rules
+  (``requires_grad`` False, grad None); the mask stands until
+  ``clear_param_mask`` and survives later ``freeze``/``unfreeze`` of the group.
+* Per-group lrs compose with an lr scheduler: a scale change multiplies the
+  group's lr and every reference lr the scheduler keeps for it (see
+  :mod:`moola_engine.schedulers`), so ``lr = base lr x scale x scheduler factor``.
+* Without a model (``groups`` given as names, optionally ``param_names``) the same
+  class is the recording freezer that ``moola-engine plan`` dry-runs a strategy against.
 """
 
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Iterable, Sequence
+import math
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import attrs
@@ -176,6 +184,7 @@ class Freezer:
         head_groups: Sequence[str] | None = None,
         optimizer: torch.optim.Optimizer | None = None,
         logger: Any = None,
+        param_names: dict[str, list[str]] | None = None,
     ) -> None:
         self.param_groups: list[ParamGroup] = [g for g in groups if isinstance(g, ParamGroup)]
         self.groups: list[str] = [g.name if isinstance(g, ParamGroup) else g for g in groups]
@@ -192,6 +201,13 @@ class Freezer:
         self.pending: list[Transition] = []
         self.history: list[Transition] = []
         self._by_name = {g.name: g for g in self.param_groups}
+        # parameter names per group (None: unknown, a dry run without a model) and the standing masks
+        self._param_names: dict[str, list[str]] | None = (
+            {g.name: [n for n, _ in g.params] for g in self.param_groups} if self.param_groups
+            else ({g: list(param_names.get(g, [])) for g in self.groups} if param_names is not None else None))
+        self._masked: dict[str, set[str]] = {g: set() for g in self.groups}
+        self._mask_label: dict[str, str] = {}
+        self.lr_schedule: Any = None  # a moola_engine.schedulers.LrSchedule, attached by the engine
         if optimizer is not None and len(optimizer.param_groups) != len(self.groups):
             raise ScheduleError(
                 f"optimizer has {len(optimizer.param_groups)} param groups, expected one per model group "
@@ -200,7 +216,25 @@ class Freezer:
 
     # ------------------------------------------------------------------ queries
     def is_trainable(self, group: str) -> bool:
-        return self._trainable[self._check(group)]
+        """The group trains: not frozen, and at least one of its parameters is outside its mask."""
+        self._check(group)
+        if not self._trainable[group]:
+            return False
+        names = self.param_names(group)
+        return names is None or not self._masked[group] or any(n not in self._masked[group] for n in names)
+
+    def param_names(self, group: str) -> list[str] | None:
+        """The group's parameter names, or None in a dry run that was not told them."""
+        return None if self._param_names is None else list(self._param_names[self._check(group)])
+
+    def frozen_params(self, group: str) -> list[str]:
+        """Names of the group's parameters held frozen by ``freeze_params`` (whatever the group's state)."""
+        names = self.param_names(self._check(group)) or sorted(self._masked[group])
+        return [n for n in names if n in self._masked[group]]
+
+    def mask_label(self, group: str) -> str | None:
+        """The label given to ``freeze_params`` for the group (``"biases"``), None when unmasked."""
+        return self._mask_label.get(self._check(group))
 
     def trainable_groups(self) -> list[str]:
         return [g for g in self.groups if self._trainable[g]]
@@ -213,7 +247,8 @@ class Freezer:
         return self.base_lr * self._scale[self._check(group)]
 
     def state(self) -> dict[str, dict[str, Any]]:
-        return {g: {"trainable": self._trainable[g], "lr_scale": self._scale[g], "lr": self.lr(g)} for g in self.groups}
+        return {g: {"trainable": self.is_trainable(g), "lr_scale": self._scale[g], "lr": self.lr(g),
+                    "frozen_params": self.frozen_params(g)} for g in self.groups}
 
     def distance_from_head(self, group: str) -> int:
         """0 for head groups; 1 for the encoder group right below the head, and so on."""
@@ -242,8 +277,40 @@ class Freezer:
             return
         self._trainable[group] = True
         if group in self._by_name:
-            set_trainable(self._by_name[group].tensors, True)
+            set_trainable([p for n, p in self._by_name[group].params if n not in self._masked[group]], True)
         self._record(group, "trainable", "frozen", reason)
+
+    def freeze_params(self, group: str, predicate: Callable[[str], bool], *, reason: str,
+                      label: str | None = None) -> list[str]:
+        """Freeze the parameters of ``group`` whose qualified name satisfies ``predicate``.
+
+        The frozen parameters get ``requires_grad`` False and grad None, like a
+        frozen group; the group's other parameters keep their state.  The mask
+        stands: a later ``unfreeze(group)`` trains only the parameters outside
+        it, until :meth:`clear_param_mask`.  ``label`` names what still trains
+        (``"biases"``) in plans.  Returns the names frozen.  In a dry run that was
+        not told the parameter names, only the label is recorded.
+        """
+        self._check(group)
+        names = self.param_names(group)
+        hit = [n for n in names if predicate(n)] if names is not None else []
+        self._masked[group].update(hit)
+        if label is not None:
+            self._mask_label[group] = label
+        if group in self._by_name:
+            set_trainable([p for n, p in self._by_name[group].params if n in self._masked[group]], False)
+        self.log.info(Event.FREEZE_PARAMS, group=group, frozen=hit, label=label, reason=reason, epoch=self.epoch)
+        return hit
+
+    def clear_param_mask(self, group: str, *, reason: str) -> None:
+        """Lift ``freeze_params`` from ``group``: its parameters follow the group's state again."""
+        self._check(group)
+        released = sorted(self._masked[group])
+        self._masked[group].clear()
+        self._mask_label.pop(group, None)
+        if group in self._by_name and self._trainable[group]:
+            set_trainable(self._by_name[group].tensors, True)
+        self.log.info(Event.FREEZE_PARAMS, group=group, frozen=[], released=released, reason=reason, epoch=self.epoch)
 
     def set_lr_scale(self, group: str, lr_scale: float, *, reason: str) -> None:
         """Change a group's lr without changing whether it trains (logged as ``lr.changed``)."""
@@ -260,14 +327,18 @@ class Freezer:
         return group
 
     def _set_scale(self, group: str, lr_scale: float) -> None:
-        if not lr_scale > 0:
+        if not lr_scale > 0 or not math.isfinite(lr_scale):
             raise ScheduleError(f"group {group}: lr_scale must be > 0, got {lr_scale!r} (a group with lr 0 never trains)")
+        old = self._scale[group]
         self._scale[group] = float(lr_scale)
         if self.optimizer is not None:
-            pg = self.optimizer.param_groups[self.groups.index(group)]
-            factor = pg.get("lr_factor", 1.0)  # a scheduler's current multiplier, if one is attached
-            pg["lr"] = self.lr(group) * factor
-            pg["base_group_lr"] = self.lr(group)
+            index = self.groups.index(group)
+            pg = self.optimizer.param_groups[index]
+            pg["lr_scale"] = float(lr_scale)
+            if self.lr_schedule is None or self.lr_schedule.scheduler is None:
+                pg["lr"] = self.lr(group)  # no scheduler: exactly base lr x scale
+            elif old != lr_scale:
+                self.lr_schedule.rescale(index, lr_scale / old)  # keeps base x scale x scheduler factor
 
     def _record(self, group: str, to_state: str, from_state: str, reason: str) -> None:
         t = Transition(group=group, epoch=self.epoch, to_state=to_state, from_state=from_state,

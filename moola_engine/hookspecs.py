@@ -11,9 +11,9 @@ The engine's loop, with each hook where it fires::
             -> on_freeze / on_unfreeze       # after the hook returns, before any step
         for step, batch in batches:
             before_step(engine, epoch, step, batch)
-            loss = forward + backward + optimizer.step()
+            loss = forward + backward + optimizer.step()     # then a per-step lr scheduler (onecycle, cosine)
             after_step(engine, epoch, step, loss)      # loss is a device tensor: no host sync
-        metrics = validate()
+        metrics = validate()                    # then train.scheduler = "plateau" reads its metric
         on_validation_end(engine, epoch, metrics)    # metric-driven schedules decide here
             -> on_freeze / on_unfreeze       # take effect from the next epoch's first step
         on_epoch_end(engine, epoch, metrics)  # observers snapshot / check weights here

@@ -66,6 +66,9 @@ class Event(enum.StrEnum):
     PRETRAIN_EPOCH = "pretrain.epoch"
     PRETRAIN_SAVED = "pretrain.saved"
     EVALUATION_COMPLETED = "evaluation.completed"
+    # strategies and schedules (plugins/, freezing.py, plan.py)
+    FREEZE_PARAMS = "freeze.params"
+    STRATEGY_PLATEAU = "strategy.plateau"
 
     # verification (weights.py, checks.py, redflags.py, verify.py); weights.loaded, weight_delta.*,
     # grad_flow.check, bn_stats.check, check.failed and red_flag.raised are declared above

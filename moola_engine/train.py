@@ -106,7 +106,8 @@ def train(
     specs = group_specs(model, cfg.model)
     groups = resolve_groups(model, specs)
     head = [g.name for g in groups if g.head]
-    plan = compute_plan(strat, [g.name for g in groups], head, cfg.train.epochs, cfg.train.lr, name=named.name)
+    plan = compute_plan(strat, [g.name for g in groups], head, cfg.train.epochs, cfg.train.lr, name=named.name,
+                        model_groups=groups, train=cfg.train)
     validate_plan(plan, strat, named.name, allow=allow, early_stopping=cfg.train.early_stopping,
                   log=get_logger())  # the engine validates again and logs any override in the run log
 

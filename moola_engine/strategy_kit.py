@@ -1,0 +1,119 @@
+"""Pieces strategy plugins share (ours and third parties'): validators, lr decay, plateau detection.
+
+* :data:`decay_factor`: an attrs validator for ``lr_decay``-style factors, 0 < x <= 1,
+  raising :class:`~moola_engine.config.FieldValueError` so a bad value names its key
+  (``invalid value, expected 0 < value <= 1, got 0 @ $.strategy.ulmfit.lr_decay``).
+* :class:`MetricTrigger`: the parameters of a metric-driven transition
+  (``unfreeze_on = "epoch" | "plateau"``, ``patience``, ``max_epoch``, ``metric``, ...);
+  strategy parameter classes inherit it.
+* :class:`PlateauWatcher`: "the metric has not improved for ``patience`` epochs".
+* :func:`decayed_scale`: ``scale x decay ^ distance_from_head`` (discriminative lrs, ULMFiT).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import attrs
+
+from .config import FieldValueError, non_negative, positive
+from .errors import ScheduleError
+from .logs import Event
+
+
+def _decay_factor(inst: Any, attr: attrs.Attribute, value: Any) -> None:
+    if value is not None and not 0.0 < value <= 1.0:
+        raise FieldValueError(attr.name, f"expected 0 < value <= 1, got {value!r}")
+
+
+decay_factor = _decay_factor
+
+
+def decayed_scale(freezer: Any, group: str, decay: float, scale: float = 1.0) -> float:
+    """``scale x decay ^ distance_from_head(group)``: 1 step of decay per group below the head."""
+    return scale * decay ** freezer.distance_from_head(group)
+
+
+@attrs.frozen(kw_only=True)
+class MetricTrigger:
+    """When a metric-driven strategy moves on: a fixed epoch (``"epoch"``) or a plateau.
+
+    With ``unfreeze_on = "plateau"`` the transition fires in ``on_validation_end``
+    once ``metric`` has not improved by more than ``min_delta`` for ``patience``
+    epochs (counted from the last transition), and at the latest so that the
+    group trains from epoch ``max_epoch``.  A dry run has no metrics: it plans the
+    ``max_epoch`` bound and says so.
+    """
+
+    unfreeze_on: Literal["epoch", "plateau"] = "epoch"
+    """"epoch": the transition comes at a fixed epoch; "plateau": when the validation metric stalls."""
+    patience: int | None = attrs.field(default=None, validator=positive)
+    """Plateau only: epochs without improvement before the transition (default 3)."""
+    max_epoch: int | None = attrs.field(default=None, validator=positive)
+    """Plateau only (required): the transition happens at the latest so that training at epoch max_epoch uses it."""
+    metric: str = "val_loss"
+    """Plateau only: the metric watched."""
+    mode: Literal["min", "max"] = "min"
+    """Plateau only: "min" when lower is better, "max" when higher is better."""
+    min_delta: float = attrs.field(default=0.0, validator=non_negative)
+    """Plateau only: the smallest change that counts as an improvement."""
+
+    def _check_trigger(self, epoch_fields: Mapping[str, Any]) -> None:
+        """Refuse parameters of the other mode: they would be silently ignored."""
+        if self.unfreeze_on == "plateau":
+            if self.max_epoch is None:
+                raise FieldValueError("max_epoch", 'required with unfreeze_on = "plateau" (the hard bound on the transition)')
+            for key, value in epoch_fields.items():
+                if value is not None:
+                    raise FieldValueError(key, f'{key} applies to unfreeze_on = "epoch"; with "plateau" '
+                                               "use patience and max_epoch")
+        else:
+            for key in ("patience", "max_epoch"):
+                if getattr(self, key) is not None:
+                    raise FieldValueError(key, f'{key} applies to unfreeze_on = "plateau" only')
+
+    @property
+    def plateau_patience(self) -> int:
+        return self.patience if self.patience is not None else 3
+
+    def watcher(self) -> PlateauWatcher:
+        return PlateauWatcher(metric=self.metric, mode=self.mode, patience=self.plateau_patience,
+                              min_delta=self.min_delta)
+
+    def plateau_note(self, strategy: str, what: str) -> str:
+        return (f'{strategy}: unfreeze_on = "plateau": {what} when {self.metric} has not improved for '
+                f"{self.plateau_patience} epochs, at the latest from epoch {self.max_epoch} (max_epoch); "
+                "this plan shows that bound")
+
+
+class PlateauWatcher:
+    """Counts epochs without improvement of one metric; :meth:`reset` restarts the count (a new phase)."""
+
+    def __init__(self, *, metric: str, mode: str, patience: int, min_delta: float = 0.0) -> None:
+        self.metric, self.mode, self.patience, self.min_delta = metric, mode, patience, min_delta
+        self.reset()
+
+    def reset(self) -> None:
+        self.best = math.inf if self.mode == "min" else -math.inf
+        self.bad_epochs = 0
+
+    def update(self, metrics: Mapping[str, float], *, who: str) -> bool:
+        """Feed one epoch's metrics; True once the metric has not improved for ``patience`` epochs."""
+        value = metrics.get(self.metric)
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            have = ", ".join(sorted(k for k in metrics if k != "epoch")) or "none"
+            raise ScheduleError(f'strategy {who}: unfreeze_on = "plateau" watches metric {self.metric!r}, '
+                                f"but this run's metrics are: {have} (is there validation data?)")
+        improved = value < self.best - self.min_delta if self.mode == "min" else value > self.best + self.min_delta
+        if improved:
+            self.best, self.bad_epochs = value, 0
+        else:
+            self.bad_epochs += 1
+        return self.bad_epochs >= self.patience
+
+
+def log_plateau(engine: Any, who: str, watcher: PlateauWatcher, action: str) -> None:
+    engine.log.info(Event.STRATEGY_PLATEAU, metric=watcher.metric, best=watcher.best, patience=watcher.patience,
+                    action=action, strategy_key=who)
