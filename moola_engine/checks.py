@@ -168,7 +168,9 @@ class WeightDeltaCheck(_DeltaObserver):
     check = "weight_delta"
 
     def _named(self, engine: Any, group: ParamGroup) -> list[tuple[str, torch.Tensor]]:
-        return list(group.params)
+        # Parameters held frozen by a mask (Freezer.freeze_params, e.g. BitFit's weights) are MaskedParamsCheck's.
+        masked = set(engine.freezer.frozen_params(group.name))
+        return [(n, p) for n, p in group.params if n not in masked]
 
     def _expected(self, engine: Any, group: str, trainable: bool, steps: int) -> str:
         if not trainable:
@@ -326,6 +328,39 @@ class BnStatsCheck(_DeltaObserver):
         self._fail(engine, failures)
 
 
+class MaskedParamsCheck(_DeltaObserver):
+    """Parameters held frozen by a mask inside a group that trains (BitFit's weights) must stay bitwise unchanged."""
+
+    check = "weight_delta"
+
+    def _named(self, engine: Any, group: ParamGroup) -> list[tuple[str, torch.Tensor]]:
+        masked = set(engine.freezer.frozen_params(group.name))
+        return [(n, p) for n, p in group.params if n in masked]
+
+    def _expected(self, engine: Any, group: str, trainable: bool, steps: int) -> str:
+        return "zero"
+
+    def _log(self, engine: Any, ok: bool, **fields: Any) -> None:
+        fields.pop("from_pretrained", None)
+        fields["masked"] = engine.freezer.mask_label(fields["group"]) or "masked"
+        if ok:
+            engine.log.info(Event.WEIGHT_DELTA_CHECK, ok=True, **fields)
+        else:
+            engine.log.error(Event.WEIGHT_DELTA_VIOLATION, ok=False, **fields)
+
+    def _message(self, engine: Any, group: str, expected: str, trainable: bool, max_abs: float, steps: int,
+                 scope: str) -> str:
+        size = "" if math.isnan(max_abs) else f" (max |delta| = {max_abs:.3g})"
+        label = engine.freezer.mask_label(group) or "masked"
+        return (f"parameters of group {group} held frozen by the {label} mask changed over {steps} step(s){size}: "
+                "a frozen parameter must stay bitwise unchanged")
+
+    def _report(self, engine: Any, failures: list[str]) -> None:
+        for msg in failures:
+            engine.log.error(Event.CHECK_FAILED, check=self.check, message=msg)
+        self._fail(engine, failures)
+
+
 # --------------------------------------------------------------------------- gradient flow
 
 
@@ -371,10 +406,11 @@ class GradFlowCheck(_Observer):
         stats: list[torch.Tensor] = []  # per param: [finite, nonzero, grad norm²]
         where: list[tuple[str, str]] = []
         for g in engine.groups:
-            trainable = engine.freezer.is_trainable(g.name)
+            group_trainable = engine.freezer.is_trainable(g.name)
+            masked = set(engine.freezer.frozen_params(g.name))
             problems[g.name] = []
             for name, p in g.params:
-                if trainable:
+                if group_trainable and name not in masked:
                     if not p.requires_grad:
                         problems[g.name].append(f"{name} has requires_grad = False although group {g.name} is trainable")
                     if id(p) not in member:
@@ -393,8 +429,9 @@ class GradFlowCheck(_Observer):
                                                   gd.double().pow(2).sum()]).to(engine.device))
                         where.append((g.name, name))
                 else:
+                    where_frozen = f"frozen group {g.name}" if not group_trainable else f"the frozen mask of {g.name}"
                     if p.requires_grad:
-                        problems[g.name].append(f"{name} is in frozen group {g.name} but has requires_grad = True")
+                        problems[g.name].append(f"{name} is in {where_frozen} but has requires_grad = True")
                     if p.grad is not None:
                         problems[g.name].append(
                             f"{name} is frozen but its grad is not None: a zeroed grad still lets AdamW weight decay "
@@ -434,6 +471,7 @@ def build_checks(checks: ChecksConfig) -> list[tuple[str, Any]]:
     out: list[tuple[str, Any]] = []
     if checks.weight_delta:
         out.append(("check:weight_delta", WeightDeltaCheck(checks)))
+        out.append(("check:masked_params", MaskedParamsCheck(checks)))
     if checks.grad_flow:
         out.append(("check:grad_flow", GradFlowCheck(checks)))
     if checks.bn_stats:
@@ -441,4 +479,4 @@ def build_checks(checks: ChecksConfig) -> list[tuple[str, Any]]:
     return out
 
 
-__all__ = ["BnStatsCheck", "GradFlowCheck", "WeightDeltaCheck", "build_checks", "optimizer_membership"]
+__all__ = ["BnStatsCheck", "GradFlowCheck", "MaskedParamsCheck", "WeightDeltaCheck", "build_checks", "optimizer_membership"]

@@ -230,6 +230,9 @@ _FIELD_MARK = "\x00"
 
 
 def _format_exception(exc: BaseException, type_: Any) -> str:
+    args = typing.get_args(type_)
+    if type(None) in args and len(args) == 2:  # TOML has no null: `int | None` reads as `int` to a user
+        type_ = next(a for a in args if a is not type(None))
     if isinstance(exc, FieldValueError):
         return f"invalid value, {exc}{_FIELD_MARK}{exc.field}"
     if isinstance(exc, (AttributeError, TypeError)) and (attrs.has(type_) or type_ in (dict, Mapping)):

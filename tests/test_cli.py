@@ -85,9 +85,10 @@ def test_config_error_is_one_clear_line(project: Path, monkeypatch: pytest.Monke
 def test_plan_table(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["plan", "--strategies", STRATEGIES, "--strategy", "two_phase", "--epochs", "30"]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[0].split() == ["epoch", "encoder.layer0", "head"]
-    assert out[1].split()[:2] == ["0-9", "frozen"]
-    assert out[2].split()[:3] == ["10-29", "trainable", "0.0003"]
+    assert out[0] == "strategy two_phase: 30 epochs, base lr 0.001"
+    assert out[1].split() == ["epochs", "encoder.layer0", "head"]
+    assert out[2].split() == ["0-9", "frozen", "train", "0.001"]
+    assert out[3].split() == ["10-29", "train", "0.0003", "train", "0.001"]
 
 
 def test_strategies_list_json(capsys: pytest.CaptureFixture[str]) -> None:
