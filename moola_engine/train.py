@@ -126,7 +126,7 @@ def train(
                                                     "plugin": named.plugin, "params": unstructure(named.params)})
         link_latest(run_dir)
 
-        splits = build_splits(cfg.data, base_dir=base_dir, seed=cfg.train.seed)
+        splits = build_splits(cfg.data, base_dir=base_dir, seed=cfg.train.seed, source=cfg.source)
         for obs_name, observer in build_observers(cfg, run_dir):
             register_checked(pm, observer, name=obs_name)
         register_checked(pm, strat, name=f"strategy:{named.name}")  # last: runs first among plain impls
