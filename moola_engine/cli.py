@@ -17,7 +17,7 @@ from . import __version__
 from .errors import MoolaError
 
 # Each module defines add_parser(subparsers) and run(args) -> int.
-COMMANDS = ["strategies", "plan", "train"]
+COMMANDS = ["strategies", "plan", "train", "pretrain", "baseline"]
 
 
 def build_parser() -> argparse.ArgumentParser:

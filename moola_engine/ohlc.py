@@ -128,6 +128,7 @@ def _read_text(path: Path) -> tuple[list[str], list[list[str]]]:
     except StopIteration:
         raise DataError(f"{path}: empty file (expected a header {','.join(REQUIRED_COLUMNS)}[,volume])") from None
     columns = [c.strip().lower() for c in header]
+    _check_columns(path, columns)
     rows: list[list[str]] = []
     for i, cells in enumerate(reader, start=2):
         if not cells or all(not c.strip() for c in cells):
@@ -155,7 +156,7 @@ def _read_parquet(path: Path) -> tuple[list[str], list[list[str]]]:
     return columns, rows
 
 
-def _validate(path: Path, name: str, columns: list[str], rows: list[list[str]], where: str, first: int) -> OhlcSeries:
+def _check_columns(path: Path, columns: list[str]) -> None:
     missing = [c for c in REQUIRED_COLUMNS if c not in columns]
     if missing:
         raise DataError(f"{path}: missing column(s) {', '.join(missing)}; found {', '.join(columns) or 'none'} "
@@ -163,6 +164,10 @@ def _validate(path: Path, name: str, columns: list[str], rows: list[list[str]], 
     dupes = sorted({c for c in columns if columns.count(c) > 1 and c in REQUIRED_COLUMNS})
     if dupes:
         raise DataError(f"{path}: column(s) {', '.join(dupes)} appear more than once in the header")
+
+
+def _validate(path: Path, name: str, columns: list[str], rows: list[list[str]], where: str, first: int) -> OhlcSeries:
+    _check_columns(path, columns)
     if len(rows) < 2:
         raise DataError(f"{path}: {len(rows)} data row(s); need at least 2")
     col = {c: columns.index(c) for c in REQUIRED_COLUMNS}

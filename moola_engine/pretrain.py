@@ -60,7 +60,7 @@ TASKS: dict[str, int] = {"expansion": 2, "swing": 2, "candle": 3}
 class PretrainConfig:
     """Knobs of ``moola-engine pretrain`` (defaults: about 2-3 minutes on two CPU cores)."""
 
-    epochs: int = attrs.field(default=6, validator=positive)
+    epochs: int = attrs.field(default=4, validator=positive)
     batch_size: int = attrs.field(default=128, validator=positive)
     lr: float = attrs.field(default=2e-3, validator=positive)
     weight_decay: float = attrs.field(default=1e-4, validator=non_negative)
@@ -70,6 +70,8 @@ class PretrainConfig:
     holdout_fraction: float = attrs.field(default=0.1, validator=fraction)
     """The last part (in time) of each instrument's windows, after an embargo: per-task held-out metrics."""
     mask_fraction: float = attrs.field(default=0.15, validator=fraction)
+    eval_windows: int = attrs.field(default=1024, validator=positive)
+    """Windows (a fixed sample) on which training and held-out metrics are measured each epoch."""
     task_weights: dict[str, float] = attrs.Factory(lambda: {"expansion": 1.0, "swing": 1.0, "candle": 1.0,
                                                             "masked": 1.0})
     hidden_size: int = attrs.field(default=128, validator=positive)
@@ -181,33 +183,38 @@ def _losses(model: MultiTaskBiLSTM, x: torch.Tensor, y: dict[str, torch.Tensor],
 @torch.no_grad()
 def evaluate(model: MultiTaskBiLSTM, x: torch.Tensor, y: dict[str, torch.Tensor], cfg: PretrainConfig,
              seed: int) -> dict[str, float]:
-    """Per-task loss and accuracy on clean inputs; masked-step MSE with a fixed mask; one host sync at the end."""
+    """Per-task loss and accuracy, masked-step MSE; the same fixed mask every epoch; one host sync at the end.
+
+    Inputs are masked as in training (one forward pass serves every task), with a mask drawn from ``seed``.
+    """
     model.eval()
     gen = torch.Generator(device=x.device).manual_seed(seed)
     sums: dict[str, torch.Tensor] = {}
     n = x.shape[0]
     for i in range(0, n, 512):
         xb = x[i:i + 512]
-        yb = {k: v[i:i + 512] for k, v in y.items()}
-        logits, _ = model(xb)
+        mask = torch.rand(xb.shape[:2], device=x.device, generator=gen) < cfg.mask_fraction
+        logits, recon = model(xb.masked_fill(mask[..., None], 0.0))
         for k, v in logits.items():
-            sums[f"{k}_loss"] = sums.get(f"{k}_loss", 0) + nn.functional.cross_entropy(v, yb[k], reduction="sum")
-            sums[f"{k}_acc"] = sums.get(f"{k}_acc", 0) + (v.argmax(1) == yb[k]).sum()
-        masked = _losses(model, xb, yb, cfg.mask_fraction, gen)["masked"]
-        sums["masked_loss"] = sums.get("masked_loss", 0) + masked * xb.shape[0]
+            yb = y[k][i:i + 512]
+            sums[f"{k}_loss"] = sums.get(f"{k}_loss", 0) + nn.functional.cross_entropy(v, yb, reduction="sum")
+            sums[f"{k}_acc"] = sums.get(f"{k}_acc", 0) + (v.argmax(1) == yb).sum()
+        m = mask[..., None].expand_as(xb).to(xb.dtype)
+        per_window = ((recon - xb) ** 2 * m).sum(dim=(1, 2)) / m.sum(dim=(1, 2)).clamp_min(1.0)
+        sums["masked_loss"] = sums.get("masked_loss", 0) + per_window.sum()
     model.train()
     host = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=x.device) for v in sums.values()]).cpu()
     return {k: float(v) / n for k, v in zip(sums, host.tolist())}
 
 
-def chance_metrics(y: dict[str, np.ndarray]) -> dict[str, float]:
-    """What predicting the class prior scores: the loss a task must beat to have learned anything."""
+def chance_metrics(y: dict[str, np.ndarray], x: np.ndarray) -> dict[str, float]:
+    """What predicting the class prior (and the training mean, 0, for masked steps) scores: the bar to beat."""
     out = {}
     for k, v in y.items():
         p = np.bincount(v, minlength=TASKS[k]) / len(v)
         out[f"{k}_loss"] = float(-(p[p > 0] * np.log(p[p > 0])).sum())
         out[f"{k}_acc"] = float(p.max())
-    out["masked_loss"] = 1.0  # predicting 0 (the mean) on standardised features
+    out["masked_loss"] = float(np.mean(x.astype(np.float64) ** 2))
     return out
 
 
@@ -219,7 +226,7 @@ class PretrainResult:
 
 
 def pretrain(data: PretrainData, cfg: PretrainConfig, *, log: Any = None,
-             progress: Callable[[int, int], None] | None = None) -> PretrainResult:
+             progress: Callable[[int, int, int, int], None] | None = None) -> PretrainResult:
     """Train the multi-task model; ``history[0]`` is the state before training (epoch 0)."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -235,10 +242,12 @@ def pretrain(data: PretrainData, cfg: PretrainConfig, *, log: Any = None,
     fit_idx = torch.as_tensor(np.flatnonzero(~data.holdout), device=device)
     hold_idx = torch.as_tensor(np.flatnonzero(data.holdout), device=device)
     x_fit, y_fit = x_all[fit_idx], {k: v[fit_idx] for k, v in y_all.items()}
+    hold_idx = hold_idx[torch.randperm(len(hold_idx), generator=torch.Generator().manual_seed(cfg.seed))
+                        [:cfg.eval_windows].to(device)]
     x_hold, y_hold = x_all[hold_idx], {k: v[hold_idx] for k, v in y_all.items()}
     # a fixed sample of the training windows, to report training-set losses on the same footing every epoch
     gen_cpu = torch.Generator().manual_seed(cfg.seed)
-    probe = torch.randperm(len(fit_idx), generator=gen_cpu)[:2048].to(device)
+    probe = torch.randperm(len(fit_idx), generator=gen_cpu)[:cfg.eval_windows].to(device)
     x_probe, y_probe = x_fit[probe], {k: v[probe] for k, v in y_fit.items()}
     weights = {k: float(cfg.task_weights.get(k, 0.0)) for k in [*TASKS, "masked"]}
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -275,7 +284,7 @@ def pretrain(data: PretrainData, cfg: PretrainConfig, *, log: Any = None,
             sched.step()
             sums += torch.stack([losses[k].detach() for k in weights])
             if progress is not None:
-                progress((epoch - 1) * steps + b + 1, cfg.epochs * steps)
+                progress(epoch, cfg.epochs, b + 1, steps)
         batch_means = dict(zip(weights, (sums / steps).cpu().tolist()))  # one host sync per epoch
         history.append(record(epoch, {f"{k}_loss": v for k, v in batch_means.items()}, time.perf_counter() - start))
     return PretrainResult(model=model, history=history, seconds=time.perf_counter() - start)
@@ -318,8 +327,8 @@ def sidecar(result: PretrainResult, data: PretrainData, cfg: PretrainConfig, spe
         "instruments": data.instruments,
         "windows": int((~data.holdout).sum()), "holdout_windows": int(data.holdout.sum()),
         "tasks": {**{k: {"classes": c} for k, c in TASKS.items()}, "masked": {"mask_fraction": cfg.mask_fraction}},
-        "chance": {"train": chance_metrics({k: v[~data.holdout] for k, v in data.targets.items()}),
-                   "holdout": chance_metrics({k: v[data.holdout] for k, v in data.targets.items()})},
+        "chance": {"train": chance_metrics({k: v[~data.holdout] for k, v in data.targets.items()}, data.x[~data.holdout]),
+                   "holdout": chance_metrics({k: v[data.holdout] for k, v in data.targets.items()}, data.x[data.holdout])},
         "config": attrs.asdict(cfg),
         "history": result.history,
         "seconds": round(result.seconds, 1),
