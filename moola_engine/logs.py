@@ -63,6 +63,7 @@ class Event(enum.StrEnum):
     NONFINITE_DETECTED = "nonfinite.detected"
     PLUGIN_FAILED = "plugin.failed"
     DDP_CONSISTENCY = "ddp.consistency"
+    DATA_LOADED = "data.loaded"
     PRETRAIN_STARTED = "pretrain.started"
     PRETRAIN_EPOCH = "pretrain.epoch"
     PRETRAIN_SAVED = "pretrain.saved"

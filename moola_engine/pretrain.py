@@ -79,7 +79,9 @@ class PretrainConfig:
     grad_clip: float = attrs.field(default=1.0, validator=positive)
     seed: int = 0
     device: str = "auto"
-    threads: int | None = attrs.field(default=None, validator=positive)
+    threads: int | None = attrs.field(default=1, validator=positive)
+    """torch CPU threads (None: torch's default).  One: a small-batch LSTM gains little from a second core and
+    slows down many times over when the cores are shared with other work."""
 
 
 class MultiTaskBiLSTM(nn.Module):

@@ -231,7 +231,7 @@ def test_standardisation_uses_training_period_only() -> None:
 
 def test_label_budget_is_stratified_seeded_and_from_the_training_period() -> None:
     s = synthetic(2000, seed=5)
-    opts = OhlcOptions(window=16, horizon=3, median_lookback=20, label_budget=89)
+    opts = OhlcOptions(window=16, horizon=3, median_lookback=20, label_budget=89, eval_stride=1)
     a = build_dataset(s, opts, val_fraction=0.15, seed=0)
     b = build_dataset(s, opts, val_fraction=0.15, seed=1)
     assert len(a.y["train"]) == 89 and len(np.unique(a.ends["train"])) == 89
@@ -242,11 +242,13 @@ def test_label_budget_is_stratified_seeded_and_from_the_training_period() -> Non
     np.testing.assert_array_equal(build_dataset(s, fixed, val_fraction=0.15, seed=0).ends["train"],
                                   build_dataset(s, fixed, val_fraction=0.15, seed=1).ends["train"])
     assert len(a.ends["val"]) > 200 and len(a.ends["test"]) > 200
+    strided = build_dataset(s, OhlcOptions(window=16, horizon=3, median_lookback=20), val_fraction=0.15, seed=0)
+    assert set(np.diff(strided.ends["val"])) == {2} and strided.ends["val"][0] == a.ends["val"][0]
 
 
 def test_bundled_default_spx() -> None:
     sp = build_splits(DataConfig(kind="ohlc"), base_dir=Path("."), seed=0)
-    assert sp.train.x.shape == (89, 64, 4) and len(sp.val) > 500 and len(sp.test) > 500
+    assert sp.train.x.shape == (89, 64, 4) and len(sp.val) > 300 and len(sp.test) > 300
     m = sp.meta
     assert m["target"] == "SPX" and m["train_cut_date"] < m["splits"]["val"]["first_bar"]
     assert m["splits"]["val"]["last_bar"] < m["splits"]["test"]["first_bar"]

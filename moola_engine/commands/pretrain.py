@@ -35,7 +35,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--hidden-size", type=int, default=d.hidden_size, help="default: %(default)s")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--device", default=d.device)
-    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--threads", type=int, default=d.threads, help="torch CPU threads (default: %(default)s)")
     p.add_argument("--console", choices=["pretty", "json", "none"], default="pretty")
     return p
 
