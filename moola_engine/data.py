@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from .config import DataConfig
-from .errors import DataError
+from .errors import ConfigError, DataError
 
 
 @attrs.frozen(kw_only=True)
@@ -86,6 +86,35 @@ def stratified_folds(y: np.ndarray, folds: int, fold: int, val_fraction: float,
     return rest[tr], rest[va], test
 
 
+def stratified_kfold(y: np.ndarray, folds: int, fold: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (train, val) of fold ``fold`` of a stratified ``folds``-fold partition, shuffled by ``seed``.
+
+    Each class is shuffled and dealt round-robin into the folds (starting where the previous class stopped), so
+    every fold holds each class in about the same proportion; another seed gives another partition (repeated
+    stratified k-fold).
+    """
+    if not 0 <= fold < folds:
+        raise DataError(f"data.fold: expected 0 <= fold < folds = {folds}, got {fold}")
+    rng = np.random.default_rng(seed)
+    assign = np.empty(len(y), dtype=np.int64)
+    offset = 0
+    for c in np.unique(y):
+        idx = np.flatnonzero(y == c)
+        rng.shuffle(idx)
+        assign[idx] = (np.arange(len(idx)) + offset) % folds
+        offset += len(idx)
+    if np.bincount(assign, minlength=folds).min() == 0:
+        raise DataError(f"data.folds: {len(y)} samples are too few for {folds} folds")
+    return np.flatnonzero(assign != fold), np.flatnonzero(assign == fold)
+
+
+def holdout_split(y: np.ndarray, cfg: DataConfig, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``data.folds > 1``: fold ``data.fold`` of a stratified k-fold; else a stratified ``val_fraction`` split."""
+    if cfg.folds > 1:
+        return stratified_kfold(y, cfg.folds, cfg.fold, seed)
+    return stratified_split(y, cfg.val_fraction, seed)
+
+
 def _as_float(x: np.ndarray) -> torch.Tensor:
     return torch.as_tensor(np.ascontiguousarray(x), dtype=torch.float32)
 
@@ -122,10 +151,7 @@ def load_npz(path: Path, cfg: DataConfig, seed: int) -> Splits:
         meta = {"source": str(path), "folds": cfg.folds, "fold": cfg.fold}
         return Splits(train=full.subset(tr), val=full.subset(va), test=full.subset(te), meta=meta)
     else:
-        tr, va = stratified_split(y, cfg.val_fraction, seed)
-        if cfg.folds > 1:  # a fixed test set: the folds rotate the validation set through the training rows
-            rest_train, rest_val, va = stratified_folds(y, cfg.folds, cfg.fold, cfg.val_fraction, seed)
-            tr = np.sort(np.concatenate([rest_train, rest_val]))
+        tr, va = holdout_split(y, cfg, seed)
         full = TensorData(x=_as_float(x), y=yt)
         train, val = full.subset(tr), full.subset(va)
     test = None
@@ -171,18 +197,33 @@ def load_series_table(path: Path, cfg: DataConfig, seed: int) -> Splits:
     y = np.array(labels)
     _, y = np.unique(y, return_inverse=True)
     x = np.array(rows, dtype=np.float32)[:, :, None]
-    tr, va = stratified_split(y, cfg.val_fraction, seed)
+    tr, va = holdout_split(y, cfg, seed)
     full = TensorData(x=_as_float(x), y=torch.as_tensor(y.astype(np.int64)))
     return Splits(train=full.subset(tr), val=full.subset(va), meta={"source": str(path)})
 
 
-LOADERS: dict[str, Callable[[Path, DataConfig, int], Splits]] = {
+def load_ohlc(path: Path, cfg: DataConfig, seed: int, source: str = "config") -> Splits:
+    """Daily OHLC windows and the range-expansion label (:mod:`moola_engine.ohlc`); ``data.path`` optional."""
+    from .ohlc import build_dataset, parse_options, target_series
+
+    opts = parse_options(cfg.options, source)
+    # build_splits resolved data.path against the config's folder; without it, ``path`` is that folder
+    series = target_series(opts, path if cfg.path is not None else None, path if cfg.path is None else None)
+    ds = build_dataset(series, opts, val_fraction=cfg.val_fraction, folds=cfg.folds, fold=cfg.fold, seed=seed,
+                       source=source)
+    parts = {k: TensorData(x=_as_float(ds.x[k]), y=torch.as_tensor(ds.y[k])) for k in ("train", "val", "test")}
+    return Splits(train=parts["train"], val=parts["val"], test=parts["test"], meta=ds.meta())
+
+
+LOADERS: dict[str, Callable[..., Splits]] = {
     "npz": load_npz,
     "table": load_series_table,
+    "ohlc": load_ohlc,
 }
+"""``data.kind`` -> loader ``(path, cfg, seed, source=) -> Splits``; ``source`` names the config file in errors."""
 
 
-def build_splits(cfg: DataConfig, *, base_dir: Path, seed: int) -> Splits:
+def build_splits(cfg: DataConfig, *, base_dir: Path, seed: int, source: str = "config") -> Splits:
     """Build the train/val(/test) splits the ``[data]`` table describes."""
     if cfg.kind not in LOADERS:
         raise DataError(f"data.kind: unknown kind {cfg.kind!r}; expected one of {', '.join(sorted(LOADERS))}")
@@ -191,4 +232,10 @@ def build_splits(cfg: DataConfig, *, base_dir: Path, seed: int) -> Splits:
     path = Path(cfg.path) if cfg.path is not None else base_dir
     if not path.is_absolute():
         path = base_dir / path
-    return LOADERS[cfg.kind](path, cfg, seed)
+    loader = LOADERS[cfg.kind]
+    if cfg.kind in {"npz", "table"}:
+        if cfg.options:
+            raise ConfigError(source, f"extra fields found ({', '.join(cfg.options)}) @ $.data.options "
+                                      f"(data.kind = {cfg.kind!r} takes no options)")
+        return loader(path, cfg, seed)
+    return loader(path, cfg, seed, source=source)

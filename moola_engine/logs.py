@@ -63,6 +63,8 @@ class Event(enum.StrEnum):
     NONFINITE_DETECTED = "nonfinite.detected"
     PLUGIN_FAILED = "plugin.failed"
     DDP_CONSISTENCY = "ddp.consistency"
+    DATA_LOADED = "data.loaded"
+    PRETRAIN_STARTED = "pretrain.started"
     PRETRAIN_EPOCH = "pretrain.epoch"
     PRETRAIN_SAVED = "pretrain.saved"
     EVALUATION_COMPLETED = "evaluation.completed"

@@ -132,7 +132,10 @@ def train(
 
         # pretrained weights after the model is built, before the engine; enabled = false is the control
         pretrained = load_pretrained(model, cfg.model.pretrained, groups=groups, base_dir=base_dir, log=log)
-        splits = build_splits(cfg.data, base_dir=base_dir, seed=cfg.train.seed)
+        splits = build_splits(cfg.data, base_dir=base_dir, seed=cfg.train.seed, source=cfg.source)
+        write_json_atomic(run_dir / "data.json", splits.meta)  # spans, label, standardisation statistics
+        log.info(Event.DATA_LOADED, kind=cfg.data.kind, train=len(splits.train), val=len(splits.val),
+                 test=len(splits.test) if splits.test is not None else 0, train_cut_date=splits.meta.get("train_cut_date"))
         for obs_name, observer in build_observers(cfg, run_dir):
             register_checked(pm, observer, name=obs_name)
         register_checked(pm, strat, name=f"strategy:{named.name}")  # last: runs first among plain impls
