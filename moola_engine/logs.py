@@ -66,6 +66,7 @@ class Event(enum.StrEnum):
     DATA_LOADED = "data.loaded"
     PRETRAIN_STARTED = "pretrain.started"
     PRETRAIN_EPOCH = "pretrain.epoch"
+    PRETRAIN_CUT_CHECK = "pretrain.cut_check"
     PRETRAIN_SAVED = "pretrain.saved"
     EVALUATION_COMPLETED = "evaluation.completed"
     # strategies and schedules (plugins/, freezing.py, plan.py)

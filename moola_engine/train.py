@@ -7,6 +7,7 @@ model -> pretrained weights -> engine loop -> test metrics -> result.json.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -69,6 +70,26 @@ def resolve_strategy(cfg: ExperimentConfig, name: str | None, strategies_file: s
     if chosen is None:
         raise ConfigError("--strategy", f"no strategy selected; pass --strategy NAME (defined: {', '.join(sorted(named))})")
     return pm, select_strategy(chosen, named, str(path))
+
+
+def check_encoder_cut(path_str: str, base_dir: Path, meta: dict[str, Any], log: Any) -> None:
+    """Refuse an encoder pretrained on bars after this run's training period (its sidecar names its cut date)."""
+    from .ohlc import check_pretrain_cut
+
+    path = Path(path_str)
+    if not path.is_absolute():
+        path = base_dir / path
+    sidecar = path.with_suffix(".json")
+    cut = meta.get("train_cut_date")
+    if cut is None:
+        return  # not a time series: nothing to leak through time
+    encoder_cut = json.loads(sidecar.read_text(encoding="utf-8")).get("cut_date") if sidecar.is_file() else None
+    if encoder_cut is None:
+        log.warning(Event.PRETRAIN_CUT_CHECK, ok=None, encoder=str(path), train_cut_date=cut,
+                    message=f"{sidecar} has no cut_date: cannot prove the encoder never saw the validation/test period")
+        return
+    check_pretrain_cut(str(encoder_cut), meta, encoder=str(path))
+    log.info(Event.PRETRAIN_CUT_CHECK, ok=True, encoder=str(path), encoder_cut_date=encoder_cut, train_cut_date=cut)
 
 
 def save_predictions(path: Path, engine: Engine, splits: Any) -> None:
@@ -136,6 +157,8 @@ def train(
         write_json_atomic(run_dir / "data.json", splits.meta)  # spans, label, standardisation statistics
         log.info(Event.DATA_LOADED, kind=cfg.data.kind, train=len(splits.train), val=len(splits.val),
                  test=len(splits.test) if splits.test is not None else 0, train_cut_date=splits.meta.get("train_cut_date"))
+        if pretrained is not None and cfg.model.pretrained is not None:
+            check_encoder_cut(cfg.model.pretrained.path, base_dir, splits.meta, log)
         for obs_name, observer in build_observers(cfg, run_dir):
             register_checked(pm, observer, name=obs_name)
         register_checked(pm, strat, name=f"strategy:{named.name}")  # last: runs first among plain impls

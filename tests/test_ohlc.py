@@ -312,8 +312,10 @@ def test_stratified_folds_partition_and_balance() -> None:
 def test_npz_honours_folds(tmp_path: Path) -> None:
     np.savez(tmp_path / "d.npz", x=np.arange(40 * 3, dtype=np.float32).reshape(40, 3), y=np.arange(40) % 2)
     seen = []
-    for k in range(4):
+    for k in range(4):  # no test array in the file: the held-out fold is the test set
         sp = build_splits(DataConfig(kind="npz", path="d.npz", folds=4, fold=k), base_dir=tmp_path, seed=0)
-        assert len(sp.val) == 10 and len(sp.train) == 30
-        seen += sp.val.x[:, 0, 0].tolist()
+        assert sp.test is not None and len(sp.test) == 10 and len(sp.train) + len(sp.val) == 30
+        parts = [set(d.x[:, 0, 0].tolist()) for d in (sp.train, sp.val, sp.test)]
+        assert not (parts[0] & parts[1]) and not (parts[0] & parts[2]) and not (parts[1] & parts[2])
+        seen += sp.test.x[:, 0, 0].tolist()
     assert sorted(seen) == [3.0 * i for i in range(40)]
