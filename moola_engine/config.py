@@ -165,6 +165,17 @@ class DataConfig:
 
 
 @attrs.frozen(kw_only=True)
+class CheckpointConfig:
+    """``[checkpoint]``: resumable checkpoints in ``runs/<id>/checkpoints/`` (see docs/reliability.md)."""
+
+    enabled: bool = True
+    every: int = attrs.field(default=1, validator=_positive)
+    """Save at the end of every ``every``-th epoch (and always around a freeze transition and at the last epoch)."""
+    keep: int = attrs.field(default=3, validator=_positive)
+    """Keep the newest ``keep`` checkpoints; older ones are deleted after a newer one is safely on disk."""
+
+
+@attrs.frozen(kw_only=True)
 class RunConfig:
     strategy: str | None = None
     strategies_file: str | None = None
@@ -182,6 +193,7 @@ class ExperimentConfig:
     model: ModelConfig = attrs.Factory(ModelConfig)
     data: DataConfig = attrs.Factory(DataConfig)
     checks: ChecksConfig = attrs.Factory(ChecksConfig)
+    checkpoint: CheckpointConfig = attrs.Factory(CheckpointConfig)
     source: str = attrs.field(default="<defaults>", metadata={"toml": False})
 
 

@@ -66,6 +66,9 @@ class Event(enum.StrEnum):
     PRETRAIN_EPOCH = "pretrain.epoch"
     PRETRAIN_SAVED = "pretrain.saved"
     EVALUATION_COMPLETED = "evaluation.completed"
+    # reliability: checkpoints, resume, guards (docs/events.md "# reliability")
+    CHECKPOINT_LOADED = "checkpoint.loaded"
+    RUN_RESUMED = "run.resumed"
 
 
 def _json_default(obj: Any) -> Any:
@@ -118,7 +121,8 @@ class JsonlSink:
             self._fh = None
 
 
-_FSYNC_EVENTS = {Event.FREEZE_TRANSITION.value, Event.RUN_FAILED.value, Event.RUN_FINISHED.value}
+_FSYNC_EVENTS = {Event.FREEZE_TRANSITION.value, Event.RUN_FAILED.value, Event.RUN_FINISHED.value,
+                 Event.CHECKPOINT_SAVED.value, Event.RUN_RESUMED.value, Event.NONFINITE_DETECTED.value}
 
 _LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
 

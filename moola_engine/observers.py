@@ -16,4 +16,9 @@ from .config import ExperimentConfig
 def build_observers(cfg: ExperimentConfig, run_dir: Path | None) -> list[tuple[str, Any]]:
     """(name, plugin object) pairs to register for one run, in registration order."""
     observers: list[tuple[str, Any]] = []
+    if run_dir is not None and cfg.checkpoint.enabled:
+        from .checkpoint import Checkpointer
+
+        # first: trylast impls run last-registered-first, so the checkpointer sees every other observer's work
+        observers.append(("checkpointer", Checkpointer(run_dir, cfg.checkpoint)))
     return observers

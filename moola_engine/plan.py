@@ -15,7 +15,7 @@ strategy plans its hard ``max_epoch`` bound instead.
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -81,9 +81,13 @@ class PlanEngine:
 
 def compute_plan(
     strategy: Any, groups: Sequence[str], head_groups: Sequence[str], epochs: int, base_lr: float,
-    name: str | None = None,
+    name: str | None = None, history: Sequence[Mapping[str, float]] = (),
 ) -> Plan:
-    """Dry-run a copy of ``strategy`` over ``epochs`` epochs and record each epoch's state."""
+    """Dry-run a copy of ``strategy`` over ``epochs`` epochs and record each epoch's state.
+
+    ``history``: metrics of epochs already trained (a resumed run); the replay feeds
+    them to ``on_validation_end`` so metric-driven decisions come out as they really were.
+    """
     strat = copy.deepcopy(strategy)
     freezer = Freezer(list(groups), base_lr=base_lr, head_groups=list(head_groups), logger=get_logger())
     engine = PlanEngine(freezer, epochs, base_lr)
@@ -101,8 +105,11 @@ def compute_plan(
             trainable={g: freezer.is_trainable(g) for g in freezer.groups},
             lr={g: freezer.lr(g) for g in freezer.groups},
         ))
-        hook.on_validation_end(engine=engine, epoch=epoch, metrics={})
-        hook.on_epoch_end(engine=engine, epoch=epoch, metrics={})
+        metrics = dict(history[epoch]) if epoch < len(history) else {}
+        if metrics:
+            engine.history.append(metrics)
+        hook.on_validation_end(engine=engine, epoch=epoch, metrics=metrics)
+        hook.on_epoch_end(engine=engine, epoch=epoch, metrics=metrics)
     transitions = [
         {"epoch": t.epoch if t.epoch == 0 else _effective_epoch(t, rows), "group": t.group,
          "to_state": t.to_state, "lr": t.lr, "reason": t.reason}
