@@ -160,6 +160,13 @@ def stateful_plugins(engine: Any) -> dict[str, Any]:
     return out
 
 
+def seed_everything(seed: int) -> None:
+    """Seed torch, numpy and random from ``seed``: every process draws at random otherwise."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
 def rng_state(engine: Any) -> dict[str, Any]:
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
@@ -570,14 +577,18 @@ def run_config(run_dir: Path) -> ExperimentConfig:
     return attrs.evolve(cfg, source=source)
 
 
-def open_resume(run_dir: Path) -> tuple[Path, ResumeState]:
-    """A run folder to continue in: unfinished, writable, with a readable newest checkpoint."""
+def open_resume(run_dir: Path) -> tuple[Path, ResumeState | None]:
+    """A run folder to continue in (unfinished, writable) and its newest checkpoint.
+
+    None when the run was stopped before its first checkpoint: it then starts
+    over from step 0 (its initial weights follow ``train.seed``, so nothing is lost).
+    """
     run_dir = Path(run_dir)
     run_record(run_dir)
     if (run_dir / "result.json").exists():
         raise CheckpointError(f"{run_dir}: this run finished (result.json exists); nothing to resume")
     ensure_writable(run_dir)
-    return run_dir, ResumeState.latest(run_dir)
+    return run_dir, ResumeState.latest(run_dir) if list_checkpoints(run_dir) else None
 
 
 def resume_strategy(run_dir: Path, extra_plugins: tuple[Any, ...] = ()) -> tuple[Any, Any]:

@@ -14,10 +14,9 @@ from typing import IO, Any
 
 import attrs
 import numpy as np
-import torch
 
 from . import __version__
-from .checkpoint import ResumeState, open_resume, resume_strategy
+from .checkpoint import ResumeState, open_resume, resume_strategy, seed_everything
 from .config import ExperimentConfig, unstructure
 from .data import build_splits
 from .engine import Engine, FitResult
@@ -109,7 +108,7 @@ def train(
     allow = set(cfg.run.allow)
 
     # --- refuse a schedule that cannot keep its promise before any data is loaded
-    torch.manual_seed(cfg.train.seed)  # the initial weights follow train.seed (torch seeds each process at random)
+    seed_everything(cfg.train.seed)  # initial weights, and any plugin's numpy/random draws, follow train.seed
     model = build_model(cfg.model, cfg.source)
     specs = group_specs(model, cfg.model)
     groups = resolve_groups(model, specs)
@@ -132,15 +131,15 @@ def train(
     clear_contextvars()
     bind(run_id=run_id, strategy=named.name)
     try:
-        if start is None:
+        if resume is None:
             log.info(Event.RUN_STARTED, run_dir=str(run_dir), version=__version__, config_file=cfg.source)
-        else:
-            log.info(Event.RUN_RESUMED, run_dir=str(run_dir), version=__version__, checkpoint=str(start.path),
-                     next_epoch=start.next_epoch)
+        else:  # no checkpoint yet: the run starts over from its first step, in the same folder
+            log.info(Event.RUN_RESUMED, run_dir=str(run_dir), version=__version__,
+                     checkpoint=str(start.path) if start else None, next_epoch=start.next_epoch if start else 0)
         log.debug(Event.CONFIG_LOADED, config=unstructure(cfg))
         log.info(Event.STRATEGY_SELECTED, plugin=named.plugin, params=unstructure(named.params),
                  source=named.info.source, strategies_file=named.source)
-        if start is None:
+        if resume is None:
             write_json_atomic(run_dir / "config.json", {"config": unstructure(cfg), "strategy": named.name,
                                                         "plugin": named.plugin, "params": unstructure(named.params),
                                                         "cwd": os.getcwd()})
