@@ -111,6 +111,8 @@ def load_series_table(path: Path, cfg: DataConfig, seed: int) -> Splits:
         lines = path.read_text(encoding="utf-8").splitlines()
     except FileNotFoundError:
         raise DataError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: not a readable text table ({exc})") from exc
     width = None
     for i, line in enumerate(lines, start=1):
         if not line.strip():
