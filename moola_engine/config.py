@@ -14,6 +14,7 @@ The ExceptionGroup stays attached as the ``__cause__``; the CLI never shows it.
 from __future__ import annotations
 
 import difflib
+import re
 import sys
 import typing
 from collections.abc import Mapping
@@ -56,6 +57,11 @@ def _non_negative(inst: Any, attr: attrs.Attribute, value: Any) -> None:
 def _fraction(inst: Any, attr: attrs.Attribute, value: Any) -> None:
     if not 0.0 < value < 1.0:
         raise FieldValueError(attr.name, f"expected a value between 0 and 1 (exclusive), got {value!r}")
+
+
+def _device(inst: Any, attr: attrs.Attribute, value: Any) -> None:
+    if not re.fullmatch(r"auto|mps|(cpu|cuda)(:\d+)?", value):
+        raise FieldValueError(attr.name, f'expected "auto", "cpu", "cuda", "cuda:N" or "mps", got {value!r}')
 
 
 positive = _positive
@@ -128,8 +134,8 @@ class TrainConfig:
     weight_decay: float = attrs.field(default=0.0, validator=_non_negative)
     momentum: float = attrs.field(default=0.9, validator=_non_negative)
     grad_clip: float | None = attrs.field(default=None, validator=_positive)
-    seed: int = 0
-    device: str = "auto"
+    seed: int = attrs.field(default=0, validator=_non_negative)
+    device: str = attrs.field(default="auto", validator=_device)
     precision: Literal["fp32", "bf16"] = "fp32"
     compile: bool = False
     threads: int | None = attrs.field(default=None, validator=_positive)
@@ -172,6 +178,17 @@ class DataConfig:
 
 
 @attrs.frozen(kw_only=True)
+class CheckpointConfig:
+    """``[checkpoint]``: resumable checkpoints in ``runs/<id>/checkpoints/`` (see docs/reliability.md)."""
+
+    enabled: bool = True
+    every: int = attrs.field(default=1, validator=_positive)
+    """Save at the end of every ``every``-th epoch (and always around a freeze transition and at the last epoch)."""
+    keep: int = attrs.field(default=3, validator=_positive)
+    """Keep the newest ``keep`` checkpoints; older ones are deleted after a newer one is safely on disk."""
+
+
+@attrs.frozen(kw_only=True)
 class RunConfig:
     strategy: str | None = None
     strategies_file: str | None = None
@@ -189,6 +206,7 @@ class ExperimentConfig:
     model: ModelConfig = attrs.Factory(ModelConfig)
     data: DataConfig = attrs.Factory(DataConfig)
     checks: ChecksConfig = attrs.Factory(ChecksConfig)
+    checkpoint: CheckpointConfig = attrs.Factory(CheckpointConfig)
     source: str = attrs.field(default="<defaults>", metadata={"toml": False})
 
 

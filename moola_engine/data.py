@@ -122,14 +122,17 @@ def _as_float(x: np.ndarray) -> torch.Tensor:
 def load_npz(path: Path, cfg: DataConfig, seed: int) -> Splits:
     """``.npz`` with ``x`` (N, T, C) and ``y`` (N,); optional ``x_val``/``y_val``, ``x_test``/``y_test``."""
     try:
-        arrays = np.load(path, allow_pickle=False)
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}  # read now: a pickled object array is refused here
     except FileNotFoundError:
         raise DataError(f"{path}: no such file") from None
     except (OSError, ValueError) as exc:
-        raise DataError(f"{path}: not a readable .npz file ({exc})") from exc
+        why = ("an array holds Python objects, which would need unpickling (refused)"
+               if "allow_pickle" in str(exc) else str(exc))
+        raise DataError(f"{path}: not a readable .npz file ({why})") from exc
     for key in ("x", "y"):
         if key not in arrays:
-            raise DataError(f"{path}: missing array {key!r} (found: {', '.join(arrays.files) or 'none'})")
+            raise DataError(f"{path}: missing array {key!r} (found: {', '.join(arrays) or 'none'})")
     x, y = arrays["x"], arrays["y"]
     if x.ndim == 2:
         x = x[:, :, None]
@@ -169,6 +172,8 @@ def load_series_table(path: Path, cfg: DataConfig, seed: int) -> Splits:
         lines = path.read_text(encoding="utf-8").splitlines()
     except FileNotFoundError:
         raise DataError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: not a readable text table ({exc})") from exc
     width = None
     for i, line in enumerate(lines, start=1):
         if not line.strip():

@@ -7,7 +7,7 @@ import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import pluggy
@@ -21,6 +21,9 @@ from .freezing import Freezer, ParamGroup, apply_module_modes, resolve_groups
 from .logs import Event, bind, get_logger
 from .metrics import classification_metrics
 from .schedulers import build_lr_schedule
+
+if TYPE_CHECKING:
+    from .checkpoint import ResumeState
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 EvalFn = Callable[[torch.Tensor, torch.Tensor], dict[str, float]]
@@ -62,7 +65,8 @@ class Engine:
 
     Strategies and observers reach the run through this object: ``freezer``,
     ``model``, ``optimizer``, ``groups``, ``epochs``, ``config``, ``log``,
-    ``run_dir``, ``history``, ``device``.
+    ``run_dir``, ``history``, ``device``, ``step``, ``epoch``, ``result``,
+    ``last_checkpoint`` (set by the checkpointer: the newest complete checkpoint).
     """
 
     def __init__(
@@ -118,16 +122,21 @@ class Engine:
         self.epoch = 0
         self.plan: Any = None
         self._since_improved = 0
+        self.result = FitResult()
+        self.es_best = math.nan  # best early-stopping metric so far (set by fit)
+        self.best_state: dict[str, torch.Tensor] | None = None
+        self.last_checkpoint: Path | None = None
         self._hooks_with_impls: set[str] = set()
         self._model_fn: Callable[[torch.Tensor], torch.Tensor] = self.model
         if train.compile:
             self._model_fn = torch.compile(self.model)  # type: ignore[assignment]
 
     # ------------------------------------------------------------------ hooks
-    def _fire(self, name: str, **kwargs: Any) -> None:
-        """Call hook ``name``; then fire on_freeze/on_unfreeze for transitions requested inside it."""
+    def _fire(self, name: str, *, skip: Sequence[Any] = (), **kwargs: Any) -> None:
+        """Call hook ``name`` (except on the ``skip`` plugins); then fire on_freeze/on_unfreeze for transitions
+        requested inside it."""
         if name in self._hooks_with_impls:
-            hook = getattr(self.pm.hook, name)
+            hook = self.pm.subset_hook_caller(name, remove_plugins=skip) if skip else getattr(self.pm.hook, name)
             try:
                 hook(engine=self, **kwargs)
             except MoolaError:
@@ -167,11 +176,12 @@ class Engine:
         return "?"
 
     # ------------------------------------------------------------------ the loop
-    def fit(self) -> FitResult:
+    def fit(self, start: ResumeState | None = None) -> FitResult:
+        """Train from epoch 0, or continue an interrupted run from a checkpoint (``start``)."""
         from .plan import compute_plan, validate_plan
 
         cfg = self.config
-        result = FitResult()
+        result = self.result = FitResult()
         t0 = time.perf_counter()
         bind(epoch=0, step=0)
         self.log.info(Event.DEVICE_SELECTED, device=str(self.device), precision=cfg.precision, compile=cfg.compile)
@@ -189,18 +199,22 @@ class Engine:
 
         self._hooks_with_impls = {n for n in dir(self.pm.hook) if not n.startswith("_")
                                   and getattr(self.pm.hook, n).get_hookimpls()}
-        self._fire("on_fit_start")
-
         es = cfg.early_stopping
-        best = math.inf if (es is None or es.mode == "min") else -math.inf
-        best_state: dict[str, torch.Tensor] | None = None
+        self.es_best = math.inf if (es is None or es.mode == "min") else -math.inf
+        self.best_state = None
         self._since_improved = 0
-        hold_until = self.plan.last_scheduled_transition()  # never stop before a promised transition
+        if start is None:
+            self._fire("on_fit_start")
+            first = 0
+        else:  # weights, optimizer, freezer, strategy, RNG, ...; observers get on_fit_start, the strategy does not
+            first = start.restore(self)
 
-        for epoch in range(cfg.epochs):
+        for epoch in range(first, cfg.epochs):
             self.epoch = self.freezer.epoch = epoch
             bind(epoch=epoch, step=self.step)  # the next step to run
             self._fire("on_epoch_start", epoch=epoch)
+            if start is not None and epoch == first:
+                start.check(self, epoch)  # the restored freeze state must be what the strategy says for this epoch
             train_metrics = self._train_epoch(epoch)
 
             # --- validation: host floats once per epoch
@@ -215,33 +229,44 @@ class Engine:
             self.log.info(Event.EPOCH_COMPLETED, trainable=self.freezer.trainable_groups(),
                           **{k: v for k, v in metrics.items() if k != "epoch"})
             result.epochs_run = epoch + 1
-
-            # --- early stopping (patience counts from the last transition)
-            if es is not None:
-                value = metrics.get(es.metric, math.nan)
-                if math.isnan(value):
-                    raise MoolaError(f"train.early_stopping.metric = {es.metric!r} is not a metric of this run; "
-                                     f"metrics: {', '.join(sorted(metrics))}")
-                improved = value < best - es.min_delta if es.mode == "min" else value > best + es.min_delta
-                if improved:
-                    best, result.best_epoch, result.best_metric = value, epoch, value
-                    if cfg.restore_best:
-                        best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-                    self._since_improved = 0
-                else:
-                    self._since_improved += 1
-                if self._since_improved >= es.patience and (hold_until is None or epoch >= hold_until):
-                    result.stopped_early, result.stop_reason = True, "early_stopping"
-                    self.log.info(Event.EARLY_STOP, metric=es.metric, best=best, best_epoch=result.best_epoch,
-                                  patience=es.patience)
-                    break
+            if self._early_stopping(epoch, metrics):
+                break
 
         result.history = self.history
         result.seconds = time.perf_counter() - t0
         self._fire("on_fit_end", result=result)
-        if best_state is not None:
-            self.model.load_state_dict(best_state)
+        if self.best_state is not None:
+            self.model.load_state_dict(self.best_state)
         return result
+
+    def _early_stopping(self, epoch: int, metrics: Mapping[str, float]) -> bool:
+        """Update the early-stopping state with this epoch's metrics; True to stop.
+
+        Patience counts from the last transition, and the run never stops before
+        the plan's last scheduled transition.
+        """
+        es, result = self.config.early_stopping, self.result
+        if es is None:
+            return False
+        value = metrics.get(es.metric, math.nan)
+        if math.isnan(value):
+            raise MoolaError(f"train.early_stopping.metric = {es.metric!r} is not a metric of this run; "
+                             f"metrics: {', '.join(sorted(metrics))}")
+        improved = value < self.es_best - es.min_delta if es.mode == "min" else value > self.es_best + es.min_delta
+        if improved:
+            self.es_best, result.best_epoch, result.best_metric = value, epoch, value
+            if self.config.restore_best:
+                self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+            self._since_improved = 0
+        else:
+            self._since_improved += 1
+        hold_until = self.plan.last_scheduled_transition()  # never stop before a promised transition
+        if self._since_improved >= es.patience and (hold_until is None or epoch >= hold_until):
+            result.stopped_early, result.stop_reason = True, "early_stopping"
+            self.log.info(Event.EARLY_STOP, metric=es.metric, best=self.es_best, best_epoch=result.best_epoch,
+                          patience=es.patience)
+            return True
+        return False
 
     def _on_transition(self) -> None:
         # A transition restarts the early-stopping clock: the new phase gets its full patience.
@@ -254,6 +279,8 @@ class Engine:
         apply_module_modes(self.groups, {g: self.freezer.is_trainable(g) for g in self.freezer.groups},
                            train_bn=cfg.train_bn, frozen_dropout=cfg.frozen_dropout)
         trainable = [p for g in self.groups if self.freezer.is_trainable(g.name) for p in g.tensors]
+        everything = [p for g in self.groups for p in g.tensors]
+        grad_bad = torch.full((len(everything),), -1, dtype=torch.long, device=self.device)  # first bad step/tensor
         n = len(data)
         perm = torch.randperm(n, generator=self._gen, device=self.device)
         loss_sum = torch.zeros((), device=self.device)
@@ -269,6 +296,7 @@ class Engine:
                 out = self._model_fn(xb)
                 loss = self.loss_fn(out.float(), yb)
             loss.backward()
+            grad_bad = self._mark_nonfinite_grads(everything, grad_bad)  # before clipping smears a NaN everywhere
             if cfg.grad_clip is not None and trainable:
                 nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
             self.optimizer.step()
@@ -279,11 +307,36 @@ class Engine:
             first_bad = torch.where((first_bad < 0) & ~torch.isfinite(detached), self.step, first_bad)
             self._fire("after_step", epoch=epoch, step=self.step, loss=detached)
             self.step += 1
-        bad = int(first_bad)
-        if bad >= 0:
-            raise MoolaError(f"non-finite training loss at step {bad} (epoch {epoch}); "
-                             "lower train.lr or set train.grad_clip")
+        bad = torch.cat([first_bad.view(1), grad_bad]).tolist()  # the epoch's one host sync for the guards
+        if max(bad) >= 0:
+            self._nonfinite(epoch, bad[0], bad[1:])
         return {"train_loss": float(loss_sum) / max(n, 1)}
+
+    @torch.no_grad()
+    def _mark_nonfinite_grads(self, params: list[nn.Parameter], first_bad: torch.Tensor) -> torch.Tensor:
+        """Record, per tensor, the first step whose gradient holds a NaN/inf: one fused max-abs, no host sync."""
+        if not params:
+            return first_bad
+        zero = first_bad.new_zeros((), dtype=torch.float32)
+        amax = torch.stack(torch._foreach_norm([p.grad if p.grad is not None else zero for p in params], math.inf))
+        return torch.where((first_bad < 0) & ~torch.isfinite(amax), self.step, first_bad)
+
+    def _nonfinite(self, epoch: int, loss_step: int, grad_steps: list[int]) -> None:
+        """Stop the run, naming the first bad step and the group(s) whose gradients went non-finite there."""
+        names = [(g.name, pname) for g in self.groups for pname, _ in g.params]
+        step = min(s for s in [loss_step, *grad_steps] if s >= 0)
+        hits = [names[i] for i, s in enumerate(grad_steps) if s == step]
+        groups = list(dict.fromkeys(g for g, _ in hits))
+        tensor = hits[0][1] if hits else None
+        what = "training loss" if loss_step == step else "gradient"
+        self.log.error(Event.NONFINITE_DETECTED, what=what, at_step=step, groups=groups, tensor=tensor,
+                       last_checkpoint=str(self.last_checkpoint) if self.last_checkpoint else None)
+        where = f"group {', '.join(groups)} (first tensor: {tensor})" if groups else ""
+        msg = f"non-finite {what} at step {step} (epoch {epoch})"
+        if where:
+            msg += f" in {where}" if what == "gradient" else f"; gradients non-finite in {where}"
+        keep = f"; last good checkpoint: {self.last_checkpoint}" if self.last_checkpoint else ""
+        raise MoolaError(f"{msg}; lower train.lr or set train.grad_clip{keep}")
 
     @torch.no_grad()
     def predict(self, data: TensorData, batch_size: int = 1024) -> torch.Tensor:

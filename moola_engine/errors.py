@@ -57,3 +57,7 @@ class DataError(MoolaError):
 
 class WeightsError(MoolaError):
     """Pretrained weights could not be loaded as asked (nothing matched, shapes differ, unsafe file)."""
+
+
+class CheckpointError(MoolaError):
+    """A checkpoint cannot be written or read back as a faithful copy of the run (or resumed as asked)."""

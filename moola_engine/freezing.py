@@ -348,6 +348,25 @@ class Freezer:
         self.log.info(Event.FREEZE_TRANSITION, group=group, from_state=from_state, to_state=to_state,
                       lr=t.lr, reason=reason, epoch=self.epoch)
 
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-safe state: trainable mask and lr scale by group, the transition history."""
+        return {"trainable": dict(self._trainable), "lr_scale": dict(self._scale),
+                "history": [attrs.asdict(t) for t in self.history]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` silently (no transition is logged or queued: none happened)."""
+        if sorted(state["trainable"]) != sorted(self.groups):
+            raise GroupError(f"checkpoint groups {', '.join(state['trainable'])} differ from this model's "
+                             f"groups {', '.join(self.groups)}")
+        for g in self.groups:
+            self._trainable[g] = bool(state["trainable"][g])
+            self._scale[g] = float(state["lr_scale"][g])
+            if g in self._by_name:
+                set_trainable(self._by_name[g].tensors, self._trainable[g])
+        self.history = [Transition(**t) for t in state["history"]]
+        self.pending = []
+
     def take_pending(self) -> list[Transition]:
         out, self.pending = self.pending, []
         return out

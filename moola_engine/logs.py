@@ -77,6 +77,10 @@ class Event(enum.StrEnum):
     # grad_flow.check, bn_stats.check, check.failed and red_flag.raised are declared above
     WEIGHTS_CONTROL = "weights.control"
 
+    # reliability: checkpoints, resume, guards (docs/events.md "# reliability")
+    CHECKPOINT_LOADED = "checkpoint.loaded"
+    RUN_RESUMED = "run.resumed"
+
 
 def _json_default(obj: Any) -> Any:
     if isinstance(obj, Path):
@@ -128,7 +132,8 @@ class JsonlSink:
             self._fh = None
 
 
-_FSYNC_EVENTS = {Event.FREEZE_TRANSITION.value, Event.RUN_FAILED.value, Event.RUN_FINISHED.value}
+_FSYNC_EVENTS = {Event.FREEZE_TRANSITION.value, Event.RUN_FAILED.value, Event.RUN_FINISHED.value,
+                 Event.CHECKPOINT_SAVED.value, Event.RUN_RESUMED.value, Event.NONFINITE_DETECTED.value}
 
 _LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
 

@@ -18,5 +18,10 @@ def build_observers(cfg: ExperimentConfig, run_dir: Path | None) -> list[tuple[s
     from .checks import build_checks
 
     observers: list[tuple[str, Any]] = []
+    if run_dir is not None and cfg.checkpoint.enabled:
+        from .checkpoint import Checkpointer
+
+        # first: trylast impls run last-registered-first, so the checkpointer sees every other observer's work
+        observers.append(("checkpointer", Checkpointer(run_dir, cfg.checkpoint)))
     observers += build_checks(cfg.checks)  # weight delta, gradient flow, BN statistics (moola_engine.checks)
     return observers

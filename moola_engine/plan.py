@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import copy
 import inspect
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -123,12 +123,15 @@ def _has_bn(group: ParamGroup) -> bool:
 def compute_plan(
     strategy: Any, groups: Sequence[str], head_groups: Sequence[str], epochs: int, base_lr: float,
     name: str | None = None, *, model_groups: Sequence[ParamGroup] | None = None, train: Any = None,
+    history: Sequence[Mapping[str, float]] = (),
 ) -> Plan:
     """Dry-run a copy of ``strategy`` over ``epochs`` epochs and record each epoch's state.
 
     ``model_groups`` (the resolved groups of the real model) adds parameter names
     and BatchNorm modes; ``train`` (a :class:`~moola_engine.config.TrainConfig`) adds
     ``train_bn`` and the notes on early stopping and the lr scheduler.
+    ``history``: metrics of epochs already trained (a resumed run); the replay feeds
+    them to ``on_validation_end`` so metric-driven decisions come out as they really were.
     """
     label = name or getattr(strategy, "name", None) or type(strategy).__name__
     strat = copy.deepcopy(strategy)
@@ -158,8 +161,11 @@ def compute_plan(
                 params={g: (freezer.mask_label(g) or "all") if trainable[g] else "-" for g in freezer.groups},
                 frozen_params={g: fp for g in freezer.groups if (fp := freezer.frozen_params(g))},
             ))
-            hook.on_validation_end(engine=engine, epoch=epoch, metrics={})
-            hook.on_epoch_end(engine=engine, epoch=epoch, metrics={})
+            metrics = dict(history[epoch]) if epoch < len(history) else {}
+            if metrics:
+                engine.history.append(metrics)
+            hook.on_validation_end(engine=engine, epoch=epoch, metrics=metrics)
+            hook.on_epoch_end(engine=engine, epoch=epoch, metrics=metrics)
     except ScheduleError as exc:
         msg = str(exc)
         raise ScheduleError(msg if msg.startswith("strategy ") else f"strategy {label}: {msg}") from exc

@@ -37,6 +37,15 @@ def create_run_dir(runs_dir: str | Path, run_id: str) -> Path:
         n += 1
     try:
         path.mkdir()
+    except OSError as exc:
+        raise MoolaError(f"run folder {path}: cannot create it ({exc.strerror}); nothing was trained") from exc
+    ensure_writable(path)
+    return path
+
+
+def ensure_writable(path: Path) -> None:
+    """Prove ``path`` takes a file and has some free space (a new run and a resumed one both check)."""
+    try:
         probe = path / ".write-probe"
         probe.write_text("ok")
         probe.unlink()
@@ -46,7 +55,6 @@ def create_run_dir(runs_dir: str | Path, run_id: str) -> Path:
     if free < MIN_FREE_BYTES:
         raise MoolaError(f"run folder {path}: only {free // 1024} KiB free, need at least "
                          f"{MIN_FREE_BYTES // (1024 * 1024)} MiB; nothing was trained")
-    return path
 
 
 def link_latest(run_dir: Path) -> None:

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from . import __version__
+from .checkpoint import ResumeState, open_resume, resume_strategy, seed_everything
 from .config import ExperimentConfig, unstructure
 from .data import build_splits
 from .engine import Engine, FitResult
@@ -114,15 +115,23 @@ def train(
     extra_plugins: tuple[Any, ...] = (),
     stream: IO[str] | None = None,
     capture: bool = False,
+    resume: str | Path | None = None,
 ) -> RunOutcome:
-    """Run one training as ``cfg`` describes; raises :class:`MoolaError` subclasses for user errors."""
-    pm, named = resolve_strategy(cfg, strategy, strategies_file, extra_plugins)
+    """Run one training as ``cfg`` describes; raises :class:`MoolaError` subclasses for user errors.
+
+    ``resume``: a run folder to continue from its newest checkpoint, in place
+    (``cfg`` is then ``checkpoint.run_config(resume)``; the strategy comes from its config.json).
+    """
+    if resume is None:
+        pm, named = resolve_strategy(cfg, strategy, strategies_file, extra_plugins)
+    else:
+        pm, named = resume_strategy(Path(resume), extra_plugins)
     strat = named.build()
     base_dir = Path(cfg.source).parent if cfg.source != "<defaults>" else Path.cwd()
     allow = set(cfg.run.allow)
 
     # --- refuse a schedule that cannot keep its promise before any data is loaded
-    torch.manual_seed(cfg.train.seed)  # the model's init depends on the seed only: a control run starts equal
+    seed_everything(cfg.train.seed)  # initial weights, and any plugin's numpy/random draws, follow train.seed
     model = build_model(cfg.model, cfg.source)
     specs = group_specs(model, cfg.model)
     groups = resolve_groups(model, specs)
@@ -132,23 +141,32 @@ def train(
     validate_plan(plan, strat, named.name, allow=allow, early_stopping=cfg.train.early_stopping,
                   log=get_logger())  # the engine validates again and logs any override in the run log
 
-    run_id = new_run_id(named.name, cfg.train.seed, cfg.run.name)
-    runs_dir = Path(cfg.run.runs_dir)
-    if not runs_dir.is_absolute():
-        runs_dir = Path.cwd() / runs_dir
-    run_dir = create_run_dir(runs_dir, run_id)
+    start: ResumeState | None = None
+    if resume is None:
+        runs_dir = Path(cfg.run.runs_dir)
+        if not runs_dir.is_absolute():
+            runs_dir = Path.cwd() / runs_dir
+        run_dir = create_run_dir(runs_dir, new_run_id(named.name, cfg.train.seed, cfg.run.name))
+    else:
+        run_dir, start = open_resume(Path(resume))
     run_id = run_dir.name
     runlog = RunLog(run_dir / "events.jsonl", console=cfg.run.console, stream=stream or sys.stderr, capture=capture)
     log = runlog.logger
     clear_contextvars()
     bind(run_id=run_id, strategy=named.name)
     try:
-        log.info(Event.RUN_STARTED, run_dir=str(run_dir), version=__version__, config_file=cfg.source)
+        if resume is None:
+            log.info(Event.RUN_STARTED, run_dir=str(run_dir), version=__version__, config_file=cfg.source)
+        else:  # no checkpoint yet: the run starts over from its first step, in the same folder
+            log.info(Event.RUN_RESUMED, run_dir=str(run_dir), version=__version__,
+                     checkpoint=str(start.path) if start else None, next_epoch=start.next_epoch if start else 0)
         log.debug(Event.CONFIG_LOADED, config=unstructure(cfg))
         log.info(Event.STRATEGY_SELECTED, plugin=named.plugin, params=unstructure(named.params),
                  source=named.info.source, strategies_file=named.source)
-        write_json_atomic(run_dir / "config.json", {"config": unstructure(cfg), "strategy": named.name,
-                                                    "plugin": named.plugin, "params": unstructure(named.params)})
+        if resume is None:
+            write_json_atomic(run_dir / "config.json", {"config": unstructure(cfg), "strategy": named.name,
+                                                        "plugin": named.plugin, "params": unstructure(named.params),
+                                                        "cwd": os.getcwd()})
         link_latest(run_dir)
 
         # pretrained weights after the model is built, before the engine; enabled = false is the control
@@ -167,7 +185,7 @@ def train(
             val_data=splits.val, checks=cfg.checks, logger=log, run_dir=run_dir, strategy_name=named.name,
             allow=sorted(allow), pretrained=pretrained,
         )
-        fit = engine.fit()
+        fit = engine.fit(start=start)
         test_metrics = engine.evaluate(splits.test, prefix="test_") if splits.test is not None else {}
         if test_metrics:
             log.info(Event.EVALUATION_COMPLETED, split="test", **test_metrics)
