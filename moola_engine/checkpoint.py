@@ -132,6 +132,8 @@ def strategy_state(strategy: Any) -> tuple[Any, list[str]]:
     for k, v in getattr(strategy, "__dict__", {}).items():
         if k in _SKIP_ATTRS:
             continue
+        if _has_state(v):  # a helper object (e.g. a PlateauWatcher) that saves itself
+            v = {_NESTED: v.state_dict()}
         try:
             encode(v, k, {})
         except Unencodable:
@@ -141,12 +143,22 @@ def strategy_state(strategy: Any) -> tuple[Any, list[str]]:
     return state, unsaved
 
 
+_NESTED = "__state_dict__"
+
+
+def _has_state(obj: Any) -> bool:
+    return callable(getattr(obj, "state_dict", None)) and callable(getattr(obj, "load_state_dict", None))
+
+
 def load_strategy_state(strategy: Any, state: Any) -> None:
-    if callable(getattr(strategy, "state_dict", None)) and callable(getattr(strategy, "load_state_dict", None)):
+    if _has_state(strategy):
         strategy.load_state_dict(state)
         return
     for k, v in state.items():
-        setattr(strategy, k, v)
+        if isinstance(v, dict) and set(v) == {_NESTED}:
+            getattr(strategy, k).load_state_dict(v[_NESTED])
+        else:
+            setattr(strategy, k, v)
 
 
 def stateful_plugins(engine: Any) -> dict[str, Any]:

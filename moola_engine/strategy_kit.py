@@ -99,6 +99,13 @@ class PlateauWatcher:
         self.best = math.inf if self.mode == "min" else -math.inf
         self.bad_epochs = 0
 
+    def state_dict(self) -> dict[str, float]:
+        """What a checkpoint must keep for a resumed run to decide exactly as an uninterrupted one."""
+        return {"best": self.best, "bad_epochs": self.bad_epochs}
+
+    def load_state_dict(self, state: Mapping[str, float]) -> None:
+        self.best, self.bad_epochs = float(state["best"]), int(state["bad_epochs"])
+
     def update(self, metrics: Mapping[str, float], *, who: str) -> bool:
         """Feed one epoch's metrics; True once the metric has not improved for ``patience`` epochs."""
         value = metrics.get(self.metric)

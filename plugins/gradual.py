@@ -55,7 +55,7 @@ class Gradual:
     def __init__(self, params: GradualParams) -> None:
         self.params = params
         self._queue: list[str] = []
-        self._watch: Any = None
+        self._watch = self.params.watcher()  # built here so a resumed run can restore it (on_fit_start is not re-fired)
 
     def _schedule(self, encoder_groups: list[str]) -> list[tuple[str, int]]:
         """(group, epoch it trains from), top group first (epoch mode)."""

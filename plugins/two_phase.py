@@ -45,7 +45,7 @@ class TwoPhase:
     def __init__(self, params: TwoPhaseParams) -> None:
         self.params = params
         self._unfrozen = False
-        self._watch: Any = None
+        self._watch = self.params.watcher()  # built here so a resumed run can restore it (on_fit_start is not re-fired)
 
     def validate_schedule(self, epochs: int, groups: list[str]) -> list[tuple[str, str]]:
         p = self.params
