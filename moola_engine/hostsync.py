@@ -19,6 +19,8 @@ per-epoch reads (epoch loss, non-finite check, validation) happen outside it.
 from __future__ import annotations
 
 import contextlib
+import os
+import sys
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -47,13 +49,27 @@ class _SyncWatch(TorchDispatchMode):
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         name = func._schema.name
-        if name in SYNC_OPS:
+        if name in SYNC_OPS and not _from_optimizer_step_count():
             msg = (f"{name} inside the training step loop: on a GPU this forces a host-device sync "
                    "(read values at epoch end instead, or keep them as device tensors)")
             if self.mode == "error":
                 raise HostSyncError(msg)
             warnings.warn(msg, RuntimeWarning, stacklevel=2)
         return func(*args, **(kwargs or {}))
+
+
+_OPTIM_DIR = os.path.join("torch", "optim") + os.sep
+
+
+def _from_optimizer_step_count() -> bool:
+    # torch.optim keeps its step counts in CPU tensors even for CUDA parameters (unless capturable/fused), so
+    # reading them is no sync on a GPU; the CPU proxy cannot tell by device, it tells by caller.
+    frame = sys._getframe(2)
+    while frame is not None:
+        if _OPTIM_DIR in frame.f_code.co_filename:
+            return True
+        frame = frame.f_back
+    return False
 
 
 @contextlib.contextmanager
