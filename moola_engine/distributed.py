@@ -47,8 +47,6 @@ from .errors import CheckFailed, MoolaError
 from .hookspecs import hookimpl
 from .logs import Event
 
-_OWNED = False  # this module initialised the process group (shutdown() destroys it)
-
 
 @attrs.define
 class DistContext:
@@ -58,6 +56,8 @@ class DistContext:
     world_size: int = 1
     rank: int = 0
     local_rank: int = 0
+    owns_group: bool = False
+    """This call to :func:`setup` created the process group; :func:`shutdown` with it destroys the group."""
 
     @property
     def active(self) -> bool:
@@ -95,6 +95,13 @@ class DistContext:
         return torch.compile(ddp) if compile else ddp
 
     # ------------------------------------------------------------------ agreement
+    @torch.no_grad()
+    def broadcast_module(self, model: nn.Module) -> None:
+        """Rank 0's parameters and buffers on every rank, before any hook or check reads them."""
+        if self.active:
+            for t in [*model.parameters(), *model.buffers()]:
+                dist.broadcast(t.data, src=0)
+
     def agree(self, obj: Any) -> Any:
         """Rank 0's ``obj`` on every rank (metrics that drive decisions)."""
         if not self.active:
@@ -124,7 +131,6 @@ def setup(device: torch.device) -> DistContext:
 
     ``device`` is the single-process choice; on CUDA each rank gets ``cuda:LOCAL_RANK``.
     """
-    global _OWNED
     initialized = dist.is_available() and dist.is_initialized()
     if not initialized and launched_world_size() <= 1:
         return DistContext(device=device)
@@ -142,16 +148,14 @@ def setup(device: torch.device) -> DistContext:
             raise MoolaError(f"WORLD_SIZE={launched_world_size()} but {', '.join(missing)} not set: "
                              "launch with torchrun --nproc-per-node N ...")
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-        _OWNED = True
-    return DistContext(device=device, world_size=dist.get_world_size(), rank=dist.get_rank(), local_rank=local)
+    return DistContext(device=device, world_size=dist.get_world_size(), rank=dist.get_rank(), local_rank=local,
+                       owns_group=not initialized)
 
 
-def shutdown() -> None:
-    """Leave the process group if :func:`setup` created it."""
-    global _OWNED
-    if _OWNED and dist.is_initialized():
+def shutdown(ctx: DistContext) -> None:
+    """Leave the process group if ``ctx`` is the :func:`setup` call that created it."""
+    if ctx.owns_group and dist.is_initialized():
         dist.destroy_process_group()
-    _OWNED = False
 
 
 # --------------------------------------------------------------------------- the check

@@ -14,6 +14,7 @@ from typing import IO, Any
 
 import attrs
 import numpy as np
+import torch
 
 from . import __version__, distributed
 from .config import ExperimentConfig, unstructure
@@ -99,6 +100,7 @@ def train(
     allow = set(cfg.run.allow)
 
     # --- refuse a schedule that cannot keep its promise before any data is loaded
+    torch.manual_seed(cfg.train.seed)  # the initial weights are part of the run's seed (and equal on every DDP rank)
     model = build_model(cfg.model, cfg.source)
     specs = group_specs(model, cfg.model)
     groups = resolve_groups(model, specs)
@@ -163,4 +165,4 @@ def train(
     finally:
         runlog.close()
         clear_contextvars()
-        distributed.shutdown()
+        distributed.shutdown(dist_ctx)

@@ -5,7 +5,8 @@
 1. a two-phase run through the Engine under DDP: saves each rank's final parameters;
 2. the same with the wrapper rebuild disabled (the bug DDP invites): the
    ``ddp.consistency`` check must fail on every rank; the message is saved;
-3. ``train()`` from a config: rank 0 writes the run folder, rank 1 ``runs/.rank1/``.
+0. (first, in a fresh process) ``train()`` from a config: rank 0 writes the run folder, rank 1
+   ``runs/.rank1/``, and the ``ddp.consistency`` check passes from the initial freeze on.
 """
 
 from __future__ import annotations
@@ -47,6 +48,12 @@ def build_engine(runlog: RunLog | None = None, epochs: int = 3) -> Engine:
 def main(out: Path) -> None:
     faulthandler.dump_traceback_later(150, exit=True)  # a hung collective: say where, then exit
     torch.set_num_threads(1)
+    ctx = distributed.setup(torch.device("cpu"))  # owns the process group for the whole script
+    # 0. the CLI path first, in a fresh process (nothing seeded yet): ranks must still start equal
+    from moola_engine.config import load_config
+    from moola_engine.train import train
+
+    outcome = train(load_config(out / "experiment.toml"), strategies_file=str(out / "strategies.toml"))
     # 1. the real thing
     runlog = RunLog(None, console="none", capture=True)
     engine = build_engine(runlog)
@@ -71,16 +78,9 @@ def main(out: Path) -> None:
         summary["stale"] = None
     except CheckFailed as exc:
         summary["stale"] = str(exc)
-
-    # 3. the CLI path
-    from moola_engine.config import load_config
-    from moola_engine.train import train
-
-    cfg = load_config(out / "experiment.toml")
-    outcome = train(cfg, strategies_file=str(out / "strategies.toml"))
     summary["run_dir"] = str(outcome.run_dir)
     (out / f"summary{rank}.json").write_text(json.dumps(summary, default=str))
-    distributed.shutdown()
+    distributed.shutdown(ctx)
 
 
 if __name__ == "__main__":

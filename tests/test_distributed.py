@@ -137,3 +137,18 @@ def test_two_gloo_ranks_match_single_process_and_check_consistency(tmp_path: Pat
     events = [json.loads(line) for line in (Path(s0["run_dir"]) / "events.jsonl").read_text().splitlines()]
     assert any(e["event"] == "ddp.consistency" and e["ok"] for e in events)
     assert N_TRAIN % 16 != 0  # the ragged last batch is part of what is compared
+
+
+def test_train_builds_the_model_from_the_seed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ranks build their models independently: the initial weights must follow train.seed, not process state."""
+    from moola_engine.config import load_config
+    from moola_engine.train import train
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    _write_cli_inputs(tmp_path)
+    outputs = []
+    for junk in (1, 2):
+        torch.rand(junk)  # different RNG state before each run
+        outcome = train(load_config(tmp_path / "experiment.toml"), strategies_file=str(tmp_path / "strategies.toml"))
+        outputs.append(np.load(outcome.run_dir / "predictions.npz")["val_outputs"])
+    assert np.array_equal(outputs[0], outputs[1])
