@@ -132,7 +132,6 @@ class Engine:
             from .plugins import register_checked
 
             self.dist.broadcast_module(self.model)  # every rank starts from rank 0's weights
-
             register_checked(pm, distributed.ConsistencyCheck(self.dist), name="check:ddp.consistency")
 
     # ------------------------------------------------------------------ hooks

@@ -16,6 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from moola_engine import hookimpl, plugins
 from moola_engine.config import ExperimentConfig, TrainConfig
 from moola_engine.engine import Engine
+from moola_engine.errors import MoolaError
 from moola_engine.hostsync import HostSyncError
 from moola_engine.observers import build_observers
 from moola_engine.plugins import build_plugin_manager, register_checked
@@ -194,3 +195,18 @@ def test_overhead_benchmark_quick_smoke(tmp_path: Any) -> None:
     assert set(res["median_ratio"]) >= {"plain", "engine", "engine+checks"}
     assert res["median_ratio"]["plain"] == 1.0
     assert all(t > 0 for ts in res["seconds"].values() for t in ts)
+
+
+def test_non_finite_loss_is_found_at_epoch_end_with_its_step() -> None:
+    calls = {"n": 0}
+
+    def loss_fn(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        calls["n"] += 1
+        loss = nn.functional.cross_entropy(out, y)
+        return loss * float("nan") if calls["n"] == 7 else loss  # step 6 (second epoch, third step)
+
+    engine = make_engine(named("two-phase", unfreeze_after=0), epochs=3)
+    engine.loss_fn = loss_fn
+    with pytest.raises(MoolaError, match=r"non-finite training loss at step 6 \(epoch 1\)"):
+        engine.fit()
+    assert engine.history[0]["train_loss"] > 0 and len(engine.history) == 1
