@@ -98,7 +98,7 @@ def checks_config(on: bool) -> ChecksConfig:
     """Every boolean check switch on (or off); ``strict`` stays True (it is not a check)."""
     values = {f.name: on for f in attrs.fields(ChecksConfig)
               if f.name != "strict" and f.type in (bool, "bool")}
-    return ChecksConfig(**values)
+    return ChecksConfig(**values)  # type: ignore[arg-type]
 
 
 def sync(device: torch.device) -> None:
@@ -150,8 +150,9 @@ def run_plain(sc: Scenario, train: TensorData, val: TensorData, device: torch.de
 
 
 class EngineRunner:
-    def __init__(self, checks: bool) -> None:
+    def __init__(self, checks: bool, device: torch.device) -> None:
         self.checks = checks
+        self.device = device
         self.pm_factory = build_plugin_manager  # entry points, or MOOLA_BUILTIN_PLUGINS=1 in a bare checkout
         _, registry = build_plugin_manager()
         if "two-phase" not in registry:
@@ -312,9 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     scenarios = QUICK if args.quick else SCENARIOS
     chosen = list(scenarios) if args.scenario == "all" else [args.scenario]
 
-    runners = {"engine": EngineRunner(checks=False), "engine+checks": EngineRunner(checks=True)}
-    for r in runners.values():
-        r.device = device  # type: ignore[attr-defined]
+    runners = {"engine": EngineRunner(checks=False, device=device), "engine+checks": EngineRunner(checks=True, device=device)}
     variants: dict[str, Callable[..., float]] = {"plain": run_plain, **runners}
     lit = lightning_runner()
     if lit is not None:

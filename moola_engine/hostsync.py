@@ -23,6 +23,7 @@ import os
 import sys
 import warnings
 from collections.abc import Iterator
+from types import FrameType
 from typing import Any
 
 import torch
@@ -64,7 +65,7 @@ _OPTIM_DIR = os.path.join("torch", "optim") + os.sep
 def _from_optimizer_step_count() -> bool:
     # torch.optim keeps its step counts in CPU tensors even for CUDA parameters (unless capturable/fused), so
     # reading them is no sync on a GPU; the CPU proxy cannot tell by device, it tells by caller.
-    frame = sys._getframe(2)
+    frame: FrameType | None = sys._getframe(2)
     while frame is not None:
         if _OPTIM_DIR in frame.f_code.co_filename:
             return True
