@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -14,10 +13,12 @@ import pluggy
 import torch
 from torch import nn
 
+from . import distributed
 from .config import ChecksConfig, GroupSpec, TrainConfig
 from .data import TensorData
 from .errors import MoolaError, PluginError
 from .freezing import Freezer, ParamGroup, apply_module_modes, resolve_groups
+from .hostsync import sync_guard
 from .logs import Event, bind, get_logger
 from .metrics import classification_metrics
 from .schedulers import build_lr_schedule
@@ -98,7 +99,9 @@ class Engine:
         self.allow = set(allow)
         self.epochs = train.epochs
         self.dry_run = False
-        self.device = select_device(train.device)
+        # torchrun (WORLD_SIZE > 1): join the process group; on CUDA each rank takes cuda:LOCAL_RANK
+        self.dist = distributed.setup(select_device(train.device))
+        self.device = self.dist.device
         self.history: list[dict[str, float]] = []
         self.pretrained = pretrained  # name -> tensor as loaded (for distance-from-pretrained checks)
 
@@ -130,6 +133,17 @@ class Engine:
         self._model_fn: Callable[[torch.Tensor], torch.Tensor] = self.model
         if train.compile:
             self._model_fn = torch.compile(self.model)  # type: ignore[assignment]
+        # The training step calls _step_fn: the model itself, or under DDP a wrapper rebuilt after every
+        # transition (_wrap_stale); predict/evaluate always call the unwrapped model (no collectives).
+        self._step_fn: Callable[[torch.Tensor], torch.Tensor] = self._model_fn
+        self._wrap_stale = self.dist.active
+        self.sync_debug: str | None = None
+        """``"warn"``/``"error"``: report host-device syncs inside the step loop (see :mod:`.hostsync`)."""
+        if self.dist.active:
+            from .plugins import register_checked
+
+            self.dist.broadcast_module(self.model)  # every rank starts from rank 0's weights
+            register_checked(pm, distributed.ConsistencyCheck(self.dist), name="check:ddp.consistency")
 
     # ------------------------------------------------------------------ hooks
     def _fire(self, name: str, *, skip: Sequence[Any] = (), **kwargs: Any) -> None:
@@ -220,7 +234,8 @@ class Engine:
             # --- validation: host floats once per epoch
             metrics = dict(train_metrics)
             if self.val_data is not None and len(self.val_data):
-                metrics.update(self.evaluate(self.val_data, prefix="val_"))
+                # every rank validates on the full set; rank 0's metrics decide for all (DDP)
+                metrics.update(self.dist.agree(self.evaluate(self.val_data, prefix="val_")))
             metrics["epoch"] = epoch
             self.history.append(metrics)
             self.lr_schedule.after_validation(metrics)
@@ -271,6 +286,13 @@ class Engine:
     def _on_transition(self) -> None:
         # A transition restarts the early-stopping clock: the new phase gets its full patience.
         self._since_improved = 0
+        # DDP registers only parameters that required grad when built: rebuild before the next step.
+        self._wrap_stale = self.dist.active
+
+    def _rewrap(self) -> None:
+        self._step_fn = None  # type: ignore[assignment]  # release the old wrapper first
+        self._step_fn = self.dist.wrap(self.model, compile=self.config.compile) or self._model_fn
+        self._wrap_stale = False
 
     def _train_epoch(self, epoch: int) -> dict[str, float]:
         cfg = self.config
@@ -283,34 +305,70 @@ class Engine:
         grad_bad = torch.full((len(everything),), -1, dtype=torch.long, device=self.device)  # first bad step/tensor
         n = len(data)
         perm = torch.randperm(n, generator=self._gen, device=self.device)
-        loss_sum = torch.zeros((), device=self.device)
-        first_bad = torch.full((), -1, dtype=torch.long, device=self.device)
-        autocast = (torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
-                    if cfg.precision == "bf16" else contextlib.nullcontext())
-        for idx in perm.split(cfg.batch_size):
-            xb, yb = data.x[idx], data.y[idx]
-            bind(step=self.step)
-            self._fire("before_step", epoch=epoch, step=self.step, batch=(xb, yb))
-            self.optimizer.zero_grad(set_to_none=True)
-            with autocast:
-                out = self._model_fn(xb)
-                loss = self.loss_fn(out.float(), yb)
-            loss.backward()
-            grad_bad = self._mark_nonfinite_grads(everything, grad_bad)  # before clipping smears a NaN everywhere
-            if cfg.grad_clip is not None and trainable:
-                nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
-            self.optimizer.step()
-            self.lr_schedule.after_step()
-            detached = loss.detach()
-            loss_sum += detached * idx.numel()
-            # remember the first non-finite step without a host sync
-            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(detached), self.step, first_bad)
-            self._fire("after_step", epoch=epoch, step=self.step, loss=detached)
-            self.step += 1
-        bad = torch.cat([first_bad.view(1), grad_bad]).tolist()  # the epoch's one host sync for the guards
-        if max(bad) >= 0:
-            self._nonfinite(epoch, bad[0], bad[1:])
-        return {"train_loss": float(loss_sum) / max(n, 1)}
+        bf16 = cfg.precision == "bf16"
+        # Hot path.  Per-step losses stay device tensors (no host sync); they are weighted, summed and
+        # checked for non-finite values once, after the loop.  Binding the step into the log context and
+        # calling step hooks cost microseconds per step, so they happen only when a plugin implements one.
+        step_hooks = not self._hooks_with_impls.isdisjoint(("before_step", "after_step"))
+        shard = self.dist.shard if self.dist.active else None
+        losses: list[torch.Tensor] = []
+        counts: list[int] = []
+        first_step = self.step
+        bind(epoch=epoch, step=first_step)
+        if self._wrap_stale:
+            self._rewrap()
+        with sync_guard(self.device, self.sync_debug):
+            for idx in perm.split(cfg.batch_size):
+                scale = 1.0
+                if shard is not None:  # DDP: this rank's slice of the global batch
+                    idx, count, scale = shard(idx)
+                else:
+                    count = idx.shape[0]
+                xb, yb = data.x[idx], data.y[idx]
+                if step_hooks:
+                    bind(step=self.step)
+                    self._fire("before_step", epoch=epoch, step=self.step, batch=(xb, yb))
+                    if self._wrap_stale:
+                        self._rewrap()
+                self.optimizer.zero_grad(set_to_none=True)
+                if bf16:
+                    with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16):
+                        loss = self.loss_fn(self._step_fn(xb).float(), yb)
+                else:
+                    loss = self.loss_fn(self._step_fn(xb), yb)
+                (loss * scale if shard is not None else loss).backward()
+                grad_bad = self._mark_nonfinite_grads(everything, grad_bad)  # before clipping smears a NaN everywhere
+                if cfg.grad_clip is not None and trainable:
+                    nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
+                self.optimizer.step()
+                self.lr_schedule.after_step()
+                detached = loss.detach()
+                losses.append(detached)
+                counts.append(count)
+                if step_hooks:
+                    self._fire("after_step", epoch=epoch, step=self.step, loss=detached)
+                self.step += 1
+        if self.step > first_step:
+            bind(step=self.step - 1)
+        return {"train_loss": self._epoch_loss(losses, counts, n, epoch, first_step, grad_bad)}
+
+    def _epoch_loss(self, losses: list[torch.Tensor], counts: list[int], n: int, epoch: int, first_step: int,
+                    grad_bad: torch.Tensor) -> float:
+        """Mean training loss of the epoch (over all ranks); refuses a non-finite loss or gradient.  One host read."""
+        if not losses:
+            return math.nan
+        stacked = torch.stack(losses).float()
+        weights = torch.tensor(counts, dtype=stacked.dtype, device=stacked.device)
+        finite = torch.isfinite(stacked)
+        none_bad = torch.tensor(float(len(losses)), device=stacked.device)
+        first_bad = torch.where(finite, none_bad, torch.arange(len(losses), device=stacked.device).float()).amin()
+        rows = self.dist.gather(torch.stack([(stacked * weights).sum(), first_bad]).double())
+        total, bad = float(rows[:, 0].sum()), int(rows[:, 1].amin())
+        grad_steps = grad_bad.tolist()
+        loss_step = first_step + bad if bad < len(losses) else -1
+        if loss_step >= 0 or max(grad_steps, default=-1) >= 0:
+            self._nonfinite(epoch, loss_step, grad_steps)
+        return total / max(n, 1)
 
     @torch.no_grad()
     def _mark_nonfinite_grads(self, params: list[nn.Parameter], first_bad: torch.Tensor) -> torch.Tensor:

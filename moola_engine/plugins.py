@@ -15,7 +15,9 @@ hard-coded list of defaults.  Loading goes through :func:`build_plugin_manager`:
 from __future__ import annotations
 
 import contextlib
+import importlib
 import importlib.metadata as md
+import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -132,11 +134,39 @@ def discover(pm: pluggy.PluginManager, group: str = ENTRY_POINT_GROUP) -> dict[s
         except (pluggy.PluginValidationError, ValueError) as exc:
             raise PluginError(f'failed to load plugin "{label}": {_one_line(exc)}') from exc
         sources[label] = _dist_label(ep)
+    if os.environ.get("MOOLA_BUILTIN_PLUGINS") == "1":  # source tree on PYTHONPATH, not installed
+        for label, plugin in source_tree_plugins():
+            if label not in seen and not pm.is_registered(plugin):
+                pm.register(plugin, name=label)
+                sources[label] = "moola-engine (source tree)"
     return sources
 
 
 def _one_line(exc: BaseException) -> str:
     return "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+
+
+def source_tree_plugins() -> list[tuple[str, Any]]:
+    """Our own entry points, read from the source tree's pyproject.toml and imported from ``plugins/``.
+
+    For a checkout used through ``PYTHONPATH`` without ``pip install`` (no
+    installed metadata, so no entry points): set ``MOOLA_BUILTIN_PLUGINS=1``.
+    The list is the pyproject's, so it cannot drift from what an install registers.
+    """
+    root = Path(__file__).resolve().parent.parent
+    pyproject = root / "pyproject.toml"
+    if not pyproject.is_file():
+        raise PluginError(f"MOOLA_BUILTIN_PLUGINS=1 but there is no source tree here ({pyproject} is missing)")
+    eps = read_toml(pyproject).get("project", {}).get("entry-points", {}).get(ENTRY_POINT_GROUP, {})
+    found = []
+    for name, target in sorted(eps.items()):
+        module = target.split(":")[0].replace("moola_plugins.", "plugins.", 1)
+        try:
+            found.append((f"moola-engine[{name}]", importlib.import_module(module)))
+        except Exception as exc:
+            raise PluginError(f'failed to load plugin "moola-engine[{name}]" from the source tree: '
+                              f"{type(exc).__name__}: {exc}") from exc
+    return found
 
 
 def check(pm: pluggy.PluginManager) -> None:

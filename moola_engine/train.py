@@ -15,12 +15,13 @@ from typing import IO, Any
 
 import attrs
 import numpy as np
+import torch
 
-from . import __version__
+from . import __version__, distributed
 from .checkpoint import ResumeState, open_resume, resume_strategy, seed_everything
 from .config import ExperimentConfig, unstructure
 from .data import build_splits
-from .engine import Engine, FitResult
+from .engine import Engine, FitResult, select_device
 from .errors import ConfigError, MoolaError
 from .freezing import resolve_groups
 from .logs import Event, RunLog, bind, clear_contextvars, get_logger
@@ -141,15 +142,20 @@ def train(
                   log=get_logger())  # the engine validates again and logs any override in the run log
 
     start: ResumeState | None = None
+    # torchrun: join the process group now; only rank 0 writes the run folder, rank k writes runs/.rank<k>/
+    dist_ctx = distributed.setup(select_device(cfg.train.device))
     if resume is None:
         runs_dir = Path(cfg.run.runs_dir)
         if not runs_dir.is_absolute():
             runs_dir = Path.cwd() / runs_dir
+        if not dist_ctx.is_main:
+            runs_dir = runs_dir / f".rank{dist_ctx.rank}"
         run_dir = create_run_dir(runs_dir, new_run_id(named.name, cfg.train.seed, cfg.run.name))
     else:
         run_dir, start = open_resume(Path(resume))
     run_id = run_dir.name
-    runlog = RunLog(run_dir / "events.jsonl", console=cfg.run.console, stream=stream or sys.stderr, capture=capture)
+    runlog = RunLog(run_dir / "events.jsonl", console=cfg.run.console, stream=stream or sys.stderr, capture=capture,
+                    console_level="info" if dist_ctx.is_main else "error")
     log = runlog.logger
     clear_contextvars()
     bind(run_id=run_id, strategy=named.name)
@@ -207,3 +213,4 @@ def train(
     finally:
         runlog.close()
         clear_contextvars()
+        distributed.shutdown(dist_ctx)

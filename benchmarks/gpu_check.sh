@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# One short GPU check (about 4 minutes on an H100), runnable on CPU too (CUDA parts become CPU equivalents).
+#
+#   bash benchmarks/gpu_check.sh 2>&1 | tee gpu_check.log
+#
+# On a machine with torch but without the other dependencies, put their wheels in .whl/ first;
+# the script installs them with --no-index into /tmp/site.  The checkout is used from PYTHONPATH
+# (no pip install), so the built-in strategies are loaded from the source tree (MOOLA_BUILTIN_PLUGINS=1).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-python3}
+if compgen -G ".whl/*.whl" > /dev/null && ! $PY -c "import cattrs, structlog" 2>/dev/null; then
+  pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl || exit 1
+fi
+export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export MOOLA_BUILTIN_PLUGINS=${MOOLA_BUILTIN_PLUGINS:-1}
+missing=$($PY - <<'PY'
+import importlib.util as u
+print(" ".join(m for m in ("torch", "numpy", "pluggy", "attrs", "cattrs", "structlog") if u.find_spec(m) is None))
+PY
+)
+if [ -n "$missing" ]; then echo "missing python modules: $missing (put their wheels in .whl/)"; exit 1; fi
+
+status=0
+echo "== 1. device, sync-free step loop, bf16, compile"
+timeout 150 $PY benchmarks/gpu_check.py || status=1
+
+if $PY -c "import pytest" 2>/dev/null; then
+  echo "== 2. pytest: the CUDA sync test (skipped without CUDA) and the CPU sync proxy"
+  timeout 60 $PY -m pytest -q -p no:cacheprovider tests/test_speed.py -k "sync" || status=1
+else
+  echo "== 2. pytest not installed: step 1 ran the same sync check"
+fi
+
+echo "== 3. overhead benchmark on the device (fewer rounds)"
+if $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+  timeout 150 $PY benchmarks/overhead.py --device cuda --rounds 5 --json gpu_overhead.json || status=1
+else
+  timeout 150 $PY benchmarks/overhead.py --quick --scenario finetune --rounds 1 || status=1
+fi
+echo "gpu_check.sh: $([ $status = 0 ] && echo all passed || echo FAILURES above)"
+exit $status
