@@ -302,7 +302,8 @@ class Engine:
                            train_bn=cfg.train_bn, frozen_dropout=cfg.frozen_dropout)
         trainable = [p for g in self.groups if self.freezer.is_trainable(g.name) for p in g.tensors]
         everything = [p for g in self.groups for p in g.tensors]
-        grad_bad = torch.full((len(everything),), -1, dtype=torch.long, device=self.device)  # first bad step/tensor
+        grad_amax: list[torch.Tensor] = []  # per step: max |grad| of every tensor (NaN/inf propagate), no host sync
+        no_grad = torch.zeros((), device=self.device)
         n = len(data)
         perm = torch.randperm(n, generator=self._gen, device=self.device)
         bf16 = cfg.precision == "bf16"
@@ -337,7 +338,9 @@ class Engine:
                 else:
                     loss = self.loss_fn(self._step_fn(xb), yb)
                 (loss * scale if shard is not None else loss).backward()
-                grad_bad = self._mark_nonfinite_grads(everything, grad_bad)  # before clipping smears a NaN everywhere
+                if everything:  # before clipping smears one NaN over every gradient
+                    grad_amax.append(torch.stack(torch._foreach_norm(
+                        [p.grad if p.grad is not None else no_grad for p in everything], math.inf)))
                 if cfg.grad_clip is not None and trainable:
                     nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
                 self.optimizer.step()
@@ -350,10 +353,10 @@ class Engine:
                 self.step += 1
         if self.step > first_step:
             bind(step=self.step - 1)
-        return {"train_loss": self._epoch_loss(losses, counts, n, epoch, first_step, grad_bad)}
+        return {"train_loss": self._epoch_loss(losses, counts, n, epoch, first_step, grad_amax)}
 
     def _epoch_loss(self, losses: list[torch.Tensor], counts: list[int], n: int, epoch: int, first_step: int,
-                    grad_bad: torch.Tensor) -> float:
+                    grad_amax: list[torch.Tensor]) -> float:
         """Mean training loss of the epoch (over all ranks); refuses a non-finite loss or gradient.  One host read."""
         if not losses:
             return math.nan
@@ -364,20 +367,21 @@ class Engine:
         first_bad = torch.where(finite, none_bad, torch.arange(len(losses), device=stacked.device).float()).amin()
         rows = self.dist.gather(torch.stack([(stacked * weights).sum(), first_bad]).double())
         total, bad = float(rows[:, 0].sum()), int(rows[:, 1].amin())
-        grad_steps = grad_bad.tolist()
+        grad_steps = self._first_nonfinite_steps(grad_amax, first_step)
         loss_step = first_step + bad if bad < len(losses) else -1
         if loss_step >= 0 or max(grad_steps, default=-1) >= 0:
             self._nonfinite(epoch, loss_step, grad_steps)
         return total / max(n, 1)
 
+    @staticmethod
     @torch.no_grad()
-    def _mark_nonfinite_grads(self, params: list[nn.Parameter], first_bad: torch.Tensor) -> torch.Tensor:
-        """Record, per tensor, the first step whose gradient holds a NaN/inf: one fused max-abs, no host sync."""
-        if not params:
-            return first_bad
-        zero = first_bad.new_zeros((), dtype=torch.float32)
-        amax = torch.stack(torch._foreach_norm([p.grad if p.grad is not None else zero for p in params], math.inf))
-        return torch.where((first_bad < 0) & ~torch.isfinite(amax), self.step, first_bad)
+    def _first_nonfinite_steps(grad_amax: list[torch.Tensor], first_step: int) -> list[int]:
+        """Per tensor, the first step of the epoch whose gradient held a NaN/inf (-1: none)."""
+        if not grad_amax:
+            return []
+        bad = ~torch.isfinite(torch.stack(grad_amax))  # (steps, tensors)
+        first = bad.float().argmax(dim=0)
+        return torch.where(bad.any(dim=0), first + first_step, -1).tolist()
 
     def _nonfinite(self, epoch: int, loss_step: int, grad_steps: list[int]) -> None:
         """Stop the run, naming the first bad step and the group(s) whose gradients went non-finite there."""

@@ -15,7 +15,6 @@ from typing import IO, Any
 
 import attrs
 import numpy as np
-import torch
 
 from . import __version__, distributed
 from .checkpoint import ResumeState, open_resume, resume_strategy, seed_everything
