@@ -49,7 +49,7 @@ from typing import Any
 import attrs
 import numpy as np
 import torch
-from safetensors.torch import load_model, save_file, save_model
+from safetensors.torch import save_file
 
 from . import hookimpl
 from .config import CheckpointConfig, ExperimentConfig, structure
@@ -289,7 +289,10 @@ def save_checkpoint(engine: Any, root: Path, epoch: int, reasons: list[str]) -> 
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
-        save_model(engine.model, str(tmp / "model.safetensors"), force_contiguous=True)
+        # one independent contiguous copy per entry: cuDNN packs LSTM weights into one flat buffer on CUDA,
+        # and safetensors refuses tensors that share storage
+        weights = {k: v.detach().contiguous().clone() for k, v in engine.model.state_dict().items()}
+        save_file(weights, str(tmp / "model.safetensors"))
         save_file(tensors, str(tmp / "state.safetensors"))
         meta["files"] = {f: {"bytes": (tmp / f).stat().st_size, "sha256": sha256(tmp / f)}
                          for f in ("model.safetensors", "state.safetensors")}
@@ -455,8 +458,8 @@ class ResumeState:
         self.expected = compute_plan(engine.strategy, engine.freezer.groups, engine.freezer.head_groups,
                                      engine.epochs, engine.config.lr, name=engine.strategy_name,
                                      model_groups=engine.groups, train=engine.config, history=meta["history"])
-        missing, unexpected = load_model(engine.model, str(self.path / "model.safetensors"), strict=False,
-                                         device=str(engine.device))
+        missing, unexpected = engine.model.load_state_dict(load_safetensors(self.path / "model.safetensors"),
+                                                           strict=False)
         if missing or unexpected:
             raise CheckpointError(f"{self.path}/model.safetensors does not fit the model: missing "
                                   f"{sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")

@@ -378,6 +378,7 @@ class GradFlowCheck(_Observer):
         super().__init__(checks)
         self.pending = False
         self.phase = 0
+        self.waiting: list[tuple[Any, ...]] = []  # phases checked but not yet read back (device tensors)
 
     @hookimpl(trylast=True)
     def on_fit_start(self, engine: Any) -> None:
@@ -436,7 +437,33 @@ class GradFlowCheck(_Observer):
                         problems[g.name].append(
                             f"{name} is frozen but its grad is not None: a zeroed grad still lets AdamW weight decay "
                             "and momentum move it (clear grads to None: Freezer.freeze)")
-        values = torch.stack(stats).tolist() if stats else []  # the one host sync of this check
+        # Keep the statistics on the device; read them at the epoch end (no host sync inside the step loop).
+        # Structural problems (no grad, no optimizer group, lr 0, requires_grad) need no read: report them now.
+        lrs = {g.name: self._lr(engine, g) for g in engine.groups}
+        trainable_now = {g.name: engine.freezer.is_trainable(g.name) for g in engine.groups}
+        self.waiting.append((step, self.phase, problems, torch.stack(stats) if stats else None, where, lrs,
+                             trainable_now))
+        if any(problems.values()):
+            self.flush(engine)
+
+    @hookimpl(trylast=True)
+    def on_epoch_end(self, engine: Any) -> None:
+        self.flush(engine)
+
+    @hookimpl(trylast=True)
+    def on_fit_end(self, engine: Any) -> None:
+        self.flush(engine)
+
+    def flush(self, engine: Any) -> None:
+        """Read the statistics gathered after each phase's first step and log/raise the results."""
+        waiting, self.waiting = self.waiting, []
+        for step, phase, problems, stacked, where, lrs, trainable_now in waiting:
+            self._report_phase(engine, step, phase, problems, stacked, where, lrs, trainable_now)
+
+    def _report_phase(self, engine: Any, step: int, phase: int, problems: dict[str, list[str]],
+                      stacked: torch.Tensor | None, where: list[tuple[str, str]], lrs: dict[str, float],
+                      trainable_now: dict[str, bool]) -> None:
+        values = stacked.tolist() if stacked is not None else []  # the one host read of this check
         norms: dict[str, float] = {}
         for (gname, pname), (finite, nonzero, sq) in zip(where, values, strict=True):
             norms[gname] = norms.get(gname, 0.0) + (sq if math.isfinite(sq) else math.inf)
@@ -447,11 +474,10 @@ class GradFlowCheck(_Observer):
                                        "a multiply by zero, or a dead path?)")
         failures: list[str] = []
         for g in engine.groups:
-            trainable = engine.freezer.is_trainable(g.name)
             ok = not problems[g.name]
-            fields = {"group": g.name, "trainable": trainable, "params": len(g.params), "phase": self.phase,
+            fields = {"group": g.name, "trainable": trainable_now[g.name], "params": len(g.params), "phase": phase,
                       "first_step": step, "grad_norm": math.sqrt(norms[g.name]) if g.name in norms else None,
-                      "lr": self._lr(engine, g), "ok": ok, "problems": problems[g.name]}
+                      "lr": lrs[g.name], "ok": ok, "problems": problems[g.name]}
             if ok:
                 engine.log.info(Event.GRAD_FLOW_CHECK, **fields)
             else:
@@ -468,12 +494,15 @@ class GradFlowCheck(_Observer):
 
 def build_checks(checks: ChecksConfig) -> list[tuple[str, Any]]:
     """The check observers ``[checks]`` turns on, as (name, plugin) pairs."""
+    # Among trylast implementations pluggy calls the first registered first: grad flow reads its first-step
+    # statistics before the weight-delta check speaks, so a specific cause ("gradient all zeros") comes before
+    # the symptom ("did not move").
     out: list[tuple[str, Any]] = []
+    if checks.grad_flow:
+        out.append(("check:grad_flow", GradFlowCheck(checks)))
     if checks.weight_delta:
         out.append(("check:weight_delta", WeightDeltaCheck(checks)))
         out.append(("check:masked_params", MaskedParamsCheck(checks)))
-    if checks.grad_flow:
-        out.append(("check:grad_flow", GradFlowCheck(checks)))
     if checks.bn_stats:
         out.append(("check:bn_stats", BnStatsCheck(checks)))
     return out

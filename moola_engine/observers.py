@@ -17,11 +17,11 @@ def build_observers(cfg: ExperimentConfig, run_dir: Path | None) -> list[tuple[s
     """(name, plugin object) pairs to register for one run, in registration order."""
     from .checks import build_checks
 
-    observers: list[tuple[str, Any]] = []
+    observers: list[tuple[str, Any]] = build_checks(cfg.checks)  # weight delta, gradient flow, BN statistics
     if run_dir is not None and cfg.checkpoint.enabled:
         from .checkpoint import Checkpointer
 
-        # first: trylast impls run last-registered-first, so the checkpointer sees every other observer's work
+        # last: among trylast implementations pluggy calls the first registered first, so the checkpointer
+        # runs after every check has passed (a checkpoint is only written for an epoch the checks accepted)
         observers.append(("checkpointer", Checkpointer(run_dir, cfg.checkpoint)))
-    observers += build_checks(cfg.checks)  # weight delta, gradient flow, BN statistics (moola_engine.checks)
     return observers

@@ -72,15 +72,35 @@ class L2SP:
         if engine.dry_run:
             return
         heads = set(fz.head_groups)
+        self.reference = {pname: param.detach().clone() for group in engine.groups if group.name not in heads
+                          for pname, param in group.params}
+        self._install(engine)
+
+    @hookimpl
+    def on_epoch_start(self, engine: Any) -> None:
+        # A resumed run restores ``reference`` through load_state_dict and does not re-fire on_fit_start:
+        # the hooks are installed here, before the first step, so the penalty never silently disappears.
+        if not engine.dry_run and not self._handles:
+            self._install(engine)
+
+    def _install(self, engine: Any) -> None:
+        heads = set(engine.freezer.head_groups)
         for group in engine.groups:
             for pname, param in group.params:
                 if group.name in heads:
                     if self.params.beta:
                         self._handles.append(param.register_hook(_pull(param, None, self.params.beta)))
                     continue
-                ref = param.detach().clone()
-                self.reference[pname] = ref
+                ref = self.reference[pname].to(param.device)
                 self._handles.append(param.register_hook(_pull(param, ref, self.params.alpha)))
+
+    def state_dict(self) -> dict[str, Any]:
+        """The starting weights w0: a resumed run must pull toward the same point, bit for bit."""
+        return {"reference": dict(self.reference)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._remove()
+        self.reference = dict(state["reference"])
 
     @hookimpl
     def on_fit_end(self, engine: Any, result: Any) -> None:

@@ -95,7 +95,7 @@ def workspace(tmp: Path, plugin: str, params: dict[str, Any], epochs: int) -> Pa
     x = rng.normal(size=(48, 8, 4)).astype("float32")
     np.savez(tmp / "tiny.npz", x=x, y=(x[:, :, 0].mean(1) > 0).astype("int64"))
     (tmp / "exp.toml").write_text(CONFIG.format(epochs=epochs))
-    lines = [f'[strategy.s]\nplugin = "{plugin}"'] + [f"{k} = {json.dumps(v)}" for k, v in params.items()]
+    lines = [f'[strategy.s]\nplugin = "{plugin}"'] + [f"{k} = {json.dumps(v)}" for k, v in params.items() if v is not None]
     (tmp / "strategies.toml").write_text("\n".join(lines) + "\n")
     return tmp
 
