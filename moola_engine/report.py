@@ -65,7 +65,32 @@ def table_rows(results: dict[str, Any], metric: str = "accuracy") -> list[list[s
             "-" if arm["control"] or not vs else _f(vs["mde"]),
             ", ".join(flags_by_arm.get(arm["label"], [])) or "none",
         ])
+    for ref in reference_rows(results):
+        vs = (ref.get("vs_control") or {}).get(metric)
+        rows.append([
+            ref["label"], str(ref["n"]), _ci(ref["metrics"].get(metric)), _ci(vs, signed=True) if vs else "-",
+            _p(vs["p"]) if vs else "-", _f(vs["mde"]) if vs else "-", REFERENCE_MARK,
+        ])
     return rows
+
+
+REFERENCE_MARK = "non-network reference"
+
+
+def reference_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """The computed baselines of ``results`` (non-network rows shown under the arms)."""
+    return [b for b in (results.get("baselines") or {}).values() if b.get("metrics")]
+
+
+def reference_note(results: dict[str, Any]) -> str | None:
+    refs = reference_rows(results)
+    if not refs:
+        return None
+    names = ", ".join(r["label"] for r in refs)
+    return (f"{names}: a non-network reference, fitted without any training loop on the same labeled training "
+            "windows of each seed and fold and scored on the same split; its 'vs control' is reference minus "
+            "control over the same seeds and folds. A network that does not beat it has learned nothing the "
+            "three range features do not already say.")
 
 
 def text_table(results: dict[str, Any], metric: str = "accuracy") -> str:
@@ -82,7 +107,10 @@ def md_table(rows: Sequence[Sequence[str]]) -> str:
 
 def console_summary(results: dict[str, Any]) -> str:
     maj = results["majority_rate"]
-    lines = [text_table(results), "",
+    refs = [r["label"] for r in reference_rows(results)]
+    lines = [text_table(results), *([f"({', '.join(refs)}: non-network reference, no training loop; same training "
+                                      "windows and evaluation split as the networks of each seed and fold)"]
+                                    if refs else []), "",
              f"majority-class rate of the {results['eval_split']} set: {_ci(maj)}; "
              f"{results['runs_finished']}/{results['runs_total']} runs"]
     for fl in results["red_flags"]:
@@ -254,6 +282,8 @@ def markdown(results: dict[str, Any], timelines: dict[str, str], figure_notes: S
     out += ["Intervals: 95% percentile bootstrap over runs. vs control: mean of paired differences (same seed and "
             "fold) with its bootstrap interval; Wilcoxon: two-sided signed-rank p; MDE: the smallest true difference "
             "this design detects with 80% power at alpha 0.05 (a null result cannot rule out smaller effects).", ""]
+    if reference_note(results):
+        out += [str(reference_note(results)), ""]
     out += ["## Red flags", ""]
     out += [f"- **{fl['code']}**{' (' + fl['arm'] + ')' if fl['arm'] else ''}: {fl['message']}"
             for fl in results["red_flags"]] or ["none"]
@@ -274,7 +304,8 @@ def html_page(results: dict[str, Any], timelines: dict[str, str], figs: dict[str
         "<style>body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
         "table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{border:1px solid #ccc;padding:.25em .6em;"
         "text-align:left;font-variant-numeric:tabular-nums}th{background:#f3f3f3}.flag{color:#b00020}"
-        "code{background:#f5f5f5;padding:0 .2em}img{max-width:100%}</style></head><body>",
+        "code{background:#f5f5f5;padding:0 .2em}.ref{font-style:italic;background:#f7f7fb}img{max-width:100%}"
+        "</style></head><body>",
         "<h1>Ablation report</h1>",
         f"<p>Command: <code>{e(command)}</code><br>Config: <code>{e(results['config_file'])}</code>; seeds "
         f"{e(str(results['seeds']))}, {results['folds']} fold(s); {results['runs_finished']}/{results['runs_total']} "
@@ -284,8 +315,12 @@ def html_page(results: dict[str, Any], timelines: dict[str, str], figs: dict[str
     for metric in METRICS:
         rows = table_rows(results, metric)
         parts.append(f"<h2>{e(LABELS[metric])}</h2><table><tr>" + "".join(f"<th>{e(c)}</th>" for c in rows[0]) + "</tr>")
-        parts += ["<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in rows[1:]]
+        refs = {b["label"] for b in reference_rows(results)}
+        parts += [("<tr class='ref'>" if r[0] in refs else "<tr>") + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>"
+                  for r in rows[1:]]
         parts.append("</table>")
+    if reference_note(results):
+        parts.append(f"<p class='ref'>{e(str(reference_note(results)))}</p>")
     parts.append("<h2>Red flags</h2><ul>")
     parts += [f"<li class='flag'><b>{e(fl['code'])}</b>{' (' + e(fl['arm']) + ')' if fl['arm'] else ''}: "
               f"{e(fl['message'])}</li>" for fl in results["red_flags"]] or ["<li>none</li>"]

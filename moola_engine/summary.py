@@ -19,7 +19,8 @@ import attrs
 import numpy as np
 
 from . import stats
-from .ablation import Cell, Grid, read_marker
+from .ablation import Cell, Grid, cell_config, read_marker
+from .errors import MoolaError
 from .logs import Event, read_events
 from .redflags import predictions_identical
 
@@ -29,6 +30,13 @@ WIDE_INTERVAL = 0.10
 large one.  (A wide interval that excludes zero still settles the direction.)"""
 MIN_PAIRS = 6
 """With fewer non-zero pairs the two-sided Wilcoxon test cannot reach p < 0.05 (2 / 2**5 = 0.0625)."""
+FLOAT_TOLERANCE = 1e-6
+"""Accuracies are float32 means: an arm that always predicts the majority class lands ~1e-8 above its rate."""
+
+BASELINE_KEY = "logistic_regression"
+BASELINE_LABEL = "logistic regression (3 range features)"
+BASELINE_KINDS = ("ohlc",)
+"""``data.kind`` values whose windows :func:`moola_engine.baselines.logistic_baseline` can read (log OHLC bars)."""
 
 # The field of ``weight_delta.check`` events (scope "interval") holding a group's distance from the pretrained weights.
 PRETRAINED_DISTANCE_FIELD = "from_pretrained"
@@ -219,7 +227,7 @@ def summarize(grid: Grid, *, records: list[RunRecord] | None = None, missing: li
         entry["metrics"] = {m: stats.estimate([r.metrics[m] for r in runs], n_boot=n_boot).to_json() for m in METRICS}
         over = stats.estimate([r.metrics["accuracy"] - r.majority for r in runs], n_boot=n_boot)
         entry["vs_majority"] = over.to_json()
-        within = not (math.isfinite(over.lo) and over.lo > 0)
+        within = not (math.isfinite(over.lo) and over.lo > FLOAT_TOLERANCE)
         entry["within_noise_of_majority"] = within
         near_majority.append(within)
         flags, arm_notes = _arm_flags(arm.label, runs, arm.control, arm.definition)
@@ -250,9 +258,20 @@ def summarize(grid: Grid, *, records: list[RunRecord] | None = None, missing: li
                                  f"95% interval of the accuracy difference vs control is {acc['lo']:+.3f}..{acc['hi']:+.3f} "
                                  f"(wider than {WIDE_INTERVAL:.2f}): it cannot tell no effect from a large one"))
         arms_out.append(entry)
+    baselines: dict[str, Any] = {}
+    ref, ref_flags, ref_notes = logistic_reference(grid, ctrl, n_boot=n_boot)
+    if ref is not None:
+        baselines[BASELINE_KEY] = ref
+    red += ref_flags
+    notes += ref_notes
     if near_majority and all(near_majority):
-        red.append(_flag("near-majority", None, "every arm's accuracy is within noise of the majority-class rate: "
-                                                "no arm beat always predicting the most frequent class"))
+        msg = ("every arm's accuracy is within noise of the majority-class rate: no arm beat always predicting the "
+               "most frequent class")
+        over = (ref or {}).get("vs_majority") or {}
+        if over.get("lo") is not None and over["lo"] > FLOAT_TOLERANCE:
+            msg += (f"; the {BASELINE_LABEL} baseline does (accuracy - majority {over['mean']:+.3f}, 95% CI "
+                    f"{over['lo']:+.3f}..{over['hi']:+.3f}), so the labels are learnable: suspect the networks")
+        red.append(_flag("near-majority", None, msg))
 
     majority = [r.majority for r in records]
     return {
@@ -266,6 +285,7 @@ def summarize(grid: Grid, *, records: list[RunRecord] | None = None, missing: li
         "majority_rate": stats.estimate(majority, n_boot=n_boot).to_json(),
         "eval_size": int(np.mean([len(r.y) for r in records])) if records else 0,
         "arms": arms_out,
+        "baselines": baselines,
         "red_flags": red,
         "notes": notes,
         "statistics": {"interval": "95% percentile bootstrap of the mean over runs", "n_boot": n_boot,
@@ -275,3 +295,75 @@ def summarize(grid: Grid, *, records: list[RunRecord] | None = None, missing: li
                   "run_dir": str(r.run_dir), "split": r.split, "majority": r.majority,
                   **{m: (None if math.isnan(v) else v) for m, v in r.metrics.items()}} for r in records],
     }
+
+
+# --------------------------------------------------------------------------- the non-network reference
+
+
+def logistic_reference(grid: Grid, ctrl: dict[tuple[int, int], RunRecord], *, n_boot: int = stats.N_BOOT) -> tuple[
+        dict[str, Any] | None, list[dict[str, Any]], list[str]]:
+    """Logistic regression on three range features for every (seed, fold) of ``grid``: entry, red flags, notes.
+
+    Each cell's splits come from the control cell's own config (:func:`moola_engine.ablation.cell_config`: same
+    seed, ``data.folds`` and ``data.fold``), so the baseline is fitted on the labeled windows the networks of that
+    cell trained on and scored on the split their saved outputs are scored on.  No training loop: a few
+    milliseconds a cell.  ``ctrl`` maps (seed, fold) to the control's finished run, for the paired comparison.
+    """
+    kind = grid.cfg.data.kind
+    if kind not in BASELINE_KINDS:
+        return None, [], [f"no {BASELINE_LABEL} baseline: its features are read from log OHLC bars, which "
+                          f"data.kind = {kind!r} does not have (it needs data.kind = \"ohlc\")"]
+    from .baselines import FEATURES, logistic_baseline
+    from .data import build_splits
+
+    flags: list[dict[str, Any]] = []
+    runs: list[dict[str, Any]] = []
+    mismatched: list[str] = []
+    for cell in (c for c in grid.cells() if c.control):
+        cfg = cell_config(grid, cell, threads=None)
+        base_dir = Path(cfg.source).parent if cfg.source != "<defaults>" else Path.cwd()  # as train.train does
+        try:
+            splits = build_splits(cfg.data, base_dir=base_dir, seed=cfg.train.seed, source=cfg.source)
+            res = logistic_baseline(splits)
+        except MoolaError as exc:
+            return None, [], [f"no {BASELINE_LABEL} baseline: building the data of seed {cell.seed} fold "
+                              f"{cell.fold} failed: {exc}"]
+        split = "test" if "test" in res else "val"
+        y = getattr(splits, split).y.cpu().numpy()
+        run = {"seed": cell.seed, "fold": cell.fold, "split": split, "train_size": len(splits.train),
+               "eval_size": len(y), "majority": stats.majority_rate(y),
+               **{m: _num(res[split][m]) for m in METRICS}}
+        c = ctrl.get((cell.seed, cell.fold))
+        if c is not None and (c.split != split or not np.array_equal(c.y, y)):
+            mismatched.append(f"seed {cell.seed} fold {cell.fold}")
+            run["paired"] = False
+        else:
+            run["paired"] = c is not None
+        runs.append(run)
+    if mismatched:
+        flags.append(_flag("baseline-data-mismatch", None,
+                           f"the {BASELINE_LABEL} baseline's evaluation labels differ from the control run's in "
+                           f"{len(mismatched)} cell(s) ({', '.join(mismatched[:3])}): the data changed since those "
+                           "runs, so these cells are left out of the paired comparison"))
+
+    def values(m: str, rows: list[dict[str, Any]]) -> list[float]:
+        return [math.nan if r[m] is None else r[m] for r in rows]
+
+    paired = [r for r in runs if r["paired"]]
+    ctrl_rows = [ctrl[(r["seed"], r["fold"])] for r in paired]
+    entry: dict[str, Any] = {
+        "label": BASELINE_LABEL, "reference": True, "model": "L2-penalised logistic regression (Newton)",
+        "features": list(FEATURES), "n": len(runs), "pairs": len(paired),
+        "eval_split": sorted({r["split"] for r in runs})[0] if runs else None,
+        "metrics": {m: stats.estimate(values(m, runs), n_boot=n_boot).to_json() for m in METRICS},
+        "vs_majority": stats.estimate([r["accuracy"] - r["majority"] for r in runs if r["accuracy"] is not None],
+                                      n_boot=n_boot).to_json(),
+        "vs_control": {m: stats.paired_difference(values(m, paired), [c.metrics[m] for c in ctrl_rows],
+                                                  n_boot=n_boot).to_json() for m in METRICS},
+        "runs": runs,
+    }
+    return entry, flags, []
+
+
+def _num(x: float) -> float | None:
+    return None if x is None or not math.isfinite(x) else float(x)
