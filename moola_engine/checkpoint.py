@@ -538,7 +538,8 @@ class ResumeState:
                                   f"strategy says {'trainable' if planned.trainable[g] else 'frozen'}")
             elif planned.trainable[g] and not _close(fz.lr(g), planned.lr[g]):
                 mismatches.append(f"group {g} trains at lr {fz.lr(g):.6g} but the strategy says {planned.lr[g]:.6g}")
-        flags = [n for grp in engine.groups for n, p in grp.params if p.requires_grad != fz.is_trainable(grp.name)]
+        flags = [n for grp in engine.groups for n, p in grp.params
+                 if p.requires_grad != (fz.is_trainable(grp.name) and n not in set(fz.frozen_params(grp.name)))]
         if flags:
             mismatches.append(f"requires_grad disagrees with the freezer for {', '.join(flags[:5])}")
         modes = bn_modes(engine)

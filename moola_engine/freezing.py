@@ -352,6 +352,8 @@ class Freezer:
     def state_dict(self) -> dict[str, Any]:
         """JSON-safe state: trainable mask and lr scale by group, the transition history."""
         return {"trainable": dict(self._trainable), "lr_scale": dict(self._scale),
+                "masked": {g: sorted(m) for g, m in self._masked.items() if m},
+                "mask_label": dict(self._mask_label),
                 "history": [attrs.asdict(t) for t in self.history]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -359,11 +361,16 @@ class Freezer:
         if sorted(state["trainable"]) != sorted(self.groups):
             raise GroupError(f"checkpoint groups {', '.join(state['trainable'])} differ from this model's "
                              f"groups {', '.join(self.groups)}")
+        masked = state.get("masked", {})
+        self._mask_label = dict(state.get("mask_label", {}))
         for g in self.groups:
             self._trainable[g] = bool(state["trainable"][g])
             self._scale[g] = float(state["lr_scale"][g])
-            if g in self._by_name:
-                set_trainable(self._by_name[g].tensors, self._trainable[g])
+            self._masked[g] = set(masked.get(g, []))
+            if g in self._by_name:  # parameters held by a mask (BitFit) stay frozen inside a trainable group
+                params = self._by_name[g].params
+                set_trainable([p for n, p in params if n not in self._masked[g]], self._trainable[g])
+                set_trainable([p for n, p in params if n in self._masked[g]], False)
         self.history = [Transition(**t) for t in state["history"]]
         self.pending = []
 
