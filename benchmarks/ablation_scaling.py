@@ -74,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bars", type=int, default=105)
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--target", type=float, default=1.8)
+    ap.add_argument("--threads", type=int, help="torch threads per worker (default: cores // jobs, as ablate does)")
     args = ap.parse_args(argv)
     cores = default_jobs()
     rows = []
@@ -85,12 +86,11 @@ def main(argv: list[str] | None = None) -> int:
             grid = build_grid(cfg, strategies=["frozen", "two_phase"], seeds=args.seeds, folds=args.folds,
                               out=root / f"grid-j{jobs}")
             t0 = time.perf_counter()
-            run_grid(grid, jobs=jobs, stream=io.StringIO())
+            threads = args.threads or max(1, cores // jobs)
+            run_grid(grid, jobs=jobs, threads=threads, stream=io.StringIO())
             wall = time.perf_counter() - t0
-            rows.append({"jobs": jobs, "threads_per_job": max(1, cores // jobs), "runs": len(grid.cells()),
-                         "wall_s": round(wall, 2)})
-            print(f"jobs {jobs}  threads/job {max(1, cores // jobs)}  {len(grid.cells())} runs  {wall:.1f} s",
-                  flush=True)
+            rows.append({"jobs": jobs, "threads_per_job": threads, "runs": len(grid.cells()), "wall_s": round(wall, 2)})
+            print(f"jobs {jobs}  threads/job {threads}  {len(grid.cells())} runs  {wall:.1f} s", flush=True)
     base = next((r["wall_s"] for r in rows if r["jobs"] == 1), None)
     for r in rows:
         r["speedup"] = round(base / r["wall_s"], 2) if base else None

@@ -49,7 +49,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run from a checkout without pip install
     sys.path.insert(0, str(ROOT))
 
-from moola_engine.config import ChecksConfig, ExperimentConfig, TrainConfig, structure  # noqa: E402
+from moola_engine.config import CheckpointConfig, ChecksConfig, ExperimentConfig, TrainConfig, structure  # noqa: E402
 from moola_engine.data import TensorData  # noqa: E402
 from moola_engine.engine import Engine  # noqa: E402
 from moola_engine.logs import RunLog, clear_contextvars  # noqa: E402
@@ -150,8 +150,9 @@ def run_plain(sc: Scenario, train: TensorData, val: TensorData, device: torch.de
 
 
 class EngineRunner:
-    def __init__(self, checks: bool, device: torch.device) -> None:
+    def __init__(self, checks: bool, device: torch.device, checkpoints: bool = False) -> None:
         self.checks = checks
+        self.checkpoints = checkpoints
         self.device = device
         self.pm_factory = build_plugin_manager  # entry points, or MOOLA_BUILTIN_PLUGINS=1 in a bare checkout
         _, registry = build_plugin_manager()
@@ -173,8 +174,8 @@ class EngineRunner:
         train_cfg = TrainConfig(epochs=sc.epochs, batch_size=sc.batch_size, lr=sc.lr, seed=sc.seed,
                                 device=str(self.device))
         checks = checks_config(self.checks)
-        if self.checks:
-            cfg = ExperimentConfig(train=train_cfg, checks=checks)
+        if self.checks or self.checkpoints:
+            cfg = ExperimentConfig(train=train_cfg, checks=checks, checkpoint=CheckpointConfig(enabled=self.checkpoints))
             for name, obs in build_observers(cfg, run_dir):
                 register_checked(pm, obs, name=name)
         register_checked(pm, strat, name="strategy:two-phase")
@@ -313,7 +314,9 @@ def main(argv: list[str] | None = None) -> int:
     scenarios = QUICK if args.quick else SCENARIOS
     chosen = list(scenarios) if args.scenario == "all" else [args.scenario]
 
-    runners = {"engine": EngineRunner(checks=False, device=device), "engine+checks": EngineRunner(checks=True, device=device)}
+    runners = {"engine": EngineRunner(checks=False, device=device),
+               "engine+checks": EngineRunner(checks=True, device=device),
+               "engine+checks+checkpoints": EngineRunner(checks=True, device=device, checkpoints=True)}
     variants: dict[str, Callable[..., float]] = {"plain": run_plain, **runners}
     lit = lightning_runner()
     if lit is not None:

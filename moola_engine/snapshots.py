@@ -88,18 +88,24 @@ class ExactStore:
 
     @torch.no_grad()
     def delta(self, snap: dict[str, torch.Tensor], named: Named, device: torch.device) -> Delta:
+        """Bitwise comparison plus max |dw|, ||dw|| and ||w0||, with fused (foreach) kernels where they exist."""
         out = Delta(device)
-        for n, t in named:
-            b = snap[n]
-            out.changed = out.changed | (bits(t) != bits(b)).any().to(device)
-            if t.is_floating_point() and t.numel():
-                d = (t.detach().double() - b.double())
-                out.max_abs = torch.maximum(out.max_abs, d.abs().max().to(device))
-                out.diff_sq = out.diff_sq + (d * d).sum().to(device)
-                out.ref_sq = out.ref_sq + (b.double() ** 2).sum().to(device)
-            elif t.numel():
-                d = (t.detach().double() - b.double())
-                out.max_abs = torch.maximum(out.max_abs, d.abs().max().to(device))
+        now = [t.detach() for _, t in named]
+        before = [snap[n] for n, _ in named]
+        if not now:
+            return out
+        # exact: any differing bit pattern (catches -0.0 vs 0.0 and NaN payloads that a float compare misses)
+        out.changed = torch.stack([(bits(t) != bits(b)).any() for t, b in zip(now, before, strict=True)]).any().to(device)
+        pairs = [(t, b) for t, b in zip(now, before, strict=True) if t.numel()]
+        floats = [(t, b) for t, b in pairs if t.is_floating_point()]
+        others = [(t, b) for t, b in pairs if not t.is_floating_point()]
+        if floats:
+            diffs = torch._foreach_sub([t for t, _ in floats], [b for _, b in floats])
+            out.max_abs = torch.stack([d.abs().amax() for d in diffs]).amax().double().to(device)
+            out.diff_sq = torch.stack(torch._foreach_norm(diffs, 2)).double().pow(2).sum().to(device)
+            out.ref_sq = torch.stack(torch._foreach_norm([b for _, b in floats], 2)).double().pow(2).sum().to(device)
+        for t, b in others:
+            out.max_abs = torch.maximum(out.max_abs, (t.double() - b.double()).abs().max().to(device))
         return out
 
 
