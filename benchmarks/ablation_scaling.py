@@ -3,7 +3,7 @@
 Target (issue 6): >= 1.8x from 1 to 2 workers on the fine-tuning-size task (the seed's SimpleLSTM,
 hidden 128, ~100 labelled windows of 105 bars x 4 features).  Run it on a quiet machine:
 
-    .venv/bin/python benchmarks/ablation_scaling.py              # default grid: 3 arms x 2 seeds x 2 folds
+    .venv/bin/python benchmarks/ablation_scaling.py              # default grid: 3 arms x 4 seeds x 2 folds, 30 epochs
     .venv/bin/python benchmarks/ablation_scaling.py --jobs 1 2 4 --seeds 4
 
 Each worker count gets a fresh grid folder; ``--jobs 1`` runs in-process with all cores as torch threads,
@@ -67,9 +67,9 @@ strategies_file = "strategies.toml"
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--jobs", type=int, nargs="+", default=[1, 2])
-    ap.add_argument("--seeds", type=int, default=2)
+    ap.add_argument("--seeds", type=int, default=4)
     ap.add_argument("--folds", type=int, default=2)
-    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--samples", type=int, default=110)
     ap.add_argument("--bars", type=int, default=105)
     ap.add_argument("--hidden", type=int, default=128)

@@ -142,6 +142,8 @@ class _DeltaObserver(_Observer):
         raise NotImplementedError
 
     def _report(self, engine: Any, failures: list[str]) -> None:
+        for msg in failures:
+            engine.log.error(Event.CHECK_FAILED, check=self.check, message=msg)
         self._fail(engine, failures)
 
     # ------------------------------------------------------------------ hooks
@@ -322,12 +324,6 @@ class BnStatsCheck(_DeltaObserver):
         return (f"BatchNorm running statistics of frozen group {group} drifted in epoch {engine.epoch}{size}: "
                 "its BatchNorm ran in train mode (model.train() called after the engine set frozen BN to eval?)")
 
-    def _report(self, engine: Any, failures: list[str]) -> None:
-        for msg in failures:
-            engine.log.error(Event.CHECK_FAILED, check=self.check, message=msg)
-        self._fail(engine, failures)
-
-
 class MaskedParamsCheck(_DeltaObserver):
     """Parameters held frozen by a mask inside a group that trains (BitFit's weights) must stay bitwise unchanged."""
 
@@ -354,12 +350,6 @@ class MaskedParamsCheck(_DeltaObserver):
         label = engine.freezer.mask_label(group) or "masked"
         return (f"parameters of group {group} held frozen by the {label} mask changed over {steps} step(s){size}: "
                 "a frozen parameter must stay bitwise unchanged")
-
-    def _report(self, engine: Any, failures: list[str]) -> None:
-        for msg in failures:
-            engine.log.error(Event.CHECK_FAILED, check=self.check, message=msg)
-        self._fail(engine, failures)
-
 
 # --------------------------------------------------------------------------- gradient flow
 
