@@ -138,14 +138,25 @@ _FSYNC_EVENTS = {Event.FREEZE_TRANSITION.value, Event.RUN_FAILED.value, Event.RU
 _LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
 
 
+# Routine events a person does not need on the console when they pass (the JSON log keeps every one):
+# one line per epoch (epoch.completed) and every transition, warning and failure is what stays visible.
+_CONSOLE_ROUTINE = {"weight_delta.check", "grad_flow.check", "bn_stats.check", "checkpoint.saved",
+                    "ddp.consistency"}
+
+
 class _ConsoleFilter:
-    """Drop events below the console level from the console only (the sink saw them)."""
+    """Drop, from the console only (the sink saw them), events below the console level and passing routine
+    checks (unless the console level is ``debug``)."""
 
     def __init__(self, level: str) -> None:
         self.level = _LEVELS[level]
 
     def __call__(self, logger: Any, method: str, event_dict: dict[str, Any]) -> dict[str, Any]:
-        if _LEVELS.get(event_dict.get("level", "info"), 20) < self.level:
+        level = _LEVELS.get(event_dict.get("level", "info"), 20)
+        if level < self.level:
+            raise structlog.DropEvent
+        if (self.level > 10 and level < 30 and event_dict.get("event") in _CONSOLE_ROUTINE
+                and event_dict.get("ok", True) is not False):
             raise structlog.DropEvent
         return event_dict
 
@@ -221,10 +232,10 @@ def _drop_all(logger: Any, method: str, event_dict: dict[str, Any]) -> dict[str,
 
 
 def _compact_console(logger: Any, method: str, event_dict: dict[str, Any]) -> dict[str, Any]:
-    """People do not need the run id and timestamp on every console line (the JSON has them)."""
+    """People do not need the run id and timestamp on every console line (the JSON has them), nor 17 digits."""
     for key in ("run_id", "timestamp"):
         event_dict.pop(key, None)
-    return event_dict
+    return {k: (float(f"{v:.4g}") if isinstance(v, float) else v) for k, v in event_dict.items()}
 
 
 def _colors(stream: IO[str]) -> bool:
