@@ -147,9 +147,9 @@ def after_step(engine: Engine, epoch: int, step: int, loss: torch.Tensor) -> Non
 def on_freeze(engine: Engine, group: str, epoch: int, reason: str) -> None:
     """Fires after the freezer froze ``group``: ``requires_grad`` is False and grads are None.
 
-    ``epoch`` is the epoch from whose next step the group is frozen (-1 never
-    happens: the initial state at fit start counts as epoch 0).  ``reason``
-    is the strategy's words (``"initial"``, ``"unfreeze_after"``, ...).
+    ``epoch`` is the epoch from whose next step the group is frozen (a freeze at
+    fit start is epoch 0).  ``reason`` is the strategy's words (``"phase 1: head
+    only"``, ``"frozen"``, ...).
     The return value is ignored.
     """
 
