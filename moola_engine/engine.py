@@ -404,7 +404,8 @@ class Engine:
 
     @torch.no_grad()
     def predict(self, data: TensorData, batch_size: int = 1024) -> torch.Tensor:
-        """Model outputs for ``data`` in eval mode, concatenated on the device."""
+        """Model outputs for ``data`` (on any device: moved to the engine's) in eval mode, on the device."""
+        data = data.to(self.device)  # no copy when it is there already (train/val); held-out splits are not
         was_training = self.model.training
         self.model.eval()
         outs = [self._model_fn(data.x[i:i + batch_size]).float() for i in range(0, len(data), batch_size)]
@@ -412,5 +413,6 @@ class Engine:
         return torch.cat(outs)
 
     def evaluate(self, data: TensorData, prefix: str = "") -> dict[str, float]:
+        data = data.to(self.device)
         metrics = self.eval_fn(self.predict(data), data.y)
         return {f"{prefix}{k}": v for k, v in metrics.items()}
