@@ -55,7 +55,7 @@ def build_model(cfg: ModelConfig, source: str = "config") -> nn.Module:
         raise ConfigError(source, f"unknown model {cfg.name!r}, expected one of {', '.join(sorted(MODELS))} @ $.model.name")
     try:
         return MODELS[cfg.name](**cfg.params)
-    except TypeError as exc:
+    except (TypeError, ValueError, RuntimeError) as exc:  # unknown keyword, or a value torch refuses
         raise ConfigError(source, f"invalid model parameters for {cfg.name}: {exc} @ $.model.params") from exc
 
 

@@ -38,7 +38,7 @@ from typing import Any
 
 import attrs
 
-from .errors import ScheduleError
+from .errors import ConfigError, ScheduleError
 from .freezing import _BN_TYPES, Freezer, ParamGroup
 from .hookspecs import hookimpl  # noqa: F401 - re-exported for strategy authors reading this module
 from .logs import Event, get_logger
@@ -278,6 +278,11 @@ def validate_plan(plan: Plan, strategy: Any, strategy_name: str, *, allow: set[s
     """
     log = log or get_logger()
     allow = set(allow)
+    known = set(OVERRIDES) | set(getattr(strategy, "overrides", ()))
+    unknown = sorted(allow - known)
+    if unknown:  # a misspelled override would otherwise be silently ignored and the run refused (or worse)
+        raise ConfigError("--allow", f"unknown override {', '.join(map(repr, unknown))}; known: {', '.join(sorted(known))}"
+                          " (a strategy may declare more in its `overrides` attribute)")
     for override, msg in schedule_problems(plan, strategy, strategy_name):
         if override in allow:
             log.warning(Event.CONFIG_OVERRIDE, allow=override, message=msg)

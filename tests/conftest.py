@@ -6,6 +6,7 @@ assert exact weights and flags.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,13 @@ from moola_engine.logs import RunLog, clear_contextvars
 from moola_engine.plugins import build_plugin_manager, register_checked
 
 torch.set_num_threads(1)
+
+# CI replays the same examples every run (a red CI must be reproducible); locally hypothesis explores anew.
+if os.environ.get("CI"):
+    from hypothesis import settings as _hyp_settings
+
+    _hyp_settings.register_profile("ci", derandomize=True)
+    _hyp_settings.load_profile("ci")
 
 ROOT = Path(__file__).resolve().parent.parent
 

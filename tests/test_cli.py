@@ -97,3 +97,14 @@ def test_strategies_list_json(capsys: pytest.CaptureFixture[str]) -> None:
     rows = {r["name"]: r for r in data["strategies"]}
     assert rows["two_phase"]["plugin"] == "two-phase"
     assert rows["two_phase"]["source"].startswith("moola-engine")
+
+
+def test_misspelled_allow_is_an_error_not_ignored(project: Path, monkeypatch: pytest.MonkeyPatch,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.chdir(project)
+    args = ["train", "--config", "exp.toml", "--strategies", STRATEGIES, "--strategy", "two_phase",
+            "--allow", "never-unfreze"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --allow: unknown override 'never-unfreze'; known: late-transition, never-unfreeze, no-phase")
+    assert not (project / "runs").exists()
