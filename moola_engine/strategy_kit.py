@@ -20,6 +20,7 @@ import attrs
 
 from .config import FieldValueError, non_negative, positive
 from .errors import ScheduleError
+from .hookspecs import hookimpl
 from .logs import Event
 
 
@@ -124,3 +125,88 @@ class PlateauWatcher:
 def log_plateau(engine: Any, who: str, watcher: PlateauWatcher, action: str) -> None:
     engine.log.info(Event.STRATEGY_PLATEAU, metric=watcher.metric, best=watcher.best, patience=watcher.patience,
                     action=action, strategy_key=who)
+
+
+
+class OneTransition:
+    """The shape two-phase and lp-ft share: phase 1, then one transition at a fixed epoch or on a plateau.
+
+    ``params`` is a :class:`MetricTrigger`.  A subclass sets the words its messages use and implements
+    :meth:`transition_epoch` (the fixed epoch), :meth:`_begin` (phase 1, at fit start) and
+    :meth:`_transition` (phase 2); this class owns when the transition fires, the plateau watcher, the plan
+    notes and the schedule validation.
+    """
+
+    name: str | None = None
+    label = "?"                      # the strategy's key in messages when it has no name
+    epoch_key = "?"                  # the parameter holding the fixed epoch
+    outcome = "the transition"       # what phase 2 is, in messages ("the encoder", "full fine-tuning")
+    never = "happen"                 # "the encoder would never <train>"
+    note_what = "the transition happens"
+    plateau_action = "transition"    # action field of strategy.plateau
+    epoch_reason = "?"               # reason of the freeze.transition events, per trigger
+    max_epoch_reason = "max_epoch"
+
+    def __init__(self, params: Any) -> None:
+        self.params = params
+        self._done = False
+        self._watch = params.watcher()  # built here so a resumed run can restore it (on_fit_start is not re-fired)
+
+    @property
+    def who(self) -> str:
+        return self.name or self.label
+
+    def transition_epoch(self) -> int:
+        raise NotImplementedError
+
+    def _begin(self, engine: Any) -> None:
+        raise NotImplementedError
+
+    def _transition(self, engine: Any, reason: str) -> None:
+        raise NotImplementedError
+
+    def plateau_reason(self) -> str:
+        p = self.params
+        return f"plateau: {p.metric} did not improve for {p.plateau_patience} epochs"
+
+    def _fire(self, engine: Any, reason: str) -> None:
+        self._transition(engine, reason)
+        self._done = True
+
+    def validate_schedule(self, epochs: int, groups: list[str]) -> list[tuple[str, str]]:
+        p = self.params
+        if p.unfreeze_on == "plateau":
+            if p.max_epoch is not None and p.max_epoch >= epochs:
+                return [("never-unfreeze", f"max_epoch = {p.max_epoch} but training runs {epochs} epochs: "
+                                           f"{self.outcome} might never {self.never}")]
+        elif self.transition_epoch() >= epochs:
+            return [("never-unfreeze", f"{self.epoch_key} = {self.transition_epoch()} but training runs {epochs} "
+                                       f"epochs: {self.outcome} would never {self.never}")]
+        return []
+
+    def plan_notes(self) -> list[str]:
+        if self.params.unfreeze_on == "plateau":
+            return [self.params.plateau_note(self.who, self.note_what)]
+        return []
+
+    @hookimpl
+    def on_fit_start(self, engine: Any) -> None:
+        self._done = False
+        self._watch = self.params.watcher()
+        self._begin(engine)
+
+    @hookimpl
+    def on_epoch_start(self, engine: Any, epoch: int) -> None:
+        if self.params.unfreeze_on == "epoch" and not self._done and epoch == self.transition_epoch():
+            self._fire(engine, self.epoch_reason)
+
+    @hookimpl
+    def on_validation_end(self, engine: Any, epoch: int, metrics: Any) -> None:
+        p = self.params
+        if p.unfreeze_on != "plateau" or self._done:
+            return
+        if not engine.dry_run and self._watch.update(metrics, who=self.who):
+            log_plateau(engine, self.who, self._watch, self.plateau_action)
+            self._fire(engine, self.plateau_reason())
+        elif epoch + 1 >= (p.max_epoch or 0):
+            self._fire(engine, self.max_epoch_reason)

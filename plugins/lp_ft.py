@@ -17,7 +17,7 @@ import attrs
 
 from moola_engine import hookimpl
 from moola_engine.config import positive
-from moola_engine.strategy_kit import MetricTrigger, decay_factor, decayed_scale, log_plateau
+from moola_engine.strategy_kit import MetricTrigger, OneTransition, decay_factor, decayed_scale
 
 
 @attrs.frozen(kw_only=True)
@@ -37,64 +37,36 @@ class LpFtParams(MetricTrigger):
         return self.probe_epochs if self.probe_epochs is not None else 10
 
 
-class LpFt:
+class LpFt(OneTransition):
     """linear probe, then full fine-tuning of everything at a lower lr"""
 
-    name: str | None = None
+    label = "lp-ft"
+    epoch_key = "probe_epochs"
+    outcome = "full fine-tuning"
+    never = "start"
+    note_what = "full fine-tuning starts"
+    plateau_action = "full fine-tuning"
+    epoch_reason = "lp-ft: probe_epochs done"
+    max_epoch_reason = "lp-ft: max_epoch"
 
-    def __init__(self, params: LpFtParams) -> None:
-        self.params = params
-        self._tuning = False
-        self._watch = self.params.watcher()  # built here so a resumed run can restore it (on_fit_start is not re-fired)
+    def transition_epoch(self) -> int:
+        return self.params.probe
 
-    def validate_schedule(self, epochs: int, groups: list[str]) -> list[tuple[str, str]]:
+    def plateau_reason(self) -> str:
         p = self.params
-        if p.unfreeze_on == "plateau":
-            if p.max_epoch is not None and p.max_epoch >= epochs:
-                return [("never-unfreeze", f"max_epoch = {p.max_epoch} but training runs {epochs} epochs: "
-                                           "full fine-tuning might never start")]
-        elif p.probe >= epochs:
-            return [("never-unfreeze", f"probe_epochs = {p.probe} but training runs {epochs} epochs: "
-                                       "full fine-tuning would never start")]
-        return []
+        return f"lp-ft: probe plateaued ({p.metric}, patience {p.plateau_patience})"
 
-    def plan_notes(self) -> list[str]:
-        if self.params.unfreeze_on == "plateau":
-            return [self.params.plateau_note(self.name or "lp-ft", "full fine-tuning starts")]
-        return []
+    def _begin(self, engine: Any) -> None:
+        for g in engine.freezer.encoder_groups:
+            engine.freezer.freeze(g, reason="lp-ft: linear probe")
 
-    def _fine_tune(self, engine: Any, reason: str) -> None:
+    def _transition(self, engine: Any, reason: str) -> None:
         fz = engine.freezer
         p = self.params
         for g in fz.head_groups:
             fz.set_lr_scale(g, p.lr_scale, reason=reason)
         for g in fz.encoder_groups:
             fz.unfreeze(g, lr_scale=decayed_scale(fz, g, p.lr_decay, p.lr_scale), reason=reason)
-        self._tuning = True
-
-    @hookimpl
-    def on_fit_start(self, engine: Any) -> None:
-        self._tuning = False
-        self._watch = self.params.watcher()
-        for g in engine.freezer.encoder_groups:
-            engine.freezer.freeze(g, reason="lp-ft: linear probe")
-
-    @hookimpl
-    def on_epoch_start(self, engine: Any, epoch: int) -> None:
-        if self.params.unfreeze_on == "epoch" and not self._tuning and epoch == self.params.probe:
-            self._fine_tune(engine, "lp-ft: probe_epochs done")
-
-    @hookimpl
-    def on_validation_end(self, engine: Any, epoch: int, metrics: Any) -> None:
-        p = self.params
-        if p.unfreeze_on != "plateau" or self._tuning:
-            return
-        who = self.name or "lp-ft"
-        if not engine.dry_run and self._watch.update(metrics, who=who):
-            log_plateau(engine, who, self._watch, "full fine-tuning")
-            self._fine_tune(engine, f"lp-ft: probe plateaued ({p.metric}, patience {p.plateau_patience})")
-        elif epoch + 1 >= (p.max_epoch or 0):
-            self._fine_tune(engine, "lp-ft: max_epoch")
 
 
 @hookimpl

@@ -17,7 +17,7 @@ import attrs
 
 from moola_engine import hookimpl
 from moola_engine.config import non_negative, positive
-from moola_engine.strategy_kit import MetricTrigger, decay_factor, decayed_scale, log_plateau
+from moola_engine.strategy_kit import MetricTrigger, OneTransition, decay_factor, decayed_scale
 
 
 @attrs.frozen(kw_only=True)
@@ -37,64 +37,31 @@ class TwoPhaseParams(MetricTrigger):
         return 10 if self.unfreeze_after is None else self.unfreeze_after
 
 
-class TwoPhase:
+class TwoPhase(OneTransition):
     """head first, then the encoder at a lower lr"""
 
-    name: str | None = None
+    label = "two-phase"
+    epoch_key = "unfreeze_after"
+    outcome = "the encoder"
+    never = "train"
+    note_what = "the encoder unfreezes"
+    plateau_action = "unfreeze encoder"
+    epoch_reason = "unfreeze_after"
 
-    def __init__(self, params: TwoPhaseParams) -> None:
-        self.params = params
-        self._unfrozen = False
-        self._watch = self.params.watcher()  # built here so a resumed run can restore it (on_fit_start is not re-fired)
+    def transition_epoch(self) -> int:
+        return self.params.after
 
-    def validate_schedule(self, epochs: int, groups: list[str]) -> list[tuple[str, str]]:
-        p = self.params
-        if p.unfreeze_on == "plateau":
-            if p.max_epoch is not None and p.max_epoch >= epochs:
-                return [("never-unfreeze", f"max_epoch = {p.max_epoch} but training runs {epochs} epochs: "
-                                           "the encoder might never train")]
-        elif p.after >= epochs:
-            return [("never-unfreeze",
-                     f"unfreeze_after = {p.after} but training runs {epochs} epochs: the encoder would never train")]
-        return []
-
-    def plan_notes(self) -> list[str]:
-        p = self.params
-        if p.unfreeze_on == "plateau":
-            return [p.plateau_note(self.name or "two-phase", "the encoder unfreezes")]
-        return []
-
-    def _unfreeze(self, engine: Any, reason: str) -> None:
-        fz = engine.freezer
-        for g in fz.encoder_groups:
-            fz.unfreeze(g, lr_scale=decayed_scale(fz, g, self.params.lr_decay, self.params.lr_scale), reason=reason)
-        self._unfrozen = True
-
-    @hookimpl
-    def on_fit_start(self, engine: Any) -> None:
-        self._unfrozen = False
-        self._watch = self.params.watcher()
+    def _begin(self, engine: Any) -> None:
         if self.params.unfreeze_on == "epoch" and self.params.after == 0:
-            self._unfreeze(engine, "unfreeze_after=0")
+            self._fire(engine, "unfreeze_after=0")
             return
         for g in engine.freezer.encoder_groups:
             engine.freezer.freeze(g, reason="phase 1: head only")
 
-    @hookimpl
-    def on_epoch_start(self, engine: Any, epoch: int) -> None:
-        if self.params.unfreeze_on == "epoch" and not self._unfrozen and epoch == self.params.after:
-            self._unfreeze(engine, "unfreeze_after")
-
-    @hookimpl
-    def on_validation_end(self, engine: Any, epoch: int, metrics: Any) -> None:
-        p = self.params
-        if p.unfreeze_on != "plateau" or self._unfrozen:
-            return
-        if not engine.dry_run and self._watch.update(metrics, who=self.name or "two-phase"):
-            log_plateau(engine, self.name or "two-phase", self._watch, "unfreeze encoder")
-            self._unfreeze(engine, f"plateau: {p.metric} did not improve for {p.plateau_patience} epochs")
-        elif epoch + 1 >= (p.max_epoch or 0):
-            self._unfreeze(engine, "max_epoch")
+    def _transition(self, engine: Any, reason: str) -> None:
+        fz = engine.freezer
+        for g in fz.encoder_groups:
+            fz.unfreeze(g, lr_scale=decayed_scale(fz, g, self.params.lr_decay, self.params.lr_scale), reason=reason)
 
 
 @hookimpl
