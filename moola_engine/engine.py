@@ -359,7 +359,9 @@ class Engine:
 
     def _epoch_loss(self, losses: list[torch.Tensor], counts: list[int], n: int, epoch: int, first_step: int,
                     grad_amax: list[torch.Tensor]) -> float:
-        """Mean training loss of the epoch (over all ranks); refuses a non-finite loss or gradient.  Two host reads, once per epoch."""
+        """Mean training loss of the epoch (over all ranks); refuses a non-finite loss or gradient.
+
+        Two host reads, once per epoch (the loss sums, the per-tensor gradient flags)."""
         if not losses:
             return math.nan
         stacked = torch.stack(losses).float()
