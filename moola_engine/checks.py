@@ -30,7 +30,9 @@ Failures are logged at error level (``weight_delta.violation`` or
 ``check.failed``, with a one-line ``message``); with ``checks.strict`` (the
 default) the run then stops with :class:`~moola_engine.errors.CheckFailed`
 (exit code 3).  Checks never run per step except the one gradient check per
-phase, and read results back from the device in one sync per check.
+phase, and read results back from the device in one sync per check.  The
+snapshots (:mod:`.snapshots`) are flat buffers, and the copy an interval's
+comparison makes is the next interval's snapshot.
 """
 
 from __future__ import annotations
@@ -95,9 +97,19 @@ class _DeltaObserver(_Observer):
     def _opt_lr(engine: Any, group: str) -> float:
         return float(engine.optimizer.param_groups[engine.freezer.groups.index(group)]["lr"])
 
-    def _measure(self, engine: Any, snaps: dict[str, Any], names: Iterable[str]) -> dict[str, list[float]]:
+    def _measure(self, engine: Any, snaps: dict[str, Any], names: Iterable[str],
+                 taken: dict[str, Any] | None = None) -> dict[str, list[float]]:
+        """[changed, max |dw|, ||dw||, ||dw|| / ||w0||] per group since ``snaps``, read back in one host sync.
+
+        ``taken``, when given, receives each group's snapshot as it is now (the copy the comparison made).
+        """
         by_name = {g.name: g for g in engine.groups}
-        rows = {n: self.store.delta(snaps[n], self._named(engine, by_name[n]), engine.device).as_tensor() for n in names}
+        rows = {}
+        for n in names:
+            delta, now = self.store.delta_and_take(snaps[n], self._named(engine, by_name[n]), engine.device)
+            rows[n] = delta.as_tensor()
+            if taken is not None:
+                taken[n] = now
         if not rows:
             return {}
         values = torch.stack(list(rows.values())).tolist()  # the one host sync of this check
@@ -105,7 +117,8 @@ class _DeltaObserver(_Observer):
 
     def _checkpoint(self, engine: Any, reason: str) -> None:
         steps = engine.step - self.ref_step
-        measured = self._measure(engine, self.ref, self.ref)
+        taken: dict[str, Any] = {}
+        measured = self._measure(engine, self.ref, self.ref, taken)
         failures: list[str] = []
         for name, (changed, max_abs, _norm, rel) in measured.items():
             trainable = self.ref_state[name]
@@ -122,7 +135,8 @@ class _DeltaObserver(_Observer):
             if not ok:
                 failures.append(self._message(engine, name, expected, trainable, max_abs, steps, "interval"))
         groups = self._groups(engine)
-        self.ref = {g.name: self.store.take(self._named(engine, g)) for g in groups}
+        self.ref = {g.name: taken[g.name] if g.name in taken else self.store.take(self._named(engine, g))
+                    for g in groups}
         self.ref_state = {g.name: engine.freezer.is_trainable(g.name) for g in groups}
         self.ref_lr = {g.name: self._opt_lr(engine, g.name) for g in groups}
         self.ref_step = engine.step

@@ -5,9 +5,11 @@ change since the snapshot, and by how much?  All results stay on the device
 as tensors; the caller reads them back in one host sync per check.
 
 ``exact``
-    A clone of every tensor on its own device (memory: one more copy of the
-    checked tensors).  ``changed`` compares the bit patterns (so -0.0 vs 0.0 and
-    NaN payloads count), ``max_abs_delta`` and ``||dw|| / ||w||`` are exact.
+    A copy of the checked tensors, packed into one flat buffer per dtype and
+    device (memory: one more copy of the checked tensors).  ``changed`` compares
+    the bit patterns (so -0.0 vs 0.0 and NaN payloads count), ``max_abs_delta``
+    and ``||dw|| / ||w||`` are exact.  The copy taken to compare is kept as the
+    next snapshot (``delta_and_take``), so a check interval costs one copy.
 
 ``fingerprint``
     Per tensor a few numbers instead of a copy: two modular checksums of the
@@ -73,40 +75,122 @@ class Store(Protocol):
     mode: str
     estimate: bool
 
-    def take(self, named: Named) -> dict[str, Any]: ...
+    def take(self, named: Named) -> Any: ...
 
-    def delta(self, snap: dict[str, Any], named: Named, device: torch.device) -> Delta: ...
+    def delta(self, snap: Any, named: Named, device: torch.device) -> Delta: ...
+
+    def delta_and_take(self, snap: Any, named: Named, device: torch.device) -> tuple[Delta, Any]:
+        """``delta`` plus a snapshot of ``named`` as it is now (what ``take`` would return), in one pass."""
+        ...
+
+
+class FlatSnapshot:
+    """Copies of a set of named tensors, packed into one flat buffer per dtype and device.
+
+    One ``torch.cat`` takes the copy, and the comparison runs a handful of whole-buffer operations
+    instead of several per tensor: on a small model the per-tensor dispatch was most of the check's
+    cost.  ``views`` gives each tensor back (views into the buffers) for the rare call whose set of
+    names differs from the snapshot's.
+    """
+
+    __slots__ = ("buffers", "keys", "names", "shapes")
+
+    def __init__(self, named: list[tuple[str, torch.Tensor]]) -> None:
+        self.names = [n for n, _ in named]
+        self.shapes = [t.shape for _, t in named]
+        self.keys = [_bucket(t) for _, t in named]
+        self.buffers = _pack(named, self.keys)
+
+    def views(self) -> dict[str, torch.Tensor]:
+        offsets: dict[tuple[Any, ...], int] = {}
+        out = {}
+        for name, shape, key in zip(self.names, self.shapes, self.keys, strict=True):
+            start = offsets.get(key, 0)
+            numel = shape.numel()
+            out[name] = self.buffers[key][start:start + numel].view(shape)
+            offsets[key] = start + numel
+        return out
+
+
+def _bucket(t: torch.Tensor) -> tuple[Any, ...]:
+    return (t.dtype, t.device)
+
+
+def _pack(named: list[tuple[str, torch.Tensor]], keys: list[tuple[Any, ...]]) -> dict[tuple[Any, ...], torch.Tensor]:
+    """One flat copy per (dtype, device): ``torch.cat`` of the flattened tensors (always a new tensor)."""
+    parts: dict[tuple[Any, ...], list[torch.Tensor]] = {}
+    for (_, t), key in zip(named, keys, strict=True):
+        parts.setdefault(key, []).append(t.detach().reshape(-1))
+    return {key: torch.cat(ts) for key, ts in parts.items()}
 
 
 class ExactStore:
     mode = "exact"
     estimate = False
 
-    @torch.no_grad()
-    def take(self, named: Named) -> dict[str, torch.Tensor]:
-        return {n: t.detach().clone() for n, t in named}
+    def __init__(self, host_reads: bool | None = None) -> None:
+        self.host_reads = host_reads  # None: host reads when everything is on the CPU (see _compare)
 
     @torch.no_grad()
-    def delta(self, snap: dict[str, torch.Tensor], named: Named, device: torch.device) -> Delta:
-        """Bitwise comparison plus max |dw|, ||dw|| and ||w0||, with fused (foreach) kernels where they exist."""
-        out = Delta(device)
-        now = [t.detach() for _, t in named]
-        before = [snap[n] for n, _ in named]
-        if not now:
-            return out
-        # exact: any differing bit pattern (catches -0.0 vs 0.0 and NaN payloads that a float compare misses)
-        out.changed = torch.stack([(bits(t) != bits(b)).any() for t, b in zip(now, before, strict=True)]).any().to(device)
-        pairs = [(t, b) for t, b in zip(now, before, strict=True) if t.numel()]
-        floats = [(t, b) for t, b in pairs if t.is_floating_point()]
-        others = [(t, b) for t, b in pairs if not t.is_floating_point()]
-        if floats:
-            diffs = torch._foreach_sub([t for t, _ in floats], [b for _, b in floats])
-            out.max_abs = torch.stack([d.abs().amax() for d in diffs]).amax().double().to(device)
-            out.diff_sq = torch.stack(torch._foreach_norm(diffs, 2)).double().pow(2).sum().to(device)
-            out.ref_sq = torch.stack(torch._foreach_norm([b for _, b in floats], 2)).double().pow(2).sum().to(device)
-        for t, b in others:
-            out.max_abs = torch.maximum(out.max_abs, (t.double() - b.double()).abs().max().to(device))
+    def take(self, named: Named) -> FlatSnapshot:
+        return FlatSnapshot(list(named))
+
+    @torch.no_grad()
+    def delta(self, snap: FlatSnapshot, named: Named, device: torch.device) -> Delta:
+        return self.delta_and_take(snap, named, device)[0]
+
+    @torch.no_grad()
+    def delta_and_take(self, snap: FlatSnapshot, named: Named, device: torch.device) -> tuple[Delta, FlatSnapshot]:
+        """The change since ``snap`` and a new snapshot of ``named`` (the copy the comparison made anyway)."""
+        named = list(named)
+        now = FlatSnapshot(named)
+        if (now.names, now.shapes, now.keys) != (snap.names, snap.shapes, snap.keys):
+            # a different set of tensors: compare name by name (a name missing from the snapshot is a KeyError)
+            before, after = snap.views(), now.views()
+            return _compare([(after[n], before[n]) for n in now.names], device, self.host_reads), now
+        return _compare([(now.buffers[k], snap.buffers[k]) for k in now.buffers], device, self.host_reads), now
+
+
+def _compare(pairs: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device,
+             host_reads: bool | None = None) -> Delta:
+    """Bitwise change, max |dw|, ||dw||² and ||w0||² over (now, before) pairs of equal-shaped tensors.
+
+    ``host_reads`` (default: when everything is on the CPU) lets the comparison read values on the host;
+    otherwise it uses device-side reductions only.  Both give the same numbers (tests/test_snapshots.py).
+    """
+    out = Delta(device)
+    pairs = [(t, b) for t, b in pairs if t.numel()]
+    if not pairs:
         return out
+    if host_reads is None:
+        host_reads = device.type == "cpu" and all(t.device.type == "cpu" for t, _ in pairs)
+    if host_reads:
+        # A host read costs nothing on the CPU: one bitwise torch.equal per buffer (it stops at the first
+        # difference), and arithmetic only for the buffers that changed (the frozen groups need none).
+        moved = [(t, b) for t, b in pairs if not torch.equal(bits(t), bits(b))]
+        if not moved:
+            return out
+        out.changed = torch.ones((), dtype=torch.bool, device=device)
+    else:  # on an accelerator: device-side reductions only, read back later in the check's one sync
+        moved = pairs
+        # exact: any differing bit pattern (catches -0.0 vs 0.0 and NaN payloads that a float compare misses)
+        changed = [(bits(t) != bits(b)).any().to(device) for t, b in pairs]
+        out.changed = changed[0] if len(changed) == 1 else torch.stack(changed).any()
+    maxes, diff_sq = [], []
+    for t, b in moved:
+        if t.is_floating_point():
+            d = t - b if t.element_size() >= 4 else t.double() - b.double()
+            maxes.append(d.abs().amax().double().to(device))
+            diff_sq.append(torch.linalg.vector_norm(d).double().square().to(device))
+        else:
+            maxes.append((t.double() - b.double()).abs().amax().to(device))
+    ref_sq = [torch.linalg.vector_norm(b).double().square().to(device) for t, b in pairs if t.is_floating_point()]
+    out.max_abs = maxes[0] if len(maxes) == 1 else torch.stack(maxes).amax()
+    if diff_sq:
+        out.diff_sq = diff_sq[0] if len(diff_sq) == 1 else torch.stack(diff_sq).sum()
+    if ref_sq:
+        out.ref_sq = ref_sq[0] if len(ref_sq) == 1 else torch.stack(ref_sq).sum()
+    return out
 
 
 class FingerprintStore:
@@ -142,16 +226,21 @@ class FingerprintStore:
         return {n: self.fingerprint(n, t) for n, t in named}
 
     def delta(self, snap: dict[str, tuple[torch.Tensor, torch.Tensor]], named: Named, device: torch.device) -> Delta:
+        return self.delta_and_take(snap, named, device)[0]
+
+    def delta_and_take(self, snap: dict[str, tuple[torch.Tensor, torch.Tensor]], named: Named,
+                       device: torch.device) -> tuple[Delta, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
         out = Delta(device)
         out.max_abs = torch.full((), float("nan"), dtype=torch.float64, device=device)
+        now = {}
         for n, t in named:
             c0, f0 = snap[n]
-            c1, f1 = self.fingerprint(n, t)
+            c1, f1 = now[n] = self.fingerprint(n, t)
             out.changed = out.changed | ((c1 != c0).any() | (f1 != f0).any()).to(device)
             dp = f1[1:] - f0[1:]
             out.diff_sq = out.diff_sq + (dp * dp).mean().to(device)
             out.ref_sq = out.ref_sq + f0[0].to(device)
-        return out
+        return out, now
 
 
 def hash_name(name: str) -> int:

@@ -1,0 +1,128 @@
+"""The weight snapshots behind the delta checks: bitwise change detection and exact delta sizes.
+
+The exact store packs each group into flat buffers and, on the CPU, reads values on the host (a
+``torch.equal`` per buffer, arithmetic only where something changed); on an accelerator it uses
+device-side reductions.  Both paths run here on the CPU and must give the same numbers.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from moola_engine.snapshots import ExactStore, FingerprintStore
+
+CPU = torch.device("cpu")
+
+
+def named() -> list[tuple[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(0)
+    return [("w", torch.randn(64, 32, generator=g)), ("b", torch.randn(32, generator=g)),
+            ("h", torch.randn(16, generator=g).half()), ("n", torch.tensor(7, dtype=torch.int64)),
+            ("empty", torch.zeros(0))]
+
+
+def measure(snap_named, now_named, host_reads):
+    """[changed, max_abs, ||dw||, rel] through the store's own snapshot and comparison."""
+    store = ExactStore(host_reads=host_reads)
+    return store.delta(store.take(snap_named), now_named, CPU).as_tensor().tolist()
+
+
+def reference(before, after):
+    """The same four numbers computed element by element in float64."""
+    changed = any(not torch.equal(_bits(a), _bits(b)) for (_, a), (_, b) in zip(after, before, strict=True))
+    diffs = [(a.double() - b.double()) for (_, a), (_, b) in zip(after, before, strict=True) if a.numel()]
+    max_abs = max(float(d.abs().max()) for d in diffs)
+    diff = math.sqrt(sum(float(d.pow(2).sum()) for (_, a), d in zip(after, diffs) if a.is_floating_point()))
+    ref = math.sqrt(sum(float(b.double().pow(2).sum()) for _, b in before if b.is_floating_point()))
+    return [float(changed), max_abs, diff, diff / ref]
+
+
+def _bits(t):
+    return t.view(torch.int16 if t.element_size() == 2 else torch.int32) if t.is_floating_point() else t
+
+
+def edit(items, name, fn):
+    return [(n, fn(t.clone()) if n == name else t.clone()) for n, t in items]
+
+
+@pytest.mark.parametrize("host_reads", [True, False])
+def test_unchanged_tensors_measure_zero(host_reads) -> None:
+    before = named()
+    assert measure(before, [(n, t.clone()) for n, t in before], host_reads) == [0.0, 0.0, 0.0, 0.0]
+
+
+def set_(index, value):
+    def fn(t):
+        t.view(-1)[index] = value
+        return t
+    return fn
+
+
+@pytest.mark.parametrize("host_reads", [True, False])
+@pytest.mark.parametrize(("name", "fn"), [
+    ("w", set_(-1, 3.25)),          # one element, the last one of the largest buffer
+    ("w", lambda t: t * 1.001),     # every element a little
+    ("b", set_(0, -100.0)),
+    ("h", set_(3, 2.0)),            # float16 bucket
+    ("n", lambda t: t + 5),         # an integer buffer (BatchNorm's num_batches_tracked)
+])
+def test_a_change_anywhere_is_caught_and_sized_exactly(host_reads, name, fn) -> None:
+    before = named()
+    after = edit(before, name, fn)
+    got = measure(before, after, host_reads)
+    want = reference(before, after)
+    assert got[0] == 1.0
+    assert got[1:] == pytest.approx(want[1:], rel=1e-5, abs=1e-12)
+
+
+@pytest.mark.parametrize("host_reads", [True, False])
+def test_bitwise_changes_a_float_compare_misses(host_reads) -> None:
+    zero = [("w", torch.zeros(1000))]
+    assert measure(zero, [("w", -torch.zeros(1000))], host_reads)[:2] == [1.0, 0.0]  # -0.0 vs 0.0
+    nan = torch.full((10,), math.nan)
+    other = nan.clone()
+    other.view(torch.int32)[4] += 1  # a different NaN payload
+    assert measure([("w", nan)], [("w", nan.clone())], host_reads)[0] == 0.0  # the same bits: unchanged
+    assert measure([("w", nan)], [("w", other)], host_reads)[0] == 1.0
+
+
+def test_delta_and_take_returns_the_snapshot_of_now_as_a_copy() -> None:
+    store = ExactStore()
+    p = torch.randn(50)
+    snap = store.take([("p", p)])
+    p.add_(1.0)
+    delta, now = store.delta_and_take(snap, [("p", p)], CPU)
+    present = p.clone()
+    assert delta.as_tensor().tolist()[:2] == [1.0, pytest.approx(1.0)]
+    assert store.delta(now, [("p", p)], CPU).as_tensor().tolist()[0] == 0.0  # now == take() of the present
+    p.add_(1.0)  # the snapshot is a copy, not a view of the parameter
+    assert store.delta(now, [("p", p)], CPU).as_tensor().tolist()[0] == 1.0
+    assert torch.equal(now.views()["p"], present)
+
+
+def test_a_different_set_of_names_is_compared_name_by_name() -> None:
+    store = ExactStore()
+    a, b = torch.randn(5), torch.randn(7)
+    snap = store.take([("a", a), ("b", b)])
+    b2 = b.clone()
+    b2[0] += 2.0
+    got = store.delta(snap, [("b", b2)], CPU).as_tensor().tolist()  # "a" left the set: only "b" compared
+    assert got[:2] == [1.0, pytest.approx(2.0)]
+    with pytest.raises(KeyError):
+        store.delta(snap, [("c", torch.randn(5))], CPU)
+
+
+def test_fingerprints_catch_one_element_and_a_sign_of_zero() -> None:
+    store = FingerprintStore()
+    w = torch.randn(4096)
+    snap = store.take([("w", w)])
+    assert store.delta(snap, [("w", w.clone())], CPU).as_tensor().tolist()[0] == 0.0
+    w2 = w.clone()
+    w2[1234] = torch.nextafter(w2[1234], torch.tensor(math.inf))  # one ulp
+    assert store.delta(snap, [("w", w2)], CPU).as_tensor().tolist()[0] == 1.0
+    z = torch.zeros(100)
+    zsnap = store.take([("z", z)])
+    assert store.delta(zsnap, [("z", -z)], CPU).as_tensor().tolist()[0] == 1.0
