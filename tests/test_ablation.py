@@ -117,6 +117,27 @@ def test_killed_ablation_resumes_without_rerunning_finished_runs(tmp_path: Path)
     assert resumed_results["arms"] == json.loads(json.dumps(ref_results["arms"]))
 
 
+@pytest.mark.slow
+def test_two_jobs_run_cells_here_and_in_a_spawned_worker_with_the_same_results(tmp_path: Path) -> None:
+    cfg = load_config(tiny_experiment(tmp_path))
+    two = build_grid(cfg, strategies=["frozen", "two_phase"], seeds=2, out=tmp_path / "two")
+    counts = run_grid(two, jobs=2, threads=1, stream=io.StringIO())
+    total = 3 * 2 * 2
+    assert counts == {"total": total, "skipped": 0, "ran": total, "adopted": 0}
+    pids = [json.loads(p.read_text())["pid"] for p in (two.out / "cells").glob("*.json")]
+    assert len(pids) == total
+    assert os.getpid() in pids  # this process ran cells itself ...
+    assert len(set(pids)) == 2  # ... and so did exactly one spawned worker
+    for marker in (two.out / "cells").glob("*.json"):  # cells checkpoint around transitions and the last epoch only
+        m = json.loads(marker.read_text())
+        if m["strategy"] == "frozen" and not m["control"]:  # frozen: the first phase's first epoch and the last
+            kept = sorted(d.name for d in (two.out / m["run_dir"] / "checkpoints").iterdir())
+            assert kept == ["epoch-0000", "epoch-0002"], kept
+    one = build_grid(cfg, strategies=["frozen", "two_phase"], seeds=2, out=tmp_path / "one")
+    run_grid(one, jobs=1, threads=1, stream=io.StringIO())
+    assert per_run(summarize(two)) == per_run(summarize(one))  # bitwise: where a cell runs does not matter
+
+
 def test_a_grid_folder_refuses_a_different_experiment(tmp_path: Path) -> None:
     cfg_path = tiny_experiment(tmp_path)
     cfg = load_config(cfg_path)
