@@ -361,21 +361,29 @@ class Engine:
                     grad_amax: list[torch.Tensor]) -> float:
         """Mean training loss of the epoch (over all ranks); refuses a non-finite loss or gradient.
 
-        Two host reads, once per epoch (the loss sums, the per-tensor gradient flags)."""
+        One host read per epoch: the weighted loss sum and one probe of the gradient norms (their float64 sum,
+        finite exactly when every norm is: norms are >= 0, so nothing cancels).  Only when something is not
+        finite does a second pass find the first bad step and tensor (:meth:`_first_nonfinite_steps`)."""
         if not losses:
             return math.nan
         stacked = torch.stack(losses).float()
-        weights = torch.tensor(counts, dtype=stacked.dtype, device=stacked.device)
+        total = (stacked * torch.tensor(counts, dtype=stacked.dtype, device=stacked.device)).sum().double()
+        probe = torch.stack(grad_amax).double().sum() if grad_amax else torch.zeros_like(total)
+        rows = self.dist.gather(torch.stack([total, probe]))  # (world, 2): every rank decides alike
+        values = rows.tolist()  # the epoch's host read
+        if all(math.isfinite(v) for row in values for v in row):
+            return sum(row[0] for row in values) / max(n, 1)
         finite = torch.isfinite(stacked)
         none_bad = torch.tensor(float(len(losses)), device=stacked.device)
         first_bad = torch.where(finite, none_bad, torch.arange(len(losses), device=stacked.device).float()).amin()
-        rows = self.dist.gather(torch.stack([(stacked * weights).sum(), first_bad]).double())
-        total, bad = float(rows[:, 0].sum()), int(rows[:, 1].amin())
+        bad = int(self.dist.gather(first_bad.reshape(1)).amin())
         grad_steps = self._first_nonfinite_steps(grad_amax, first_step)
         loss_step = first_step + bad if bad < len(losses) else -1
         if loss_step >= 0 or max(grad_steps, default=-1) >= 0:
             self._nonfinite(epoch, loss_step, grad_steps)
-        return total / max(n, 1)
+        # every value of this rank is finite, yet a sum is not (an overflow, or another rank's): never go on quietly
+        raise MoolaError(f"epoch {epoch}: the epoch's loss or gradient-norm sums are not finite on some rank "
+                         f"(per rank [loss sum, gradient-norm sum]: {values}); lower train.lr or set train.grad_clip")
 
     @staticmethod
     @torch.no_grad()

@@ -126,3 +126,31 @@ def test_fingerprints_catch_one_element_and_a_sign_of_zero() -> None:
     z = torch.zeros(100)
     zsnap = store.take([("z", z)])
     assert store.delta(zsnap, [("z", -z)], CPU).as_tensor().tolist()[0] == 1.0
+
+
+def test_the_accelerator_path_asks_the_device_for_nothing() -> None:
+    """Under the CPU proxy of CUDA's sync debug mode: the device path runs; the host path is what it catches."""
+    from moola_engine.hostsync import HostSyncError, sync_guard
+
+    before = named()
+    after = edit(before, "w", set_(7, 9.0))
+    for host_reads in (False, True):
+        store = ExactStore(host_reads=host_reads)
+        snap = store.take(before)
+        with sync_guard(CPU, "error"):
+            if host_reads:
+                with pytest.raises(HostSyncError, match="aten::equal"):
+                    store.delta_and_take(snap, after, CPU)
+            else:
+                delta, _ = store.delta_and_take(snap, after, CPU)
+                row = delta.as_tensor()
+    assert row.tolist()[0] == 1.0  # read after the guard, as the check does at the epoch end
+
+
+def test_off_the_cpu_the_default_is_the_device_path() -> None:
+    meta = torch.device("meta")  # no values at all: a host read (torch.equal) would fail here
+    items = [("w", torch.empty(8, 4, device=meta)), ("b", torch.empty(4, device=meta))]
+    store = ExactStore()
+    delta, now = store.delta_and_take(store.take(items), items, meta)
+    assert delta.as_tensor().device.type == "meta"
+    assert now.buffers[(torch.float32, meta)].shape == (36,)

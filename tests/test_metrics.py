@@ -1,0 +1,47 @@
+"""Validation metrics: AUC against its pairwise definition, accuracies as torch rounds them."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from moola_engine.metrics import accuracy, balanced_accuracy, classification_metrics, roc_auc
+
+
+def pairwise_auc(score: list[float], y: list[int]) -> float:
+    """P(score of a positive > score of a negative) + 0.5 P(tie), over every pair."""
+    pos = [s for s, t in zip(score, y, strict=True) if t == 1]
+    neg = [s for s, t in zip(score, y, strict=True) if t != 1]
+    wins = sum(1.0 if p > n else 0.5 if p == n else 0.0 for p in pos for n in neg)
+    return wins / (len(pos) * len(neg))
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_metrics_match_their_definitions(seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    n = int(torch.randint(2, 60, (1,), generator=g))
+    logits = torch.randn(n, 2, generator=g)
+    if seed % 2:
+        logits = (logits * 2).round() / 2  # many tied scores
+    y = torch.randint(0, 2, (n,), generator=g)
+    y[0], y[1] = 0, 1  # both classes present
+    m = classification_metrics(logits, y)
+    pred = logits.argmax(1)
+    assert m["loss"] == float(torch.nn.functional.cross_entropy(logits, y))
+    assert m["accuracy"] == float((pred == y).float().mean())  # float32-rounded, as torch gives it
+    recalls = [float((pred[y == c] == c).float().mean()) for c in (0, 1)]
+    assert m["balanced_accuracy"] == sum(recalls) / 2
+    score = torch.softmax(logits, 1)[:, 1].double().tolist()
+    assert m["auc"] == pytest.approx(pairwise_auc(score, y.tolist()), abs=1e-12)
+
+
+def test_edge_cases() -> None:
+    assert math.isnan(roc_auc(torch.tensor([0.1, 0.9]), torch.tensor([1, 1])))  # one class: no AUC
+    assert roc_auc(np.array([0.2, 0.2, 0.2]), np.array([0, 1, 0])) == 0.5  # all tied
+    assert math.isnan(accuracy(torch.tensor([], dtype=torch.long), torch.tensor([], dtype=torch.long)))
+    assert balanced_accuracy(np.array([0, 0, 0, 1]), np.array([0, 0, 0, 0])) == 0.75  # classes present in y only
+    three = classification_metrics(torch.eye(3)[[0, 1, 2, 2]], torch.tensor([0, 1, 2, 1]))
+    assert "auc" not in three and three["accuracy"] == 0.75
