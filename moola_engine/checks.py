@@ -104,16 +104,17 @@ class _DeltaObserver(_Observer):
         ``taken``, when given, receives each group's snapshot as it is now (the copy the comparison made).
         """
         by_name = {g.name: g for g in engine.groups}
-        rows = {}
+        deltas = {}
         for n in names:
-            delta, now = self.store.delta_and_take(snaps[n], self._named(engine, by_name[n]), engine.device)
-            rows[n] = delta.as_tensor()
+            deltas[n], now = self.store.delta_and_take(snaps[n], self._named(engine, by_name[n]), engine.device)
             if taken is not None:
                 taken[n] = now
-        if not rows:
+        if not deltas:
             return {}
-        values = torch.stack(list(rows.values())).tolist()  # the one host sync of this check
-        return dict(zip(rows, values, strict=True))
+        if all(d.host_values is not None for d in deltas.values()):  # the CPU path: floats already
+            return {n: d.as_list() for n, d in deltas.items()}
+        values = torch.stack([d.as_tensor() for d in deltas.values()]).tolist()  # the one host sync of this check
+        return dict(zip(deltas, values, strict=True))
 
     def _checkpoint(self, engine: Any, reason: str) -> None:
         steps = engine.step - self.ref_step
@@ -217,7 +218,7 @@ class WeightDeltaCheck(_DeltaObserver):
             return None
         snap, names = self.pretrained[group]
         params = dict(next(g for g in engine.groups if g.name == group).params)
-        return float(self.store.delta(snap, [(n, params[n]) for n in names], engine.device).as_tensor()[3])
+        return self.store.delta(snap, [(n, params[n]) for n in names], engine.device).as_list()[3]
 
     def _message(self, engine: Any, group: str, expected: str, trainable: bool, max_abs: float, steps: int,
                  scope: str) -> str:

@@ -34,6 +34,7 @@ as tensors; the caller reads them back in one host sync per check.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from typing import Any, Protocol
 
@@ -55,20 +56,41 @@ def bits(t: torch.Tensor) -> torch.Tensor:
 
 
 class Delta:
-    """Device scalars for one set of tensors: changed (bool), max |dw| (NaN in fingerprint mode), ||dw||², ||w0||²."""
+    """Device scalars for one set of tensors: changed (bool), max |dw| (NaN in fingerprint mode), ||dw||², ||w0||².
+
+    :meth:`host` makes one from Python floats instead (the CPU path, where reading a value costs nothing):
+    then :meth:`as_list` needs no tensor operation at all.
+    """
+
+    host_values: list[float] | None = None
 
     def __init__(self, device: torch.device) -> None:
         z = torch.zeros((), dtype=torch.float64, device=device)
+        self.device = device
         self.changed = torch.zeros((), dtype=torch.bool, device=device)
         self.max_abs = z.clone()
         self.diff_sq = z.clone()
         self.ref_sq = z.clone()
 
+    @classmethod
+    def host(cls, device: torch.device, changed: bool, max_abs: float, diff_sq: float, ref_sq: float) -> Delta:
+        out = cls.__new__(cls)
+        out.device = device
+        norm = math.sqrt(diff_sq)
+        out.host_values = [float(changed), max_abs, norm, norm / max(math.sqrt(ref_sq), 1e-30)]
+        return out
+
     def as_tensor(self) -> torch.Tensor:
         """[changed, max_abs, ||dw||, ||dw|| / ||w0||] as one float64 tensor (read back with one sync)."""
+        if self.host_values is not None:
+            return torch.tensor(self.host_values, dtype=torch.float64, device=self.device)
         norm = self.diff_sq.sqrt()
         rel = norm / self.ref_sq.sqrt().clamp_min(1e-30)
         return torch.stack([self.changed.double(), self.max_abs, norm, rel])
+
+    def as_list(self) -> list[float]:
+        """The same four numbers as Python floats (a host sync unless they are host values already)."""
+        return list(self.host_values) if self.host_values is not None else self.as_tensor().tolist()
 
 
 class Store(Protocol):
@@ -158,38 +180,52 @@ def _compare(pairs: list[tuple[torch.Tensor, torch.Tensor]], device: torch.devic
     ``host_reads`` (default: when everything is on the CPU) lets the comparison read values on the host;
     otherwise it uses device-side reductions only.  Both give the same numbers (tests/test_snapshots.py).
     """
-    out = Delta(device)
     pairs = [(t, b) for t, b in pairs if t.numel()]
     if not pairs:
-        return out
+        return Delta.host(device, False, 0.0, 0.0, 0.0)
     if host_reads is None:
         host_reads = device.type == "cpu" and all(t.device.type == "cpu" for t, _ in pairs)
     if host_reads:
         # A host read costs nothing on the CPU: one bitwise torch.equal per buffer (it stops at the first
-        # difference), and arithmetic only for the buffers that changed (the frozen groups need none).
+        # difference), arithmetic only for the buffers that changed (the frozen groups need none), and the
+        # results as Python floats (no scalar tensors to build and stack).
         moved = [(t, b) for t, b in pairs if not torch.equal(bits(t), bits(b))]
         if not moved:
-            return out
-        out.changed = torch.ones((), dtype=torch.bool, device=device)
-    else:  # on an accelerator: device-side reductions only, read back later in the check's one sync
-        moved = pairs
-        # exact: any differing bit pattern (catches -0.0 vs 0.0 and NaN payloads that a float compare misses)
-        changed = [(bits(t) != bits(b)).any().to(device) for t, b in pairs]
-        out.changed = changed[0] if len(changed) == 1 else torch.stack(changed).any()
-    maxes, diff_sq = [], []
-    for t, b in moved:
+            return Delta.host(device, False, 0.0, 0.0, 0.0)
+        maxima: list[float] = []
+        diff_sq = ref_sq = 0.0
+        for t, b in moved:
+            if t.is_floating_point():
+                d = t - b if t.element_size() >= 4 else t.double() - b.double()
+                lo, hi = torch.aminmax(d)  # max |d| in one pass, no |d| tensor
+                maxima += [-float(lo), float(hi)]
+                diff_sq += float(torch.linalg.vector_norm(d)) ** 2
+            else:
+                maxima.append(float((t.double() - b.double()).abs().amax()))
+        for t, b in pairs:
+            if t.is_floating_point():
+                ref_sq += float(torch.linalg.vector_norm(b)) ** 2
+        max_abs = math.nan if any(math.isnan(v) for v in maxima) else max(maxima)  # NaN wins, as torch.amax
+        return Delta.host(device, True, max_abs, diff_sq, ref_sq)
+    # on an accelerator: device-side reductions only, read back later in the check's one sync
+    out = Delta(device)
+    # exact: any differing bit pattern (catches -0.0 vs 0.0 and NaN payloads that a float compare misses)
+    changed = [(bits(t) != bits(b)).any().to(device) for t, b in pairs]
+    out.changed = changed[0] if len(changed) == 1 else torch.stack(changed).any()
+    maxes, diff_sq_t = [], []
+    for t, b in pairs:
         if t.is_floating_point():
             d = t - b if t.element_size() >= 4 else t.double() - b.double()
             maxes.append(d.abs().amax().double().to(device))
-            diff_sq.append(torch.linalg.vector_norm(d).double().square().to(device))
+            diff_sq_t.append(torch.linalg.vector_norm(d).double().square().to(device))
         else:
             maxes.append((t.double() - b.double()).abs().amax().to(device))
-    ref_sq = [torch.linalg.vector_norm(b).double().square().to(device) for t, b in pairs if t.is_floating_point()]
+    ref_sq_t = [torch.linalg.vector_norm(b).double().square().to(device) for t, b in pairs if t.is_floating_point()]
     out.max_abs = maxes[0] if len(maxes) == 1 else torch.stack(maxes).amax()
-    if diff_sq:
-        out.diff_sq = diff_sq[0] if len(diff_sq) == 1 else torch.stack(diff_sq).sum()
-    if ref_sq:
-        out.ref_sq = ref_sq[0] if len(ref_sq) == 1 else torch.stack(ref_sq).sum()
+    if diff_sq_t:
+        out.diff_sq = diff_sq_t[0] if len(diff_sq_t) == 1 else torch.stack(diff_sq_t).sum()
+    if ref_sq_t:
+        out.ref_sq = ref_sq_t[0] if len(ref_sq_t) == 1 else torch.stack(ref_sq_t).sum()
     return out
 
 
