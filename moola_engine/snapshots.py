@@ -198,7 +198,7 @@ def _compare(pairs: list[tuple[torch.Tensor, torch.Tensor]], device: torch.devic
             if t.is_floating_point():
                 d = t - b if t.element_size() >= 4 else t.double() - b.double()
                 lo, hi = torch.aminmax(d)  # max |d| in one pass, no |d| tensor
-                maxima += [-float(lo), float(hi)]
+                maxima += [abs(float(lo)), abs(float(hi))]  # abs: never a -0.0 in the events
                 diff_sq += float(torch.linalg.vector_norm(d)) ** 2
             else:
                 maxima.append(float((t.double() - b.double()).abs().amax()))

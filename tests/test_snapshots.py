@@ -81,7 +81,9 @@ def test_a_change_anywhere_is_caught_and_sized_exactly(host_reads, name, fn) -> 
 @pytest.mark.parametrize("host_reads", [True, False])
 def test_bitwise_changes_a_float_compare_misses(host_reads) -> None:
     zero = [("w", torch.zeros(1000))]
-    assert measure(zero, [("w", -torch.zeros(1000))], host_reads)[:2] == [1.0, 0.0]  # -0.0 vs 0.0
+    signed = measure(zero, [("w", -torch.zeros(1000))], host_reads)  # -0.0 vs 0.0
+    assert signed[:2] == [1.0, 0.0]
+    assert math.copysign(1.0, signed[1]) == 1.0  # max |dw| is +0.0, never -0.0
     nan = torch.full((10,), math.nan)
     other = nan.clone()
     other.view(torch.int32)[4] += 1  # a different NaN payload
