@@ -366,11 +366,14 @@ class Task:
     marker: str
 
 
-def _worker_init(threads: int) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and terminates the pool
+def _worker_main(conn: Any, threads: int) -> None:
+    """A spawned worker: run the cells sent over ``conn``, one at a time, until it receives None."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and terminates the workers
     import torch
 
     torch.set_num_threads(threads)
+    while (task := conn.recv()) is not None:
+        conn.send(run_cell(task))
 
 
 def run_cell(task: Task) -> dict[str, Any]:
@@ -532,13 +535,16 @@ def _execute(tasks: list[Task], jobs: int, threads: int, finish: Callable[[dict[
     """Run ``tasks`` in this process plus ``jobs - 1`` spawned workers, handing out one task at a time.
 
     This process is a worker too: it already has torch imported, so it starts at once while the spawned
-    workers import theirs (about 1.5 s of one core each), and a grid of J jobs costs J - 1 spawns.  A
-    spawned worker gets its next task from the pool's result thread the moment it returns one (no idle
-    gap while this process is busy with its own run).  ``finish`` runs in this thread only.
+    workers import theirs (about 1.5 s of one core each), and a grid of J jobs costs J - 1 spawns.  One
+    thread per spawned worker sends it a task, waits for the result *or the worker's death*, and sends the
+    next, so a worker never idles while this process is busy with its own run.  A worker that dies (killed
+    by the OS, out of memory, a crash in native code) fails its cell with a message naming it, instead of
+    leaving the grid waiting for a result that will never come.  ``finish`` runs in this thread only.
     """
     import queue
     import threading
     from collections import deque
+    from multiprocessing.connection import wait
 
     import torch
 
@@ -553,66 +559,67 @@ def _execute(tasks: list[Task], jobs: int, threads: int, finish: Callable[[dict[
             torch.set_num_threads(old_threads)
         return
     done: queue.SimpleQueue[dict[str, Any]] = queue.SimpleQueue()
-    failed: list[BaseException] = []
-    lock = threading.Lock()  # guards todo and inflight together: "nothing left" is never seen mid-hand-out
-    inflight = 0  # tasks handed to spawned workers whose result this thread has not taken yet
+    lock = threading.Lock()  # todo is shared by this thread and the feeders
+    stop = threading.Event()
     ctx = mp.get_context("spawn")
-    pool = ctx.Pool(jobs - 1, initializer=_worker_init, initargs=(threads,))
+    procs = []
+    feeders = []
 
-    def hand_out() -> None:
-        nonlocal inflight
+    def next_task() -> Task | None:
         with lock:
-            if not todo:
+            return todo.popleft() if todo and not stop.is_set() else None
+
+    def feed(proc: Any, conn: Any) -> None:
+        while (task := next_task()) is not None:
+            try:
+                conn.send(task)
+                if conn not in wait([conn, proc.sentinel]):
+                    raise EOFError
+                rec = conn.recv()
+            except (EOFError, OSError):
+                proc.join(timeout=5)
+                if not stop.is_set():
+                    done.put({"key": task.cell.key, "ok": False, "error": (
+                        f"worker process {proc.pid} died while running this cell (exit code {proc.exitcode}): "
+                        "killed by the OS (out of memory?) or crashed in native code")})
                 return
-            task = todo.popleft()
-            inflight += 1
-        with contextlib.suppress(ValueError):  # ValueError: the pool was terminated (this run is stopping)
-            pool.apply_async(run_cell, (task,), callback=returned, error_callback=broken)
-
-    def returned(rec: dict[str, Any]) -> None:  # in the pool's result thread
-        done.put(rec)
-        hand_out()
-
-    def broken(exc: BaseException) -> None:  # a task that could not run (e.g. it could not be pickled)
-        failed.append(exc)
-        done.put({})
-
-    def take(rec: dict[str, Any]) -> None:
-        nonlocal inflight
-        with lock:
-            inflight -= 1
-        if failed:
-            raise failed[0]
-        finish(rec)
+            done.put(rec)
+        with contextlib.suppress(OSError):
+            conn.send(None)  # no more work: the worker exits
 
     try:
         for _ in range(jobs - 1):
-            hand_out()
+            conn, child = ctx.Pipe()
+            proc = ctx.Process(target=_worker_main, args=(child, threads), daemon=True)
+            proc.start()
+            child.close()
+            procs.append(proc)
+            feeders.append(threading.Thread(target=feed, args=(proc, conn), daemon=True))
+            feeders[-1].start()
         while True:
             while True:  # what the spawned workers finished meanwhile
                 try:
-                    rec = done.get_nowait()
+                    finish(done.get_nowait())
                 except queue.Empty:
                     break
-                take(rec)
-            with lock:
-                task = todo.popleft() if todo else None
-                waiting = inflight
+            task = next_task()
             if task is not None:
                 finish(run_cell(task))
-            elif waiting:  # nothing left to start: wait for the spawned workers' last runs
+            elif any(f.is_alive() for f in feeders):  # nothing left to start: wait for the workers' last runs
                 with contextlib.suppress(queue.Empty):
-                    take(done.get(timeout=0.5))  # a timeout keeps Ctrl-C responsive
-            else:
+                    finish(done.get(timeout=0.5))  # a timeout keeps Ctrl-C responsive
+            elif done.empty():
                 break
-        pool.close()
+        for proc in procs:
+            proc.join(timeout=30)
     except BaseException:
-        with lock:
-            todo.clear()
-        pool.terminate()
+        stop.set()
+        for proc in procs:
+            proc.terminate()  # a cell cut short here is moved aside and rerun by the next ablate
         raise
     finally:
-        pool.join()
+        for f in feeders:
+            f.join(timeout=5)
         torch.set_num_threads(old_threads)
 
 

@@ -138,6 +138,44 @@ def test_two_jobs_run_cells_here_and_in_a_spawned_worker_with_the_same_results(t
     assert per_run(summarize(two)) == per_run(summarize(one))  # bitwise: where a cell runs does not matter
 
 
+@pytest.mark.slow
+def test_a_worker_killed_mid_grid_fails_its_cell_instead_of_hanging(tmp_path: Path) -> None:
+    import multiprocessing
+    import threading
+
+    # enough work (48 cells) that cells are still waiting when the worker, started ~2 s late, finishes its first
+    cfg = load_config(tiny_experiment(tmp_path, epochs=10))
+    grid = build_grid(cfg, strategies=["frozen", "two_phase"], seeds=8, out=tmp_path / "grid")
+    outcome: dict[str, BaseException | dict] = {}
+
+    def run() -> None:
+        try:
+            outcome["counts"] = run_grid(grid, jobs=2, threads=1, stream=io.StringIO())
+        except BaseException as exc:  # the test inspects whatever ended the grid
+            outcome["error"] = exc
+
+    runner = threading.Thread(target=run, daemon=True)
+    runner.start()
+    deadline = time.monotonic() + 60
+    victim = None
+    while victim is None and time.monotonic() < deadline:  # the spawned worker, once it has finished a cell
+        for child in multiprocessing.active_children():
+            markers = [json.loads(p.read_text()) for p in (grid.out / "cells").glob("*.json")]
+            if any(m.get("pid") == child.pid for m in markers):
+                victim = child
+        time.sleep(0.02)
+    assert victim is not None, "the spawned worker never finished a cell"
+    left = 48 - len(list((grid.out / "cells").glob("*.json")))
+    os.kill(victim.pid, signal.SIGKILL)  # what the OOM killer does
+    assert left > 4, f"only {left} cells left when the worker was killed: the test would prove nothing"
+    runner.join(timeout=60)
+    assert not runner.is_alive(), "ablate hung after its worker died"
+    err = outcome.get("error")
+    assert isinstance(err, MoolaError), outcome
+    assert f"worker process {victim.pid} died while running this cell" in str(err)
+    assert "runs are done and kept" in str(err)
+
+
 def test_a_grid_folder_refuses_a_different_experiment(tmp_path: Path) -> None:
     cfg_path = tiny_experiment(tmp_path)
     cfg = load_config(cfg_path)
