@@ -501,7 +501,8 @@ def run_grid(grid: Grid, *, jobs: int | None = None, threads: int | None = None,
         progress.close()
         return {"total": len(cells), "skipped": before, "ran": 0, "adopted": adopted}
     jobs = min(jobs, len(todo))
-    print(f"ablate: {len(todo)} runs, {jobs} worker process(es) x {threads} thread(s); "
+    workers = "this process" if jobs == 1 else f"this process and {jobs - 1} spawned worker(s)"
+    print(f"ablate: {len(todo)} runs, {workers}, {threads} thread(s) each; "
           f"run folders in {grid.runs_dir}", file=stream)
     tasks = [Task(cfg=cell_config(grid, c, threads), cell=c, strategies_file=str(grid.strategies_file),
                   out=str(grid.out), marker=str(grid.marker(c))) for c in todo]
