@@ -197,6 +197,22 @@ def test_overhead_benchmark_quick_smoke(tmp_path: Any) -> None:
     assert all(t > 0 for ts in res["seconds"].values() for t in ts)
 
 
+@pytest.mark.slow
+def test_overhead_benchmark_repeat_pools_the_rounds_of_fresh_processes(tmp_path: Any) -> None:
+    out = tmp_path / "bench.json"
+    assert overhead.main(["--quick", "--scenario", "finetune", "--rounds", "1", "--repeat", "2",
+                          "--json", str(out)]) == 0
+    import json
+
+    data = json.loads(out.read_text())
+    assert len(data["runs"]) == 2  # two processes, each its own results
+    pooled = data["pooled"][0]
+    assert pooled["pooled_rounds"] == 2
+    ratios = [run["results"][0]["seconds"]["engine"][0] / run["results"][0]["seconds"]["plain"][0]
+              for run in data["runs"]]
+    assert pooled["pooled_median_ratio"]["engine"] == pytest.approx(sum(ratios) / 2)  # median of two
+
+
 def test_non_finite_loss_is_found_at_epoch_end_with_its_step() -> None:
     calls = {"n": 0}
 
