@@ -25,7 +25,6 @@ thread count so workers do not fight over cores.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import multiprocessing as mp
 import os
@@ -43,6 +42,7 @@ import attrs
 from .config import ExperimentConfig, load_config, unstructure
 from .errors import ConfigError, MoolaError
 from .run import write_json_atomic
+from .safeio import sha256
 
 CONTROL = "control"
 GRID_VERSION = 1
@@ -221,14 +221,6 @@ def build_grid(
 # --------------------------------------------------------------------------- manifest and markers
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def fingerprint(grid: Grid) -> dict[str, Any]:
     """What makes two runs of a cell interchangeable: the experiment, not where or how it ran."""
     cfg = unstructure(grid.cfg)
@@ -242,7 +234,7 @@ def fingerprint(grid: Grid) -> dict[str, Any]:
         p = Path(grid.cfg.model.pretrained.path)
         if not p.is_absolute():
             p = Path(grid.cfg.source).parent / p
-        pretrained = _sha256(p) if p.is_file() else None
+        pretrained = sha256(p) if p.is_file() else None
     return {"experiment": cfg, "pretrained_sha256": pretrained,
             "arms": {a.label: {"strategy": a.strategy, **a.definition} for a in grid.arms}}
 
