@@ -149,8 +149,14 @@ class _DeltaObserver(_Observer):
                 "lr": self.ref_lr[name], "mode": self.store.mode, "estimate": self.store.estimate,
                 "epoch": engine.epoch}
 
+    ok_event: Event
+    fail_event: Event
+
     def _log(self, engine: Any, ok: bool, **fields: Any) -> None:
-        raise NotImplementedError
+        if ok:
+            engine.log.info(self.ok_event, ok=True, **fields)
+        else:
+            engine.log.error(self.fail_event, ok=False, **fields)
 
     def _message(self, engine: Any, group: str, expected: str, trainable: bool, max_abs: float, steps: int,
                  scope: str) -> str:
@@ -183,6 +189,7 @@ class WeightDeltaCheck(_DeltaObserver):
     """Frozen groups bitwise unchanged, trainable groups moved; per interval, per phase and per fit."""
 
     check = "weight_delta"
+    ok_event = fail_event = Event.WEIGHT_DELTA_CHECK
 
     def _named(self, engine: Any, group: ParamGroup) -> list[tuple[str, torch.Tensor]]:
         # Parameters held frozen by a mask (Freezer.freeze_params, e.g. BitFit's weights) are MaskedParamsCheck's.
@@ -230,12 +237,6 @@ class WeightDeltaCheck(_DeltaObserver):
         return (f"trainable group {group} did not move in {where} over {steps} step(s) "
                 f"(lr {self.ref_lr.get(group, float('nan')):.3g}): is it in the optimizer with lr > 0, "
                 "and does the loss reach it?")
-
-    def _log(self, engine: Any, ok: bool, **fields: Any) -> None:
-        if ok:
-            engine.log.info(Event.WEIGHT_DELTA_CHECK, ok=True, **fields)
-        else:
-            engine.log.error(Event.WEIGHT_DELTA_CHECK, ok=False, **fields)
 
     def _report(self, engine: Any, failures: list[str]) -> None:
         for msg in failures:
@@ -311,6 +312,7 @@ class BnStatsCheck(_DeltaObserver):
     """BatchNorm running statistics of frozen groups must stay unchanged (unless ``train.train_bn``)."""
 
     check = "bn_stats"
+    ok_event = fail_event = Event.BN_STATS_CHECK
 
     def _named(self, engine: Any, group: ParamGroup) -> list[tuple[str, torch.Tensor]]:
         seen: set[int] = set()
@@ -326,13 +328,6 @@ class BnStatsCheck(_DeltaObserver):
     def _expected(self, engine: Any, group: str, trainable: bool, steps: int) -> str:
         return "zero" if not trainable and not engine.config.train_bn else "any"
 
-    def _log(self, engine: Any, ok: bool, **fields: Any) -> None:
-        fields.pop("from_pretrained", None)
-        if ok:
-            engine.log.info(Event.BN_STATS_CHECK, ok=True, **fields)
-        else:
-            engine.log.error(Event.BN_STATS_CHECK, ok=False, **fields)
-
     def _message(self, engine: Any, group: str, expected: str, trainable: bool, max_abs: float, steps: int,
                  scope: str) -> str:
         size = "" if math.isnan(max_abs) else f" (max |delta| = {max_abs:.3g})"
@@ -343,6 +338,7 @@ class MaskedParamsCheck(_DeltaObserver):
     """Parameters held frozen by a mask inside a group that trains (BitFit's weights) must stay bitwise unchanged."""
 
     check = "weight_delta"
+    ok_event, fail_event = Event.WEIGHT_DELTA_CHECK, Event.WEIGHT_DELTA_VIOLATION
 
     def _named(self, engine: Any, group: ParamGroup) -> list[tuple[str, torch.Tensor]]:
         masked = set(engine.freezer.frozen_params(group.name))
@@ -351,13 +347,8 @@ class MaskedParamsCheck(_DeltaObserver):
     def _expected(self, engine: Any, group: str, trainable: bool, steps: int) -> str:
         return "zero"
 
-    def _log(self, engine: Any, ok: bool, **fields: Any) -> None:
-        fields.pop("from_pretrained", None)
-        fields["masked"] = engine.freezer.mask_label(fields["group"]) or "masked"
-        if ok:
-            engine.log.info(Event.WEIGHT_DELTA_CHECK, ok=True, **fields)
-        else:
-            engine.log.error(Event.WEIGHT_DELTA_VIOLATION, ok=False, **fields)
+    def _fields(self, engine: Any, name: str, **kw: Any) -> dict[str, Any]:
+        return {**super()._fields(engine, name, **kw), "masked": engine.freezer.mask_label(name) or "masked"}
 
     def _message(self, engine: Any, group: str, expected: str, trainable: bool, max_abs: float, steps: int,
                  scope: str) -> str:
