@@ -12,6 +12,7 @@ from moola_engine import hookimpl
 from moola_engine.checks import build_checks
 from moola_engine.config import ChecksConfig
 from moola_engine.errors import CheckFailed
+from moola_engine.logs import RunLog
 
 
 def _checks() -> tuple[Any, ...]:
@@ -19,12 +20,15 @@ def _checks() -> tuple[Any, ...]:
 
 
 def test_bitfit_runs_clean_and_masked_weights_stay_bitwise_frozen() -> None:
-    engine = make_engine(named("bitfit"), epochs=2, extra=_checks())
+    runlog = RunLog(None, console="none", capture=True)
+    engine = make_engine(named("bitfit"), epochs=2, extra=_checks(), runlog=runlog)
     w0 = engine.model.enc0.weight.detach().clone()
     b0 = engine.model.enc0.bias.detach().clone()
     engine.fit()
     assert torch.equal(w0, engine.model.enc0.weight)
     assert not torch.equal(b0, engine.model.enc0.bias)
+    masked = [e for e in runlog.events if e["event"] == "weight_delta.check" and "masked" in e]
+    assert masked and all(e["ok"] and not e["moved"] and e["masked"] == "biases" for e in masked), masked
 
 
 class NudgeMaskedWeight:
