@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One short GPU check (about 4 minutes on an H100), runnable on CPU too (CUDA parts become CPU equivalents).
+# One short GPU check (about 4-5 minutes on an H100), runnable on CPU too (CUDA parts become CPU equivalents).
 #
 #   bash benchmarks/gpu_check.sh 2>&1 | tee gpu_check.log
 #
@@ -34,9 +34,26 @@ fi
 
 echo "== 3. overhead benchmark on the device (fewer rounds)"
 if $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
-  timeout 150 $PY benchmarks/overhead.py --device cuda --rounds 5 --json gpu_overhead.json || status=1
+  timeout 300 $PY benchmarks/overhead.py --device cuda --rounds 15 --json gpu_overhead.json || status=1
 else
   timeout 150 $PY benchmarks/overhead.py --quick --scenario finetune --rounds 1 || status=1
+fi
+echo "== 4. end to end on the bundled data: pretrain, two-phase fine-tuning with every check, verify"
+if $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+  work=$(mktemp -d /tmp/moola-gpu-XXXX)
+  cfg=examples/.gpu_check_seed.toml  # beside seed.toml: its data paths are relative to the file
+  trap 'rm -f "$cfg"' EXIT
+  sed "s#\.\./artifacts/encoder\.safetensors#$work/encoder.safetensors#" examples/seed.toml > "$cfg"
+  grep -q "$work/encoder.safetensors" "$cfg" || { echo "could not point $cfg at $work"; exit 1; }
+  TIMEFORMAT="pretrain: %R s wall"
+  time timeout 240 $PY -m moola_engine.cli pretrain --config "$cfg" \
+    --out "$work/encoder.safetensors" --device cuda --console none || status=1
+  TIMEFORMAT="train: %R s wall"
+  time timeout 120 $PY -m moola_engine.cli train --config "$cfg" \
+    --strategy two_phase --runs-dir "$work/runs" --console none || status=1
+  timeout 60 $PY -m moola_engine.cli verify "$work/runs/latest/events.jsonl" || status=1
+else
+  echo "(no CUDA: skipped; the test suite runs the same journey on the CPU)"
 fi
 echo "gpu_check.sh: $([ $status = 0 ] && echo all passed || echo FAILURES above)"
 exit $status
