@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from moola_engine import metrics
 from moola_engine.metrics import accuracy, balanced_accuracy, classification_metrics, roc_auc
 
 
@@ -19,8 +20,16 @@ def pairwise_auc(score: list[float], y: list[int]) -> float:
     return wins / (len(pos) * len(neg))
 
 
+@pytest.fixture(params=["lists", "numpy"])
+def path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a test through each of classification_metrics' two paths (small sets on lists, large with numpy)."""
+    if request.param == "numpy":
+        monkeypatch.setattr(metrics, "LIST_PATH_MAX", -1)
+    return str(request.param)
+
+
 @pytest.mark.parametrize("seed", range(20))
-def test_metrics_match_their_definitions(seed: int) -> None:
+def test_metrics_match_their_definitions(seed: int, path: str) -> None:
     g = torch.Generator().manual_seed(seed)
     n = int(torch.randint(2, 60, (1,), generator=g))
     logits = torch.randn(n, 2, generator=g)
@@ -38,10 +47,32 @@ def test_metrics_match_their_definitions(seed: int) -> None:
     assert m["auc"] == pytest.approx(pairwise_auc(score, y.tolist()), abs=1e-12)
 
 
-def test_edge_cases() -> None:
+@pytest.mark.parametrize("seed", range(40))
+def test_the_two_paths_agree_bitwise(seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    g = torch.Generator().manual_seed(seed)
+    n = int(torch.randint(1, 80, (1,), generator=g))
+    classes = 2 if seed % 4 else 3
+    logits = torch.randn(n, classes, generator=g)
+    if seed % 3 == 0:
+        logits = logits.round()  # ties in the scores and in argmax
+    if seed % 10 == 7:
+        logits[n // 2] = float("nan")  # NaN scores: the list path hands AUC to numpy
+    y = torch.randint(0, classes, (n,), generator=g)
+    on_lists = classification_metrics(logits, y)
+    monkeypatch.setattr(metrics, "LIST_PATH_MAX", -1)
+    with_numpy = classification_metrics(logits, y)
+    assert on_lists.keys() == with_numpy.keys()
+    for k, v in on_lists.items():
+        assert v == with_numpy[k] or (math.isnan(v) and math.isnan(with_numpy[k])), (k, v, with_numpy[k])
+
+
+def test_edge_cases(path: str) -> None:
     assert math.isnan(roc_auc(torch.tensor([0.1, 0.9]), torch.tensor([1, 1])))  # one class: no AUC
     assert roc_auc(np.array([0.2, 0.2, 0.2]), np.array([0, 1, 0])) == 0.5  # all tied
     assert math.isnan(accuracy(torch.tensor([], dtype=torch.long), torch.tensor([], dtype=torch.long)))
     assert balanced_accuracy(np.array([0, 0, 0, 1]), np.array([0, 0, 0, 0])) == 0.75  # classes present in y only
     three = classification_metrics(torch.eye(3)[[0, 1, 2, 2]], torch.tensor([0, 1, 2, 1]))
     assert "auc" not in three and three["accuracy"] == 0.75
+    assert three["balanced_accuracy"] == (1.0 + 0.5 + 1.0) / 3
+    one_class = classification_metrics(torch.tensor([[0.0, 1.0], [1.0, 0.0]]), torch.tensor([1, 1]))
+    assert math.isnan(one_class["auc"]) and one_class["accuracy"] == 0.5 and one_class["balanced_accuracy"] == 0.5
