@@ -83,6 +83,9 @@ class Arm:
     control: bool
     definition: dict[str, Any]
     """plugin + params as structured from strategies.toml (a changed definition invalidates old runs)."""
+    work: int = 0
+    """Encoder parameters trained, summed over the planned epochs (the plan's dry run): a run's rough relative
+    cost, used only to start a seed's costly runs first (see :func:`run_order`)."""
 
 
 @attrs.frozen(kw_only=True)
@@ -207,13 +210,15 @@ def build_grid(
     groups = resolve_groups(model, group_specs(model, cfg.model))
     names, head = [g.name for g in groups], [g.name for g in groups if g.head]
     arms: list[Arm] = []
+    numel = {g.name: g.numel() for g in groups}
     for label, name, is_control in [(CONTROL, control, True), *[(s, s, False) for s in strategies]]:
         _, named = resolve_strategy(cfg, name, str(sfile))
         strat = named.build()
         plan = compute_plan(strat, names, head, cfg.train.epochs, cfg.train.lr, name=named.name)
         validate_plan(plan, strat, named.name, allow=set(cfg.run.allow), early_stopping=cfg.train.early_stopping)
+        work = sum(numel[g] for e in plan.epochs for g, on in e.trainable.items() if on and g not in head)
         arms.append(Arm(label=label, strategy=named.name, control=is_control,
-                        definition={"plugin": named.plugin, "params": unstructure(named.params)}))
+                        definition={"plugin": named.plugin, "params": unstructure(named.params)}, work=work))
     return Grid(cfg=cfg, arms=arms, seeds=seed_list, folds=n_folds, out=out.resolve(), strategies_file=sfile,
                 warnings=warnings)
 
@@ -274,6 +279,19 @@ def prepare(grid: Grid) -> None:
         "strategies_file": str(grid.strategies_file), "seeds": grid.seeds, "folds": grid.folds,
         "arms": [attrs.asdict(a) for a in grid.arms], "cells": [c.key for c in grid.cells()],
     })
+
+
+def run_order(grid: Grid, cells: Sequence[Cell]) -> list[Cell]:
+    """Seed by seed as :meth:`Grid.cells` lists them, but within a seed the costliest arms first.
+
+    With several workers the grid's wall time ends with whichever run finishes last; starting each seed's
+    long runs (encoder trained for many epochs) first and its short ones (frozen encoder) last leaves a short
+    run for the end.  Seeds stay in order, so an interrupted grid still has whole seeds done.
+    """
+    seed_rank = {s: i for i, s in enumerate(grid.seeds)}
+    work = {a.label: a.work for a in grid.arms}
+    listed = {c.key: i for i, c in enumerate(grid.cells())}
+    return sorted(cells, key=lambda c: (seed_rank[c.seed], -work[c.label], listed[c.key]))
 
 
 def read_marker(grid: Grid, cell: Cell) -> dict[str, Any] | None:
@@ -479,6 +497,7 @@ def run_grid(grid: Grid, *, jobs: int | None = None, threads: int | None = None,
     cells = grid.cells()
     before = sum(read_marker(grid, c) is not None for c in cells)
     todo, moved = pending(grid)
+    todo = run_order(grid, todo)
     adopted = len(cells) - len(todo) - before
     for d in moved:
         print(f"ablate: moved the unfinished run folder {d.name} of an interrupted ablation to {d.parent}/",

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from moola_engine.ablation import Arm, Cell, Grid, Progress, _write_marker, build_grid, prepare, run_grid
+from moola_engine.ablation import Arm, Cell, Grid, Progress, _write_marker, build_grid, prepare, run_grid, run_order
 from moola_engine.config import ExperimentConfig, ModelConfig, PretrainedConfig, load_config
 from moola_engine.errors import ConfigError, MoolaError
 from moola_engine.report import console_summary, write_report
@@ -136,6 +136,19 @@ def test_two_jobs_run_cells_here_and_in_a_spawned_worker_with_the_same_results(t
     one = build_grid(cfg, strategies=["frozen", "two_phase"], seeds=2, out=tmp_path / "one")
     run_grid(one, jobs=1, threads=1, stream=io.StringIO())
     assert per_run(summarize(two)) == per_run(summarize(one))  # bitwise: where a cell runs does not matter
+
+
+def test_each_seed_starts_its_costliest_runs_first(tmp_path: Path) -> None:
+    cfg = load_config(tiny_experiment(tmp_path, epochs=4))
+    grid = build_grid(cfg, strategies=["frozen", "two_phase"], seeds=2, out=tmp_path / "g")
+    encoder = 4 * 4 * (4 + 4 + 2) * 2  # biLSTM hidden 4 on 4 features: weights and both biases, two directions
+    work = {a.label: a.work for a in grid.arms}
+    assert work == {"control": 4 * encoder, "frozen": 0, "two_phase": 3 * encoder}  # from each arm's plan
+    order = [c.key for c in run_order(grid, grid.cells())]
+    assert order == [f"{arm}__s{s}__f{f}" for s in (0, 1) for arm in ("control", "two_phase", "frozen")
+                     for f in (0, 1)]
+    rest = [c for c in grid.cells() if c.seed == 1 or c.label == "frozen"]  # what a resumed grid has left
+    assert [c.key for c in run_order(grid, rest)] == ["frozen__s0__f0", "frozen__s0__f1", *order[6:]]
 
 
 @pytest.mark.slow
