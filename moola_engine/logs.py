@@ -87,8 +87,8 @@ def _json_default(obj: Any) -> Any:
         return str(obj)
     if isinstance(obj, enum.Enum):
         return obj.value
-    if hasattr(obj, "item"):  # numpy / torch scalars
-        return obj.item()
+    if hasattr(obj, "item"):  # numpy / torch scalars (a NaN one becomes "nan", as a float would)
+        return _finite(obj.item())
     if isinstance(obj, (set, frozenset, tuple)):
         return list(obj)
     return repr(obj)
@@ -119,7 +119,10 @@ class JsonlSink:
 
     def __call__(self, logger: Any, method: str, event_dict: dict[str, Any]) -> dict[str, Any]:
         if self._fh is not None:
-            line = json.dumps(_finite(dict(event_dict)), default=_json_default, allow_nan=False)
+            try:  # the common case: no NaN/inf anywhere, no pass over the dict before encoding it
+                line = json.dumps(event_dict, default=_json_default, allow_nan=False)
+            except ValueError:  # a NaN/inf somewhere: JSON has none, so write those as strings
+                line = json.dumps(_finite(event_dict), default=_json_default, allow_nan=False)
             self._fh.write(line + "\n")
             self._fh.flush()
             if event_dict.get("event") in _FSYNC_EVENTS:

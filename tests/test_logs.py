@@ -44,6 +44,19 @@ def test_console_is_pretty_and_filtered_json_is_complete(tmp_path: Path) -> None
     assert json.loads(lines[1])["val_loss"] == "nan"  # JSON has no NaN: written as a string, line stays valid
 
 
+def test_non_finite_values_anywhere_in_an_event_become_strings(tmp_path: Path) -> None:
+    import numpy as np
+    import torch
+
+    runlog = RunLog(tmp_path / "e.jsonl", console="none")
+    runlog.logger.info(Event.WEIGHT_DELTA_CHECK, ok=True, groups={"a": [1.0, float("inf")]}, fine=0.5)
+    runlog.logger.info(Event.EPOCH_COMPLETED, t=torch.tensor(float("nan")), n=np.float32("-inf"), k=np.int64(3))
+    runlog.close()
+    first, second = [json.loads(line) for line in (tmp_path / "e.jsonl").read_text().splitlines()]
+    assert first["groups"] == {"a": [1.0, "inf"]} and first["fine"] == 0.5
+    assert (second["t"], second["n"], second["k"]) == ("nan", "-inf", 3)  # scalars of torch and numpy too
+
+
 def test_torn_last_line_is_skipped_but_a_torn_middle_line_is_an_error(tmp_path: Path) -> None:
     path = tmp_path / "events.jsonl"
     path.write_text('{"event": "run.started"}\n{"event": "epoch.comp')
