@@ -61,10 +61,11 @@ def roc_auc(score: torch.Tensor | np.ndarray, y: torch.Tensor | np.ndarray) -> f
 def classification_metrics(logits: torch.Tensor, y: torch.Tensor, prefix: str = "") -> dict[str, float]:
     """Loss, accuracy, balanced accuracy and (binary) AUC from logits of shape (N, C)."""
     logits = logits.detach().float()
-    loss = float(torch.nn.functional.cross_entropy(logits, y))
+    loss_t = torch.nn.functional.cross_entropy(logits, y)
     binary = logits.shape[1] == 2
     if len(logits) <= LIST_PATH_MAX:
-        return _list_metrics(loss, logits, y, binary, prefix)
+        return _list_metrics(loss_t, logits, y, binary, prefix)
+    loss = float(loss_t)
     pred, labels = _host(logits.argmax(dim=1)), _host(y)
     out = {"loss": loss, "accuracy": accuracy(pred, labels), "balanced_accuracy": balanced_accuracy(pred, labels)}
     if binary:
@@ -78,8 +79,17 @@ def _f32_rate(hits: int, n: int) -> float:
     return struct.unpack("f", struct.pack("f", hits / n))[0] if n else float("nan")
 
 
-def _list_metrics(loss: float, logits: torch.Tensor, y: torch.Tensor, binary: bool, prefix: str) -> dict[str, float]:
-    pred, labels = logits.argmax(dim=1).tolist(), y.tolist()
+def _list_metrics(loss_t: torch.Tensor, logits: torch.Tensor, y: torch.Tensor, binary: bool,
+                  prefix: str) -> dict[str, float]:
+    """Everything the metrics need in one host read (one sync on a GPU): the loss, the predicted classes, the
+    labels and, for two classes, the positive class's probability, all exact in float32 (class indices up
+    to 2**24)."""
+    n = len(y)
+    parts = [loss_t.reshape(1), logits.argmax(dim=1).float(), y.to(logits.device, torch.float32)]
+    if binary:
+        parts.append(torch.softmax(logits, dim=1)[:, 1])
+    flat = torch.cat(parts).tolist()
+    loss, pred, labels = flat[0], flat[1:n + 1], [int(v) for v in flat[n + 1:2 * n + 1]]
     per_class: dict[int, list[int]] = {}  # class -> [hits, count]
     hits = 0
     for p, t in zip(pred, labels, strict=True):
@@ -94,7 +104,7 @@ def _list_metrics(loss: float, logits: torch.Tensor, y: torch.Tensor, binary: bo
     out = {"loss": loss, "accuracy": _f32_rate(hits, len(labels)),
            "balanced_accuracy": sum(recalls) / len(recalls) if recalls else float("nan")}
     if binary:
-        out["auc"] = _list_auc(torch.softmax(logits, dim=1)[:, 1].tolist(), labels)
+        out["auc"] = _list_auc(flat[2 * n + 1:], labels)
     return {f"{prefix}{k}": v for k, v in out.items()}
 
 
