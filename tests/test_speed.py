@@ -213,6 +213,22 @@ def test_overhead_benchmark_repeat_pools_the_rounds_of_fresh_processes(tmp_path:
     assert pooled["pooled_median_ratio"]["engine"] == pytest.approx(sum(ratios) / 2)  # median of two
 
 
+@pytest.mark.slow
+def test_engine_parts_and_process_spread_scripts_run(tmp_path: Any) -> None:
+    import subprocess
+
+    bench = ROOT / "benchmarks"
+    parts = subprocess.run([sys.executable, str(bench / "engine_parts.py"), "--quick", "--runs", "1", "--cold-probe"],
+                           capture_output=True, text=True, timeout=300, check=True).stdout
+    assert "engine + every check, fine-tuning scenario, 1 runs:" in parts
+    timed = {line.split()[0] for line in parts.splitlines() if line.startswith("  ")}
+    assert {"Engine.fit", "classification_metrics", "_DeltaObserver._measure", "GradFlowCheck.after_step"} <= timed
+    assert "cold probe: a small numpy call takes" in parts
+    spread = subprocess.run([sys.executable, str(bench / "process_spread.py"), "--quick", "--processes", "2",
+                             "--runs", "2"], capture_output=True, text=True, timeout=300, check=True).stdout
+    assert spread.count("process ") >= 2 and "between processes: medians" in spread
+
+
 def test_non_finite_loss_is_found_at_epoch_end_with_its_step() -> None:
     calls = {"n": 0}
 
