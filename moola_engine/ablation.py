@@ -85,7 +85,8 @@ class Arm:
     """plugin + params as structured from strategies.toml (a changed definition invalidates old runs)."""
     work: int = 0
     """Encoder parameters trained, summed over the planned epochs (the plan's dry run): a run's rough relative
-    cost, used only to start a seed's costly runs first (see :func:`run_order`)."""
+    cost, used only to start a seed's costly runs first (see :func:`run_order`).  A group counts whole even
+    when a ``freeze_params`` mask trains only part of it."""
 
 
 @attrs.frozen(kw_only=True)
@@ -116,7 +117,8 @@ class Grid:
     warnings: list[str] = attrs.Factory(list)
 
     def cells(self) -> list[Cell]:
-        """Seed-major order: a partly finished grid has whole seeds done, so early results already pair."""
+        """Seed-major order (the order of the manifest and the report); :func:`run_order` is the order runs
+        start in.  Either way a partly finished grid has whole seeds done, so its results already pair."""
         return [Cell(label=a.label, strategy=a.strategy, control=a.control, seed=s, fold=f)
                 for s in self.seeds for f in range(self.folds) for a in self.arms]
 

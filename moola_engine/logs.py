@@ -87,20 +87,22 @@ def _json_default(obj: Any) -> Any:
         return str(obj)
     if isinstance(obj, enum.Enum):
         return obj.value
+    if hasattr(obj, "tolist") and getattr(obj, "ndim", 0) > 0:  # numpy / torch arrays
+        return _finite(obj.tolist())
     if hasattr(obj, "item"):  # numpy / torch scalars (a NaN one becomes "nan", as a float would)
         return _finite(obj.item())
-    if isinstance(obj, (set, frozenset, tuple)):
-        return list(obj)
+    if isinstance(obj, (set, frozenset)):
+        return _finite(list(obj))
     return repr(obj)
 
 
 def _finite(obj: Any) -> Any:
-    """JSON has no NaN/inf: write them as strings so every line stays parseable."""
+    """JSON has no NaN/inf: write them as strings so every line stays parseable (keys too)."""
     if isinstance(obj, float) and not math.isfinite(obj):
         return str(obj)
     if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, list):
+        return {_finite(k): _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set, frozenset)):
         return [_finite(v) for v in obj]
     return obj
 
@@ -121,7 +123,9 @@ class JsonlSink:
         if self._fh is not None:
             try:  # the common case: no NaN/inf anywhere, no pass over the dict before encoding it
                 line = json.dumps(event_dict, default=_json_default, allow_nan=False)
-            except ValueError:  # a NaN/inf somewhere: JSON has none, so write those as strings
+            except ValueError as exc:  # a NaN/inf somewhere: JSON has none, so write those as strings
+                if "Out of range float" not in str(exc):
+                    raise
                 line = json.dumps(_finite(event_dict), default=_json_default, allow_nan=False)
             self._fh.write(line + "\n")
             self._fh.flush()

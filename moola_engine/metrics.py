@@ -8,7 +8,7 @@ GPU, each ``float(t)`` was a host sync).  Accuracies are rounded through float32
 A validation set of up to :data:`LIST_PATH_MAX` samples is scored in plain Python on lists, a larger one
 with numpy; both give bitwise the same numbers (tests/test_metrics.py).  The engine scores once per epoch,
 right after the step loop, when every numpy routine's code is cold: timed inside a fine-tuning run
-(18 validation windows) the numpy path cost about 0.5 ms an epoch, the list path a third of that.
+(18 validation windows) the numpy path cost about 0.5 ms an epoch, the list path about half of that.
 """
 
 from __future__ import annotations

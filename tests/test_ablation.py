@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -198,31 +199,34 @@ def test_ctrl_c_stops_a_two_job_ablation_at_once_and_leaves_no_worker_behind(tmp
     # its own process group, as a shell gives a foreground job: Ctrl-C sends SIGINT to every process in it
     proc = subprocess.Popen(cmd, cwd=tmp_path, env={**os.environ, "PYTHONWARNINGS": "ignore"},
                             start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        markers = [json.loads(p.read_text()) for p in (out / "cells").glob("*.json")] if (out / "cells").is_dir() else []
-        if len({m["pid"] for m in markers}) == 2:  # both processes are running cells
-            break
-        time.sleep(0.02)
-    assert proc.poll() is None, "the grid ended before the test could interrupt it"
-    done_before = len(list((out / "cells").glob("*.json")))
-    t0 = time.monotonic()
-    os.killpg(proc.pid, signal.SIGINT)
-    _, err = proc.communicate(timeout=30)
-    assert proc.returncode == 130, err
-    assert time.monotonic() - t0 < 10, "Ctrl-C took more than 10 s to stop the grid"
-    assert "interrupted;" in err and "runs are done and kept. Rerun the same command to continue." in err
-    assert len(list((out / "cells").glob("*.json"))) >= done_before  # nothing finished was lost
-    gone = time.monotonic() + 10
-    while time.monotonic() < gone:  # the spawned worker too: nothing of the process group is left
-        try:
-            os.killpg(proc.pid, 0)
-        except ProcessLookupError:
-            break
-        time.sleep(0.05)
-    else:
-        os.killpg(proc.pid, signal.SIGKILL)
-        pytest.fail("a process of the interrupted ablation was still alive 10 s after it exited")
+    try:
+        deadline = time.monotonic() + 120
+        pids: set[int] = set()
+        while time.monotonic() < deadline and proc.poll() is None and len(pids) < 2:
+            if (out / "cells").is_dir():
+                pids = {json.loads(p.read_text())["pid"] for p in (out / "cells").glob("*.json")}
+            time.sleep(0.02)
+        assert proc.poll() is None, "the grid ended before the test could interrupt it"
+        assert len(pids) == 2, f"cells finished in {len(pids)} process(es), not in both"
+        t0 = time.monotonic()
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 130, err
+        assert time.monotonic() - t0 < 10, "Ctrl-C took more than 10 s to stop the grid"
+        assert "interrupted;" in err and "runs are done and kept. Rerun the same command to continue." in err
+        gone = time.monotonic() + 10
+        while time.monotonic() < gone:  # the spawned worker too: nothing of the process group is left
+            try:
+                os.killpg(proc.pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.05)
+        else:
+            pytest.fail("a process of the interrupted ablation was still alive 10 s after it exited")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # whatever happened above, no grid keeps training
+        proc.wait()
 
 
 def test_a_grid_folder_refuses_a_different_experiment(tmp_path: Path) -> None:

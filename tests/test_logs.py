@@ -51,10 +51,14 @@ def test_non_finite_values_anywhere_in_an_event_become_strings(tmp_path: Path) -
     runlog = RunLog(tmp_path / "e.jsonl", console="none")
     runlog.logger.info(Event.WEIGHT_DELTA_CHECK, ok=True, groups={"a": [1.0, float("inf")]}, fine=0.5)
     runlog.logger.info(Event.EPOCH_COMPLETED, t=torch.tensor(float("nan")), n=np.float32("-inf"), k=np.int64(3))
+    runlog.logger.info(Event.EPOCH_COMPLETED, pair=(1.0, float("nan")), seen={float("inf")},
+                       by={float("nan"): 1}, arr=np.array([0.5, np.nan]), ten=torch.tensor([float("-inf"), 2.0]))
     runlog.close()
-    first, second = [json.loads(line) for line in (tmp_path / "e.jsonl").read_text().splitlines()]
+    first, second, third = [json.loads(line) for line in (tmp_path / "e.jsonl").read_text().splitlines()]
     assert first["groups"] == {"a": [1.0, "inf"]} and first["fine"] == 0.5
     assert (second["t"], second["n"], second["k"]) == ("nan", "-inf", 3)  # scalars of torch and numpy too
+    assert third["pair"] == [1.0, "nan"] and third["seen"] == ["inf"] and third["by"] == {"nan": 1}
+    assert third["arr"] == [0.5, "nan"] and third["ten"] == ["-inf", 2.0]  # arrays of numpy and torch
 
 
 def test_torn_last_line_is_skipped_but_a_torn_middle_line_is_an_error(tmp_path: Path) -> None:

@@ -20,12 +20,28 @@ def pairwise_auc(score: list[float], y: list[int]) -> float:
     return wins / (len(pos) * len(neg))
 
 
+def count_list_path(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """A spy on the list path: the returned list grows by one per call."""
+    calls: list[int] = []
+    real = metrics._list_metrics
+
+    def spy(*args: object, **kwargs: object) -> dict[str, float]:
+        calls.append(1)
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(metrics, "_list_metrics", spy)
+    return calls
+
+
 @pytest.fixture(params=["lists", "numpy"])
-def path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Run a test through each of classification_metrics' two paths (small sets on lists, large with numpy)."""
+def path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+    """Run a test through each of classification_metrics' two paths (small sets on lists, large with numpy),
+    and check afterwards that the test went through the path it names."""
     if request.param == "numpy":
         monkeypatch.setattr(metrics, "LIST_PATH_MAX", -1)
-    return str(request.param)
+    calls = count_list_path(monkeypatch)
+    yield str(request.param)
+    assert bool(calls) == (request.param == "lists"), f"{request.param}: list path called {len(calls)} time(s)"
 
 
 @pytest.mark.parametrize("seed", range(20))
@@ -66,11 +82,30 @@ def test_the_two_paths_agree_bitwise(seed: int, monkeypatch: pytest.MonkeyPatch)
         assert v == with_numpy[k] or (math.isnan(v) and math.isnan(with_numpy[k])), (k, v, with_numpy[k])
 
 
-def test_edge_cases(path: str) -> None:
+def test_numpy_helpers_edge_cases() -> None:
     assert math.isnan(roc_auc(torch.tensor([0.1, 0.9]), torch.tensor([1, 1])))  # one class: no AUC
     assert roc_auc(np.array([0.2, 0.2, 0.2]), np.array([0, 1, 0])) == 0.5  # all tied
     assert math.isnan(accuracy(torch.tensor([], dtype=torch.long), torch.tensor([], dtype=torch.long)))
     assert balanced_accuracy(np.array([0, 0, 0, 1]), np.array([0, 0, 0, 0])) == 0.75  # classes present in y only
+
+
+def test_the_list_path_takes_sets_up_to_its_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = count_list_path(monkeypatch)
+    g = torch.Generator().manual_seed(0)
+    for n, on_lists in [(0, True), (metrics.LIST_PATH_MAX, True), (metrics.LIST_PATH_MAX + 1, False)]:
+        before = len(calls)
+        logits, y = torch.randn(n, 2, generator=g), torch.randint(0, 2, (n,), generator=g)
+        out = classification_metrics(logits, y)
+        assert (len(calls) > before) == on_lists, n
+        if n == 0:  # nothing to score: every metric is NaN, nothing raises
+            assert all(math.isnan(v) for v in out.values()), out
+        else:  # the other path gives the same numbers, bitwise
+            with monkeypatch.context() as m:
+                m.setattr(metrics, "LIST_PATH_MAX", -1 if on_lists else n)
+                assert classification_metrics(logits, y) == out
+
+
+def test_edge_cases(path: str) -> None:
     three = classification_metrics(torch.eye(3)[[0, 1, 2, 2]], torch.tensor([0, 1, 2, 1]))
     assert "auc" not in three and three["accuracy"] == 0.75
     assert three["balanced_accuracy"] == (1.0 + 0.5 + 1.0) / 3
