@@ -28,7 +28,7 @@ def _host(t: torch.Tensor | np.ndarray) -> np.ndarray:
 
 def _rate(hits: np.ndarray) -> float:
     """Mean of a boolean array, rounded to float32 (exact count, one float32 division)."""
-    return float(np.float32(np.count_nonzero(hits)) / np.float32(hits.size)) if hits.size else float("nan")
+    return _f32_rate(int(np.count_nonzero(hits)), hits.size)
 
 
 def accuracy(pred: torch.Tensor | np.ndarray, y: torch.Tensor | np.ndarray) -> float:
@@ -74,8 +74,9 @@ def classification_metrics(logits: torch.Tensor, y: torch.Tensor, prefix: str = 
 
 
 def _f32_rate(hits: int, n: int) -> float:
-    """``hits / n`` rounded to float32, as ``_rate`` gives it: a float64 quotient rounded once more to float32 is
-    the correctly rounded float32 quotient (53 >= 2 x 24 + 2 bits: double rounding is innocuous for division)."""
+    """``hits / n`` rounded to float32, as ``(pred == y).float().mean()`` gives it: a float64 quotient rounded
+    once more to float32 is the correctly rounded float32 quotient (53 >= 2 x 24 + 2 bits: double rounding is
+    innocuous for division); NaN when ``n`` is 0."""
     return struct.unpack("f", struct.pack("f", hits / n))[0] if n else float("nan")
 
 
