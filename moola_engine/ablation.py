@@ -284,7 +284,8 @@ def prepare(grid: Grid) -> None:
 
 
 def run_order(grid: Grid, cells: Sequence[Cell]) -> list[Cell]:
-    """Seed by seed as :meth:`Grid.cells` lists them, but within a seed the costliest arms first.
+    """Seed by seed in the grid's seed order, but within a seed the costliest arms first; runs of equal cost
+    keep the order they are given in (:meth:`Grid.cells` order, from :func:`pending`).
 
     With several workers the grid's wall time ends with whichever run finishes last; starting each seed's
     long runs (encoder trained for many epochs) first and its short ones (frozen encoder) last leaves a short
@@ -292,8 +293,7 @@ def run_order(grid: Grid, cells: Sequence[Cell]) -> list[Cell]:
     """
     seed_rank = {s: i for i, s in enumerate(grid.seeds)}
     work = {a.label: a.work for a in grid.arms}
-    listed = {c.key: i for i, c in enumerate(grid.cells())}
-    return sorted(cells, key=lambda c: (seed_rank[c.seed], -work[c.label], listed[c.key]))
+    return sorted(cells, key=lambda c: (seed_rank[c.seed], -work[c.label]))  # stable: ties keep their order
 
 
 def read_marker(grid: Grid, cell: Cell) -> dict[str, Any] | None:
