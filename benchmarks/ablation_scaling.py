@@ -35,8 +35,8 @@ from typing import Any
 import attrs
 import numpy as np
 
-from moola_engine.ablation import build_grid, default_jobs, run_grid
 from moola_engine.config import load_config
+from moola_engine.experiments.ablation import build_grid, default_jobs, run_grid
 
 STRATEGIES = """
 [strategy.frozen]

@@ -30,10 +30,10 @@ sys.path.insert(0, str(ROOT.parent))
 
 import overhead  # noqa: E402
 
-from moola_engine import checks as C  # noqa: E402
-from moola_engine import engine as E  # noqa: E402
 from moola_engine import logs as L  # noqa: E402
-from moola_engine import plan as P  # noqa: E402
+from moola_engine.checks import delta as C  # noqa: E402
+from moola_engine.core import engine as E  # noqa: E402
+from moola_engine.core import plan as P  # noqa: E402
 
 SPENT: collections.Counter[str] = collections.Counter()
 CALLS: collections.Counter[str] = collections.Counter()
@@ -73,7 +73,7 @@ def cold_probe() -> None:
     """A 1-2 us numpy call, hot, then right after a training step of the scenario's model."""
     import numpy as np
 
-    from moola_engine.models import SimpleLSTM
+    from moola_engine.core.models import SimpleLSTM
 
     model, x, y = SimpleLSTM(), torch.randn(16, 64, 4), torch.randint(0, 2, (16,))
     a, b = np.random.default_rng(0).integers(0, 2, 18), np.random.default_rng(1).integers(0, 2, 18)

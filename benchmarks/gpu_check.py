@@ -28,11 +28,11 @@ import torch  # noqa: E402
 
 from moola_engine import hookimpl  # noqa: E402
 from moola_engine.config import ExperimentConfig, TrainConfig, structure  # noqa: E402
-from moola_engine.data import TensorData  # noqa: E402
-from moola_engine.engine import Engine  # noqa: E402
-from moola_engine.models import SimpleLSTM  # noqa: E402
-from moola_engine.observers import build_observers  # noqa: E402
-from moola_engine.plugins import build_plugin_manager, register_checked  # noqa: E402
+from moola_engine.core.data import TensorData  # noqa: E402
+from moola_engine.core.engine import Engine  # noqa: E402
+from moola_engine.core.models import SimpleLSTM  # noqa: E402
+from moola_engine.core.plugins import build_plugin_manager, register_checked  # noqa: E402
+from moola_engine.runs.observers import build_observers  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from overhead import checks_config  # noqa: E402

@@ -11,7 +11,7 @@ same seed, and a two-phase schedule (encoder frozen, then unfrozen at 0.3x lr):
 
 * ``plain``: a hand-written loop (randperm + index batches, freeze by
   ``requires_grad``, per-epoch validation loss and accuracy);
-* ``engine``: :class:`moola_engine.engine.Engine` with the ``two-phase``
+* ``engine``: :class:`moola_engine.core.engine.Engine` with the ``two-phase``
   strategy, an event log on disk, no checks;
 * ``engine+checks``: the same with every observer that
   ``observers.build_observers`` returns for a config with every check on;
@@ -51,12 +51,12 @@ if str(ROOT) not in sys.path:  # run from a checkout without pip install
     sys.path.insert(0, str(ROOT))
 
 from moola_engine.config import CheckpointConfig, ChecksConfig, ExperimentConfig, TrainConfig, structure  # noqa: E402
-from moola_engine.data import TensorData  # noqa: E402
-from moola_engine.engine import Engine  # noqa: E402
+from moola_engine.core.data import TensorData  # noqa: E402
+from moola_engine.core.engine import Engine  # noqa: E402
+from moola_engine.core.models import SimpleLSTM  # noqa: E402
+from moola_engine.core.plugins import build_plugin_manager, register_checked  # noqa: E402
 from moola_engine.logs import RunLog, clear_contextvars  # noqa: E402
-from moola_engine.models import SimpleLSTM  # noqa: E402
-from moola_engine.observers import build_observers  # noqa: E402
-from moola_engine.plugins import build_plugin_manager, register_checked  # noqa: E402
+from moola_engine.runs.observers import build_observers  # noqa: E402
 
 TARGETS = {"engine": 1.02, "engine+checks": 1.05}  # CPU, 1 thread, median per-round ratio
 

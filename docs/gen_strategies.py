@@ -65,7 +65,7 @@ def _field_docs(cls: type) -> dict[str, str]:
 
 
 def params_block(plugin: str) -> str:
-    from moola_engine.plugins import build_plugin_manager
+    from moola_engine.core.plugins import build_plugin_manager
 
     _, registry = build_plugin_manager()
     cls = registry[plugin].params

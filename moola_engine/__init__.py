@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from .errors import CheckFailed, ConfigError, MoolaError, PluginError, ScheduleError
-from .hookspecs import hookimpl, hookspec
+from moola_engine.core.hookspecs import hookimpl, hookspec
+from moola_engine.errors import CheckFailed, ConfigError, MoolaError, PluginError, ScheduleError
 
 __version__ = "0.1.0"
 

@@ -24,7 +24,7 @@ from typing import Any, Literal, TypeVar
 import attrs
 import cattrs
 
-from .errors import ConfigError
+from moola_engine.errors import ConfigError
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -145,7 +145,7 @@ class TrainConfig:
     """Run BatchNorm of frozen groups in train mode (default: eval, statistics frozen too)."""
     frozen_dropout: bool = True
     """Keep dropout active inside frozen groups (``false``: eval mode there)."""
-    # lr scheduler (moola_engine.schedulers): composes with the strategy's per-group lr scales
+    # lr scheduler (moola_engine.core.schedulers): composes with the strategy's per-group lr scales
     scheduler: Literal["none", "onecycle", "plateau", "cosine"] = "none"
     scheduler_metric: str = "val_loss"
     """The metric ``scheduler = "plateau"`` watches."""

@@ -269,7 +269,7 @@ def bind(**values: Any) -> None:
 
 def read_events(path: str | Path) -> list[dict[str, Any]]:
     """Read an events.jsonl back; a torn last line (killed mid-write) is skipped, others are errors."""
-    from .errors import MoolaError
+    from moola_engine.errors import MoolaError
 
     path = Path(path)
     if not path.is_file():

@@ -18,10 +18,10 @@ from typing import Any, Literal
 
 import attrs
 
-from .config import FieldValueError, non_negative, positive
-from .errors import ScheduleError
-from .hookspecs import hookimpl
-from .logs import Event
+from moola_engine.config import FieldValueError, non_negative, positive
+from moola_engine.core.hookspecs import hookimpl
+from moola_engine.errors import ScheduleError
+from moola_engine.logs import Event
 
 
 def _decay_factor(inst: Any, attr: attrs.Attribute, value: Any) -> None:

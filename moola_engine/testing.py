@@ -13,9 +13,9 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from .config import structure
-from .logs import read_events
-from .verify import Expectations, VerifyResult, events_path, load_expectations, verify_events
+from moola_engine.checks.verify import Expectations, VerifyResult, events_path, load_expectations, verify_events
+from moola_engine.config import structure
+from moola_engine.logs import read_events
 
 
 def assert_run(

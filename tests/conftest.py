@@ -16,10 +16,10 @@ import torch
 from torch import nn
 
 from moola_engine.config import ChecksConfig, GroupSpec, TrainConfig
-from moola_engine.data import TensorData
-from moola_engine.engine import Engine
+from moola_engine.core.data import TensorData
+from moola_engine.core.engine import Engine
+from moola_engine.core.plugins import build_plugin_manager, register_checked
 from moola_engine.logs import RunLog, clear_contextvars
-from moola_engine.plugins import build_plugin_manager, register_checked
 
 torch.set_num_threads(1)
 

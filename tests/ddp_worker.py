@@ -23,12 +23,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from conftest import TINY_GROUPS, TinyNet, named, tiny_data
 
-from moola_engine import distributed
 from moola_engine.config import TrainConfig
-from moola_engine.engine import Engine
+from moola_engine.core import distributed
+from moola_engine.core.engine import Engine
+from moola_engine.core.plugins import build_plugin_manager, register_checked
 from moola_engine.errors import CheckFailed
 from moola_engine.logs import RunLog
-from moola_engine.plugins import build_plugin_manager, register_checked
 
 N_TRAIN = 61  # 16, 16, 16, 13: a ragged last global batch, split 7 / 6 over two ranks
 
@@ -51,7 +51,7 @@ def main(out: Path) -> None:
     ctx = distributed.setup(torch.device("cpu"))  # owns the process group for the whole script
     # 0. the CLI path first, in a fresh process (nothing seeded yet): ranks must still start equal
     from moola_engine.config import load_config
-    from moola_engine.train import train
+    from moola_engine.runs.train import train
 
     outcome = train(load_config(out / "experiment.toml"), strategies_file=str(out / "strategies.toml"))
     # 1. the real thing

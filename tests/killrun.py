@@ -21,9 +21,9 @@ import attrs
 import torch
 
 from moola_engine import hookimpl
-from moola_engine.checkpoint import run_config
 from moola_engine.config import load_config
-from moola_engine.train import train
+from moola_engine.runs.checkpoint import run_config
+from moola_engine.runs.train import train
 
 
 def die() -> None:

@@ -15,11 +15,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from moola_engine.ablation import Arm, Cell, Grid, Progress, _write_marker, build_grid, prepare, run_grid, run_order
 from moola_engine.config import ExperimentConfig, ModelConfig, PretrainedConfig, load_config
 from moola_engine.errors import ConfigError, MoolaError
-from moola_engine.report import console_summary, write_report
-from moola_engine.summary import collect, summarize
+from moola_engine.experiments.ablation import Arm, Cell, Grid, Progress, _write_marker, build_grid, prepare, run_grid, run_order
+from moola_engine.experiments.report import console_summary, write_report
+from moola_engine.experiments.summary import collect, summarize
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -356,8 +356,8 @@ def test_preset_without_its_config_is_a_clear_error(tmp_path: Path, monkeypatch:
                                                     capsys: pytest.CaptureFixture[str]) -> None:
     import attrs
 
-    from moola_engine import ablation
     from moola_engine.cli import main
+    from moola_engine.experiments import ablation
 
     missing = tmp_path / "nope.toml"
     monkeypatch.setitem(ablation.PRESETS, "seed", attrs.evolve(ablation.PRESETS["seed"], config=missing))

@@ -9,12 +9,12 @@ import attrs
 import numpy as np
 import pytest
 
-from moola_engine.ablation import build_grid, run_grid
-from moola_engine.baselines import logistic_baseline
 from moola_engine.config import DataConfig, ExperimentConfig, ModelConfig, PretrainedConfig, load_config
-from moola_engine.data import build_splits
-from moola_engine.report import console_summary, table_rows, write_report
-from moola_engine.summary import BASELINE_KEY, BASELINE_LABEL, METRICS, collect, summarize
+from moola_engine.core.data import build_splits
+from moola_engine.experiments.ablation import build_grid, run_grid
+from moola_engine.experiments.report import console_summary, table_rows, write_report
+from moola_engine.experiments.summary import BASELINE_KEY, BASELINE_LABEL, METRICS, collect, summarize
+from moola_ohlc.baselines import logistic_baseline
 from tests.test_ablation import fake_grid, fake_run
 from tests.test_ohlc import synthetic, write_series
 

@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from moola_engine.baselines import fit_logistic, logistic_baseline, predict_proba, range_features
 from moola_engine.cli import main
 from moola_engine.config import DataConfig
-from moola_engine.data import build_splits
-from moola_engine.ohlc import FeatureStats, bar_features, make_windows
+from moola_engine.core.data import build_splits
+from moola_ohlc.baselines import fit_logistic, logistic_baseline, predict_proba, range_features
+from moola_ohlc.series import FeatureStats, bar_features, make_windows
 from tests.test_ohlc import synthetic
 
 

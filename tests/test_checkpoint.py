@@ -14,7 +14,12 @@ import torch
 from conftest import TINY_GROUPS, TinyNet, named, tiny_data
 
 from moola_engine import hookimpl
-from moola_engine.checkpoint import (
+from moola_engine.config import CheckpointConfig, EarlyStoppingConfig, TrainConfig
+from moola_engine.core.engine import Engine
+from moola_engine.core.plugins import build_plugin_manager, register_checked
+from moola_engine.errors import CheckFailed, CheckpointError
+from moola_engine.logs import RunLog
+from moola_engine.runs.checkpoint import (
     Checkpointer,
     ResumeState,
     decode,
@@ -22,11 +27,6 @@ from moola_engine.checkpoint import (
     list_checkpoints,
     strategy_state,
 )
-from moola_engine.config import CheckpointConfig, EarlyStoppingConfig, TrainConfig
-from moola_engine.engine import Engine
-from moola_engine.errors import CheckFailed, CheckpointError
-from moola_engine.logs import RunLog
-from moola_engine.plugins import build_plugin_manager, register_checked
 
 
 class Killed(BaseException):
@@ -173,7 +173,7 @@ def test_checkpoints_every_epoch_keep_last_k_and_transition_reasons(tmp_path: Pa
 
 
 def test_full_disk_during_a_save_keeps_the_previous_checkpoint(tmp_path: Path, monkeypatch: Any) -> None:
-    import moola_engine.checkpoint as ck
+    import moola_engine.runs.checkpoint as ck
 
     engine = build(named("immediate"), tmp_path, epochs=4)
     real = ck.save_file

@@ -11,13 +11,13 @@ from conftest import TINY_GROUPS, TinyNet, make_engine, named
 from torch import nn
 
 from moola_engine import hookimpl
-from moola_engine.checks import build_checks, optimizer_membership
+from moola_engine.checks.delta import build_checks, optimizer_membership
 from moola_engine.config import ChecksConfig, GroupSpec, structure
-from moola_engine.engine import Engine
+from moola_engine.core.engine import Engine
+from moola_engine.core.plan import compute_plan, validate_plan
+from moola_engine.core.plugins import build_plugin_manager
 from moola_engine.errors import CheckFailed, ScheduleError
 from moola_engine.logs import RunLog
-from moola_engine.plan import compute_plan, validate_plan
-from moola_engine.plugins import build_plugin_manager
 from moola_engine.testing import assert_run
 
 

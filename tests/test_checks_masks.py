@@ -9,7 +9,7 @@ import torch
 from conftest import make_engine, named
 
 from moola_engine import hookimpl
-from moola_engine.checks import build_checks
+from moola_engine.checks.delta import build_checks
 from moola_engine.config import ChecksConfig
 from moola_engine.errors import CheckFailed
 from moola_engine.logs import RunLog

@@ -20,10 +20,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from moola_engine.config import ExperimentConfig, load_config
+from moola_engine.core.plan import compute_plan, validate_plan
+from moola_engine.core.plugins import build_plugin_manager, load_strategies
 from moola_engine.errors import ConfigError, MoolaError
-from moola_engine.plan import compute_plan, validate_plan
-from moola_engine.plugins import build_plugin_manager, load_strategies
-from moola_engine.train import train
+from moola_engine.runs.train import train
 
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 _, REGISTRY = build_plugin_manager()

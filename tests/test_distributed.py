@@ -15,7 +15,7 @@ import torch
 from conftest import ROOT, TinyNet
 from ddp_worker import N_TRAIN, build_engine
 
-from moola_engine import distributed
+from moola_engine.core import distributed
 from moola_engine.errors import MoolaError
 
 
@@ -142,7 +142,7 @@ def test_two_gloo_ranks_match_single_process_and_check_consistency(tmp_path: Pat
 def test_train_builds_the_model_from_the_seed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Ranks build their models independently: the initial weights must follow train.seed, not process state."""
     from moola_engine.config import load_config
-    from moola_engine.train import train
+    from moola_engine.runs.train import train
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     _write_cli_inputs(tmp_path)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT
 
-from moola_engine.hookspecs import all_hook_names
+from moola_engine.core.hookspecs import all_hook_names
 from moola_engine.logs import Event
 
 DOCS = ROOT / "docs"
@@ -35,7 +35,7 @@ def test_no_documented_event_is_undeclared() -> None:
 
 
 def test_hookspecs_docstring_shows_every_hook_in_the_loop() -> None:
-    from moola_engine import hookspecs
+    from moola_engine.core import hookspecs
 
     doc = hookspecs.__doc__ or ""
     for hook in all_hook_names():

@@ -12,12 +12,12 @@ from torch import nn
 
 from moola_engine import hookimpl
 from moola_engine.config import EarlyStoppingConfig, GroupSpec, TrainConfig
-from moola_engine.engine import Engine, build_optimizer, select_device
+from moola_engine.core.engine import Engine, build_optimizer, select_device
+from moola_engine.core.freezing import resolve_groups
+from moola_engine.core.hookspecs import all_hook_names
+from moola_engine.core.plugins import build_plugin_manager, collect_strategies, register_checked
 from moola_engine.errors import GroupError, PluginError, ScheduleError
-from moola_engine.freezing import resolve_groups
-from moola_engine.hookspecs import all_hook_names
 from moola_engine.logs import Event, RunLog, read_events
-from moola_engine.plugins import build_plugin_manager, collect_strategies, register_checked
 
 
 class Recorder:
@@ -221,7 +221,7 @@ def test_device_auto_is_cpu_without_cuda() -> None:
 
 
 def test_default_groups_of_simple_lstm() -> None:
-    from moola_engine.models import SimpleLSTM
+    from moola_engine.core.models import SimpleLSTM
 
     model = SimpleLSTM(hidden_size=4, head_hidden=3)
     groups = resolve_groups(model, model.default_groups())

@@ -18,10 +18,10 @@ from conftest import make_engine, named
 from test_checkpoint import build
 
 from moola_engine import hookimpl
-from moola_engine.checkpoint import list_checkpoints
 from moola_engine.errors import MoolaError, PluginError
 from moola_engine.logs import RunLog, read_events
-from moola_engine.run import create_run_dir
+from moola_engine.runs.checkpoint import list_checkpoints
+from moola_engine.runs.folders import create_run_dir
 
 
 class PoisonGrad:
@@ -130,7 +130,7 @@ def test_runs_dir_that_is_a_file_fails_before_training(tmp_path: Path) -> None:
 
 
 def test_full_disk_fails_before_training(tmp_path: Path, monkeypatch: Any) -> None:
-    import moola_engine.run as run
+    import moola_engine.runs.folders as run
 
     monkeypatch.setattr(run.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 4096, 4096))
     with pytest.raises(MoolaError, match=r"only 4 KiB free, need at least 32 MiB; nothing was trained"):
@@ -139,7 +139,7 @@ def test_full_disk_fails_before_training(tmp_path: Path, monkeypatch: Any) -> No
 
 def test_full_disk_stops_the_cli_before_any_data_or_training(tmp_path: Path, monkeypatch: Any,
                                                              capsys: Any) -> None:
-    import moola_engine.run as run
+    import moola_engine.runs.folders as run
     from moola_engine.cli import main
 
     cfg = tmp_path / "exp.toml"

@@ -24,10 +24,10 @@ from conftest import ROOT
 from safetensors.torch import load_file
 
 from moola_engine.config import structure, unstructure
+from moola_engine.core.plan import compute_plan, validate_plan
+from moola_engine.core.plugins import build_plugin_manager, load_strategies
 from moola_engine.errors import MoolaError
 from moola_engine.logs import read_events
-from moola_engine.plan import compute_plan, validate_plan
-from moola_engine.plugins import build_plugin_manager, load_strategies
 
 pytestmark = pytest.mark.slow
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from moola_engine import metrics
-from moola_engine.metrics import accuracy, balanced_accuracy, classification_metrics, roc_auc
+from moola_engine.core import metrics
+from moola_engine.core.metrics import accuracy, balanced_accuracy, classification_metrics, roc_auc
 
 
 def pairwise_auc(score: list[float], y: list[int]) -> float:

@@ -13,10 +13,10 @@ from torch import nn
 from moola_engine import hookimpl
 from moola_engine.cli import main
 from moola_engine.config import EarlyStoppingConfig, GroupSpec, TrainConfig
+from moola_engine.core.freezing import resolve_groups
+from moola_engine.core.plan import compute_plan, validate_plan
+from moola_engine.core.plugins import build_plugin_manager, load_strategies
 from moola_engine.errors import ConfigError, ScheduleError
-from moola_engine.freezing import resolve_groups
-from moola_engine.plan import compute_plan, validate_plan
-from moola_engine.plugins import build_plugin_manager, load_strategies
 
 GROUPS = resolve_groups(TinyNet(), TINY_GROUPS)
 NAMES = [g.name for g in GROUPS]
@@ -214,7 +214,7 @@ def test_plan_with_batchnorm_shows_modes() -> None:
     plan_bn = compute_plan(named("frozen"), names, ["head"], 2, 1e-3, model_groups=groups,
                            train=TrainConfig(train_bn=True))
     assert [e.bn["encoder.layer0"] for e in plan_bn.epochs] == ["train", "train"]
-    from moola_engine.commands.plan import render_plan
+    from moola_engine.cli.commands.plan import render_plan
     assert render_plan(plan).splitlines()[:4] == [
         "strategy two-phase: 4 epochs, base lr 0.001",
         "epochs  encoder.layer0         encoder.layer1  head",

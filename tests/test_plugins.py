@@ -12,8 +12,8 @@ import pytest
 from conftest import ROOT
 
 from moola_engine import hookimpl
+from moola_engine.core.plugins import build_plugin_manager, load_strategies, register_checked, select_strategy
 from moola_engine.errors import ConfigError, PluginError
-from moola_engine.plugins import build_plugin_manager, load_strategies, register_checked, select_strategy
 
 PKG = ROOT / "tests" / "plugin_pkg"
 
@@ -74,7 +74,7 @@ def test_third_party_plugin_really_installed_with_pip(tmp_path: Path) -> None:
     )
     code = (
         "import sys; sys.path.insert(0, %r)\n"
-        "from moola_engine.plugins import build_plugin_manager\n"
+        "from moola_engine.core.plugins import build_plugin_manager\n"
         "_, r = build_plugin_manager(); print(r['plateau-thaw'].source)\n" % str(target)
     )
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout

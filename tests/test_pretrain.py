@@ -11,8 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from moola_engine.cli import main
-from moola_engine.ohlc import OhlcOptions, pretrain_cut_date
-from moola_engine.pretrain import (
+from moola_ohlc.pretrain import (
     TASKS,
     PretrainConfig,
     build_pretrain_data,
@@ -21,6 +20,7 @@ from moola_engine.pretrain import (
     save_encoder,
     sidecar,
 )
+from moola_ohlc.series import OhlcOptions, pretrain_cut_date
 from tests.test_ohlc import synthetic, write_series
 
 OPTS = OhlcOptions(window=16, horizon=3, median_lookback=20)

@@ -14,7 +14,7 @@ from conftest import ROOT
 from safetensors.torch import save_file
 
 from moola_engine.config import DataConfig
-from moola_engine.data import load_npz
+from moola_engine.core.data import load_npz
 from moola_engine.errors import DataError, WeightsError
 from moola_engine.safeio import load_tensors, load_torch_file
 

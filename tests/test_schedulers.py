@@ -12,8 +12,8 @@ from conftest import make_engine, named
 
 from moola_engine import hookimpl
 from moola_engine.config import TrainConfig, structure
+from moola_engine.core.schedulers import build_lr_schedule
 from moola_engine.errors import ConfigError, MoolaError
-from moola_engine.schedulers import build_lr_schedule
 
 BASE_LR = 1e-2
 

@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from moola_engine.snapshots import ExactStore, FingerprintStore
+from moola_engine.checks.snapshots import ExactStore, FingerprintStore
 
 CPU = torch.device("cpu")
 
@@ -132,7 +132,7 @@ def test_fingerprints_catch_one_element_and_a_sign_of_zero() -> None:
 
 def test_the_accelerator_path_asks_the_device_for_nothing() -> None:
     """Under the CPU proxy of CUDA's sync debug mode: the device path runs; the host path is what it catches."""
-    from moola_engine.hostsync import HostSyncError, sync_guard
+    from moola_engine.core.hostsync import HostSyncError, sync_guard
 
     before = named()
     after = edit(before, "w", set_(7, 9.0))

@@ -13,13 +13,14 @@ from conftest import ROOT, TINY_GROUPS, TinyNet, make_engine, named, tiny_data
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from moola_engine import hookimpl, plugins
+from moola_engine import hookimpl
 from moola_engine.config import ExperimentConfig, TrainConfig
-from moola_engine.engine import Engine
+from moola_engine.core import plugins
+from moola_engine.core.engine import Engine
+from moola_engine.core.hostsync import HostSyncError
+from moola_engine.core.plugins import build_plugin_manager, register_checked
 from moola_engine.errors import MoolaError
-from moola_engine.hostsync import HostSyncError
-from moola_engine.observers import build_observers
-from moola_engine.plugins import build_plugin_manager, register_checked
+from moola_engine.runs.observers import build_observers
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import overhead
@@ -78,7 +79,7 @@ def test_a_plugin_reading_the_loss_every_step_is_caught() -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_one_epoch_on_cuda_under_sync_debug_error() -> None:
     """torch.cuda.set_sync_debug_mode("error") around the step loop; epoch-end reads happen outside it."""
-    from moola_engine.models import SimpleLSTM
+    from moola_engine.core.models import SimpleLSTM
 
     strat = named("two-phase", unfreeze_after=1, lr_scale=0.5)
     pm, _ = build_plugin_manager()

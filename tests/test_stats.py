@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from moola_engine import stats
-from moola_engine.data import stratified_folds
+from moola_engine.core.data import stratified_folds
+from moola_engine.experiments import stats
 
 
 def test_identical_pair_gives_zero_difference_and_no_significance() -> None:

@@ -259,7 +259,7 @@ def test_frozen_group_batchnorm_and_dropout_modes(train_bn: bool, frozen_dropout
         def on_epoch_end(self, engine: Any, epoch: int, metrics: Any) -> None:
             seen[epoch] = engine.model.enc0[1].running_mean.clone()
 
-    from moola_engine.plugins import register_checked
+    from moola_engine.core.plugins import register_checked
     register_checked(engine.pm, StatsAtEpochEnd(), name="stats")
     engine.fit()
     frozen_epoch = {(bn, dr) for e, bn, dr in probe.modes if e == 0}
@@ -272,7 +272,7 @@ def test_frozen_group_batchnorm_and_dropout_modes(train_bn: bool, frozen_dropout
 
 
 def test_freeze_params_api_keeps_mask_across_freeze_and_unfreeze() -> None:
-    from moola_engine.freezing import Freezer, resolve_groups
+    from moola_engine.core.freezing import Freezer, resolve_groups
 
     model = TinyNet()
     groups = resolve_groups(model, TINY_GROUPS)
@@ -299,10 +299,10 @@ def test_freeze_params_api_keeps_mask_across_freeze_and_unfreeze() -> None:
 def test_every_named_strategy_in_strategies_toml_plans_30_epochs() -> None:
     from conftest import ROOT
 
-    from moola_engine.freezing import resolve_groups
-    from moola_engine.models import SimpleLSTM
-    from moola_engine.plan import compute_plan, validate_plan
-    from moola_engine.plugins import build_plugin_manager, load_strategies
+    from moola_engine.core.freezing import resolve_groups
+    from moola_engine.core.models import SimpleLSTM
+    from moola_engine.core.plan import compute_plan, validate_plan
+    from moola_engine.core.plugins import build_plugin_manager, load_strategies
 
     _, registry = build_plugin_manager()
     strategies = load_strategies(ROOT / "strategies.toml", registry)

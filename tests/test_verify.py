@@ -11,21 +11,21 @@ import torch
 from safetensors.torch import save_file
 from test_weights import H, trained_encoder
 
-from moola_engine.cli import main
-from moola_engine.config import load_config
-from moola_engine.errors import ConfigError
-from moola_engine.logs import RunLog
-from moola_engine.models import SimpleLSTM
-from moola_engine.redflags import (
+from moola_engine.checks.redflags import (
     compare_to_control,
     constant_predictions,
     outputs_identical,
     predictions_identical,
     raise_red_flags,
 )
+from moola_engine.checks.verify import load_expectations
+from moola_engine.cli import main
+from moola_engine.config import load_config
+from moola_engine.core.models import SimpleLSTM
+from moola_engine.errors import ConfigError
+from moola_engine.logs import RunLog
+from moola_engine.runs.train import train
 from moola_engine.testing import assert_run
-from moola_engine.train import train
-from moola_engine.verify import load_expectations
 
 STRATEGIES = """
 [strategy.two_phase]

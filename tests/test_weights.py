@@ -10,12 +10,12 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from moola_engine.checks.loading import load_into, load_pretrained, map_keys, read_tensors
 from moola_engine.config import PretrainedConfig, RenameRule
+from moola_engine.core.freezing import resolve_groups
+from moola_engine.core.models import SimpleLSTM
 from moola_engine.errors import WeightsError
-from moola_engine.freezing import resolve_groups
 from moola_engine.logs import RunLog
-from moola_engine.models import SimpleLSTM
-from moola_engine.weights import load_into, load_pretrained, map_keys, read_tensors
 
 H = 8  # small hidden size: the same code path as the seed's 128, in milliseconds
 

@@ -18,14 +18,14 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from moola_engine.checks import build_checks
+from moola_engine.checks.delta import build_checks
+from moola_engine.checks.loading import load_into
 from moola_engine.config import ChecksConfig, PretrainedConfig, TrainConfig
-from moola_engine.data import TensorData
-from moola_engine.engine import Engine
-from moola_engine.freezing import resolve_groups
-from moola_engine.models import SimpleLSTM
-from moola_engine.plugins import build_plugin_manager, register_checked
-from moola_engine.weights import load_into
+from moola_engine.core.data import TensorData
+from moola_engine.core.engine import Engine
+from moola_engine.core.freezing import resolve_groups
+from moola_engine.core.models import SimpleLSTM
+from moola_engine.core.plugins import build_plugin_manager, register_checked
 
 torch.set_num_threads(1)
 

@@ -1,0 +1,507 @@
+"""Verification observers: what should train trained, what should stay frozen stayed bitwise frozen.
+
+Three observer plugins, registered by :func:`moola_engine.runs.observers.build_observers`
+from ``[checks]``; their hook implementations are ``trylast`` so they see the
+state after the strategy acted.  They work with every strategy: they read the
+freezer's state, never a strategy's parameters.
+
+:class:`WeightDeltaCheck` (``checks.weight_delta``)
+    Snapshots every group at fit start, at every freeze transition and at every
+    epoch end.  At each of these points, for the steps since the last one: a
+    frozen group must be bitwise unchanged, a trainable group must have moved.
+    One ``weight_delta.check`` event per group (``scope = "interval"``); at a
+    group's transition and at fit end, one more for the whole phase it leaves
+    (``scope = "phase"``); at fit end, one per group the strategy promised to
+    train (``scope = "fit"``).  A failure is ``weight_delta.violation``.
+
+:class:`GradFlowCheck` (``checks.grad_flow``)
+    After the first optimizer step of every phase (fit start and after each
+    transition): each trainable parameter has a finite, non-zero gradient and
+    sits, by identity, in an optimizer param group with lr > 0; each frozen
+    parameter has ``requires_grad = False`` and grad None (a zeroed grad still
+    feeds AdamW's weight decay and momentum).  One ``grad_flow.check`` per group.
+
+:class:`BnStatsCheck` (``checks.bn_stats``)
+    BatchNorm running statistics of frozen groups must not change (unless
+    ``train.train_bn = true`` asks them to).  One ``bn_stats.check`` per group
+    that has BatchNorm, at the same points as the weight-delta check.
+
+Failures are logged at error level (``weight_delta.violation`` or
+``check.failed``, with a one-line ``message``); with ``checks.strict`` (the
+default) the run then stops with :class:`~moola_engine.errors.CheckFailed`
+(exit code 3).  Checks never run per step except the one gradient check per
+phase, and read results back from the device in one sync per check.  The
+snapshots (:mod:`.snapshots`) are flat buffers, and the copy an interval's
+comparison makes is the next interval's snapshot.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+from moola_engine.checks.snapshots import Store, make_store
+from moola_engine.config import ChecksConfig
+from moola_engine.core.freezing import _BN_TYPES, ParamGroup
+from moola_engine.core.hookspecs import hookimpl
+from moola_engine.errors import CheckFailed
+from moola_engine.logs import Event
+
+
+def _num(x: float) -> float | None:
+    return None if math.isnan(x) else float(x)
+
+
+class _Observer:
+    check = "?"
+
+    def __init__(self, checks: ChecksConfig | None = None) -> None:
+        self.cfg = checks or ChecksConfig()
+
+    def _fail(self, engine: Any, messages: list[str]) -> None:
+        if messages and self.cfg.strict:
+            raise CheckFailed(f"{self.check} check failed: " + "; ".join(messages))
+
+
+# --------------------------------------------------------------------------- snapshot-based checks
+
+
+class _DeltaObserver(_Observer):
+    """Shared driver: snapshot at fit start / transitions / epoch ends and check each interval."""
+
+    store: Store
+
+    def _named(self, engine: Any, group: ParamGroup) -> list[tuple[str, torch.Tensor]]:
+        raise NotImplementedError
+
+    def _expected(self, engine: Any, group: str, trainable: bool, steps: int) -> str:
+        """``zero`` | ``nonzero`` | ``any``."""
+        raise NotImplementedError
+
+    def _groups(self, engine: Any) -> list[ParamGroup]:
+        return [g for g in engine.groups if self._named(engine, g)]
+
+    def _start(self, engine: Any) -> None:
+        self.store = make_store(self.cfg.snapshots)
+        groups = self._groups(engine)
+        self.ref = {g.name: self.store.take(self._named(engine, g)) for g in groups}
+        self.ref_state = {g.name: engine.freezer.is_trainable(g.name) for g in groups}
+        self.ref_lr = {g.name: self._opt_lr(engine, g.name) for g in groups}
+        self.ref_step = engine.step
+        self.moved = dict.fromkeys(self.ref, False)
+
+    @staticmethod
+    def _opt_lr(engine: Any, group: str) -> float:
+        return float(engine.optimizer.param_groups[engine.freezer.groups.index(group)]["lr"])
+
+    def _measure(self, engine: Any, snaps: dict[str, Any], names: Iterable[str],
+                 taken: dict[str, Any] | None = None) -> dict[str, list[float]]:
+        """[changed, max |dw|, ||dw||, ||dw|| / ||w0||] per group since ``snaps``, read back in one host sync.
+
+        ``taken``, when given, receives each group's snapshot as it is now (the copy the comparison made).
+        """
+        by_name = {g.name: g for g in engine.groups}
+        deltas = {}
+        for n in names:
+            deltas[n], now = self.store.delta_and_take(snaps[n], self._named(engine, by_name[n]), engine.device)
+            if taken is not None:
+                taken[n] = now
+        if not deltas:
+            return {}
+        if all(d.host_values is not None for d in deltas.values()):  # the CPU path: floats already
+            return {n: d.as_list() for n, d in deltas.items()}
+        values = torch.stack([d.as_tensor() for d in deltas.values()]).tolist()  # the one host sync of this check
+        return dict(zip(deltas, values, strict=True))
+
+    def _checkpoint(self, engine: Any, reason: str) -> None:
+        steps = engine.step - self.ref_step
+        taken: dict[str, Any] = {}
+        measured = self._measure(engine, self.ref, self.ref, taken)
+        failures: list[str] = []
+        for name, (changed, max_abs, _norm, rel) in measured.items():
+            trainable = self.ref_state[name]
+            expected = self._expected(engine, name, trainable, steps)
+            moved = bool(changed)
+            self.moved[name] = self.moved[name] or moved
+            ok = expected == "any" or (expected == "zero") != moved
+            if steps == 0 and ok:
+                continue  # nothing ran since the last snapshot and nothing changed: no event
+            fields = self._fields(engine, name, expected=expected, trainable=trainable, moved=moved,
+                                  max_abs=max_abs, rel=rel, steps=steps)
+            self._log(engine, ok, scope="interval", reason=reason, from_step=self.ref_step, to_step=engine.step,
+                      **fields)
+            if not ok:
+                failures.append(self._message(engine, name, expected, trainable, max_abs, steps, "interval"))
+        groups = self._groups(engine)
+        self.ref = {g.name: taken[g.name] if g.name in taken else self.store.take(self._named(engine, g))
+                    for g in groups}
+        self.ref_state = {g.name: engine.freezer.is_trainable(g.name) for g in groups}
+        self.ref_lr = {g.name: self._opt_lr(engine, g.name) for g in groups}
+        self.ref_step = engine.step
+        self._report(engine, failures)
+
+    def _fields(self, engine: Any, name: str, **kw: Any) -> dict[str, Any]:
+        return {"group": name, "expected": kw["expected"], "trainable": kw["trainable"], "moved": kw["moved"],
+                "max_abs_delta": _num(kw["max_abs"]), "rel_delta": kw["rel"], "steps": kw["steps"],
+                "lr": self.ref_lr[name], "mode": self.store.mode, "estimate": self.store.estimate,
+                "epoch": engine.epoch}
+
+    ok_event: Event
+    fail_event: Event
+
+    def _log(self, engine: Any, ok: bool, **fields: Any) -> None:
+        if ok:
+            engine.log.info(self.ok_event, ok=True, **fields)
+        else:
+            engine.log.error(self.fail_event, ok=False, **fields)
+
+    def _message(self, engine: Any, group: str, expected: str, trainable: bool, max_abs: float, steps: int,
+                 scope: str) -> str:
+        raise NotImplementedError
+
+    def _report(self, engine: Any, failures: list[str]) -> None:
+        for msg in failures:
+            engine.log.error(Event.CHECK_FAILED, check=self.check, message=msg)
+        self._fail(engine, failures)
+
+    # ------------------------------------------------------------------ hooks
+    @hookimpl(trylast=True)
+    def on_fit_start(self, engine: Any) -> None:
+        self._start(engine)
+
+    @hookimpl(trylast=True)
+    def on_freeze(self, engine: Any, group: str) -> None:
+        self._checkpoint(engine, reason=f"freeze {group}")
+
+    @hookimpl(trylast=True)
+    def on_unfreeze(self, engine: Any, group: str) -> None:
+        self._checkpoint(engine, reason=f"unfreeze {group}")
+
+    @hookimpl(trylast=True)
+    def on_epoch_end(self, engine: Any, epoch: int) -> None:
+        self._checkpoint(engine, reason="epoch end")
+
+
+class WeightDeltaCheck(_DeltaObserver):
+    """Frozen groups bitwise unchanged, trainable groups moved; per interval, per phase and per fit."""
+
+    check = "weight_delta"
+    ok_event = fail_event = Event.WEIGHT_DELTA_CHECK
+
+    def _named(self, engine: Any, group: ParamGroup) -> list[tuple[str, torch.Tensor]]:
+        # Parameters held frozen by a mask (Freezer.freeze_params, e.g. BitFit's weights) are MaskedParamsCheck's.
+        masked = set(engine.freezer.frozen_params(group.name))
+        return [(n, p) for n, p in group.params if n not in masked]
+
+    def _expected(self, engine: Any, group: str, trainable: bool, steps: int) -> str:
+        if not trainable:
+            return "zero"
+        return "nonzero" if steps > 0 else "any"
+
+    def _start(self, engine: Any) -> None:
+        super()._start(engine)
+        self.phase = dict(self.ref)
+        self.phase_state = dict(self.ref_state)
+        self.phase_step = dict.fromkeys(self.ref, engine.step)
+        self.phase_epoch = dict.fromkeys(self.ref, engine.epoch)
+        self.pretrained: dict[str, Any] = {}
+        pre = getattr(engine, "pretrained", None) or {}
+        for g in engine.groups:
+            named = [(n, pre[n].to(engine.device)) for n, _ in g.params if n in pre]
+            if named:
+                self.pretrained[g.name] = (self.store.take(named), [n for n, _ in named])
+
+    def _fields(self, engine: Any, name: str, **kw: Any) -> dict[str, Any]:
+        fields = super()._fields(engine, name, **kw)
+        fields["from_pretrained"] = self._from_pretrained(engine, name)
+        return fields
+
+    def _from_pretrained(self, engine: Any, group: str) -> float | None:
+        """||w - w_pretrained|| / ||w_pretrained|| over the group's loaded tensors (None: nothing loaded)."""
+        if group not in self.pretrained:
+            return None
+        snap, names = self.pretrained[group]
+        params = dict(next(g for g in engine.groups if g.name == group).params)
+        return self.store.delta(snap, [(n, params[n]) for n in names], engine.device).as_list()[3]
+
+    def _message(self, engine: Any, group: str, expected: str, trainable: bool, max_abs: float, steps: int,
+                 scope: str) -> str:
+        where = f"epoch {engine.epoch}" if scope == "interval" else f"phase ending at epoch {engine.epoch}"
+        if expected == "zero":
+            size = "" if math.isnan(max_abs) else f" (max |dw| = {max_abs:.3g})"
+            return (f"frozen group {group} changed in {where}{size}: a frozen weight moved "
+                    "(grad zeroed instead of cleared to None? weight decay or momentum still acting?)")
+        return (f"trainable group {group} did not move in {where} over {steps} step(s) "
+                f"(lr {self.ref_lr.get(group, float('nan')):.3g}): is it in the optimizer with lr > 0, "
+                "and does the loss reach it?")
+
+    def _report(self, engine: Any, failures: list[str]) -> None:
+        for msg in failures:
+            engine.log.error(Event.WEIGHT_DELTA_VIOLATION, message=msg)
+        self._fail(engine, failures)
+
+    def _close_phase(self, engine: Any, group: str) -> list[str]:
+        steps = engine.step - self.phase_step[group]
+        trainable = self.phase_state[group]
+        expected = self._expected(engine, group, trainable, steps)
+        if expected == "any":
+            return []
+        changed, max_abs, _norm, rel = self._measure(engine, {group: self.phase[group]}, [group])[group]
+        moved = bool(changed)
+        ok = (expected == "zero") != moved
+        if steps == 0 and ok:
+            return []  # the phase ran no step and nothing changed: no event
+        lr = self.ref_lr.get(group, math.nan)
+        fields = {"group": group, "expected": expected, "trainable": trainable, "moved": moved,
+                  "max_abs_delta": _num(max_abs), "rel_delta": rel, "steps": steps, "lr": lr,
+                  "mode": self.store.mode, "estimate": self.store.estimate, "epoch": engine.epoch,
+                  "from_epoch": self.phase_epoch[group], "to_epoch": engine.epoch,
+                  "from_pretrained": self._from_pretrained(engine, group)}
+        self._log(engine, ok, scope="phase", **fields)
+        return [] if ok else [self._message(engine, group, expected, trainable, max_abs, steps, "phase")]
+
+    def _transition(self, engine: Any, group: str, reason: str) -> None:
+        failures = self._close_phase(engine, group) if group in self.phase else []
+        if group in self.phase:
+            g = next(x for x in engine.groups if x.name == group)
+            self.phase[group] = self.store.take(self._named(engine, g))
+            self.phase_state[group] = engine.freezer.is_trainable(group)
+            self.phase_step[group] = engine.step
+            self.phase_epoch[group] = engine.epoch
+        if failures:
+            self._report(engine, failures)
+        self._checkpoint(engine, reason=reason)
+
+    @hookimpl(trylast=True)
+    def on_freeze(self, engine: Any, group: str) -> None:
+        self._transition(engine, group, reason=f"freeze {group}")
+
+    @hookimpl(trylast=True)
+    def on_unfreeze(self, engine: Any, group: str) -> None:
+        self._transition(engine, group, reason=f"unfreeze {group}")
+
+    @hookimpl(trylast=True)
+    def on_fit_end(self, engine: Any) -> None:
+        from moola_engine.core.plan import promised_groups
+
+        failures: list[str] = []
+        for group in self.phase:
+            failures += self._close_phase(engine, group)
+        promised = promised_groups(engine.strategy, engine.freezer.groups, engine.freezer.head_groups)
+        allowed = "never-unfreeze" in getattr(engine, "allow", set())
+        for group in promised:
+            if group not in self.moved:
+                continue
+            ok = self.moved[group] or allowed
+            fields = {"group": group, "expected": "nonzero", "moved": self.moved[group], "promised": True,
+                      "allowed": allowed and not self.moved[group], "epochs": engine.epoch + 1, "scope": "fit",
+                      "mode": self.store.mode}
+            self._log(engine, ok, **fields)
+            if not ok:
+                failures.append(
+                    f"group {group} never trained in {engine.epoch + 1} epoch(s), but strategy "
+                    f"{engine.strategy_name} promises to train it (unfreeze never happened)")
+        if failures:
+            self._report(engine, failures)
+
+
+class BnStatsCheck(_DeltaObserver):
+    """BatchNorm running statistics of frozen groups must stay unchanged (unless ``train.train_bn``)."""
+
+    check = "bn_stats"
+    ok_event = fail_event = Event.BN_STATS_CHECK
+
+    def _named(self, engine: Any, group: ParamGroup) -> list[tuple[str, torch.Tensor]]:
+        seen: set[int] = set()
+        out: list[tuple[str, torch.Tensor]] = []
+        for mname, module in group.modules:
+            for sname, sub in module.named_modules():
+                if isinstance(sub, _BN_TYPES) and id(sub) not in seen:
+                    seen.add(id(sub))
+                    prefix = f"{mname}.{sname}" if sname else mname
+                    out += [(f"{prefix}.{b}", t) for b, t in sub.named_buffers(recurse=False) if t is not None]
+        return out
+
+    def _expected(self, engine: Any, group: str, trainable: bool, steps: int) -> str:
+        return "zero" if not trainable and not engine.config.train_bn else "any"
+
+    def _message(self, engine: Any, group: str, expected: str, trainable: bool, max_abs: float, steps: int,
+                 scope: str) -> str:
+        size = "" if math.isnan(max_abs) else f" (max |delta| = {max_abs:.3g})"
+        return (f"BatchNorm running statistics of frozen group {group} drifted in epoch {engine.epoch}{size}: "
+                "its BatchNorm ran in train mode (model.train() called after the engine set frozen BN to eval?)")
+
+class MaskedParamsCheck(_DeltaObserver):
+    """Parameters held frozen by a mask inside a group that trains (BitFit's weights) must stay bitwise unchanged."""
+
+    check = "weight_delta"
+    ok_event, fail_event = Event.WEIGHT_DELTA_CHECK, Event.WEIGHT_DELTA_VIOLATION
+
+    def _named(self, engine: Any, group: ParamGroup) -> list[tuple[str, torch.Tensor]]:
+        masked = set(engine.freezer.frozen_params(group.name))
+        return [(n, p) for n, p in group.params if n in masked]
+
+    def _expected(self, engine: Any, group: str, trainable: bool, steps: int) -> str:
+        return "zero"
+
+    def _fields(self, engine: Any, name: str, **kw: Any) -> dict[str, Any]:
+        return {**super()._fields(engine, name, **kw), "masked": engine.freezer.mask_label(name) or "masked"}
+
+    def _message(self, engine: Any, group: str, expected: str, trainable: bool, max_abs: float, steps: int,
+                 scope: str) -> str:
+        size = "" if math.isnan(max_abs) else f" (max |delta| = {max_abs:.3g})"
+        label = engine.freezer.mask_label(group) or "masked"
+        return (f"parameters of group {group} held frozen by the {label} mask changed over {steps} step(s){size}: "
+                "a frozen parameter must stay bitwise unchanged")
+
+# --------------------------------------------------------------------------- gradient flow
+
+
+def optimizer_membership(optimizer: torch.optim.Optimizer) -> dict[int, tuple[int, float]]:
+    """``id(param)`` -> (param group index, lr).  By identity: equal-valued tensors stay distinct."""
+    return {id(p): (i, float(pg["lr"])) for i, pg in enumerate(optimizer.param_groups) for p in pg["params"]}
+
+
+class GradFlowCheck(_Observer):
+    """After the first step of every phase: trainable params get finite non-zero grads and an lr > 0; frozen get None."""
+
+    check = "grad_flow"
+
+    def __init__(self, checks: ChecksConfig | None = None) -> None:
+        super().__init__(checks)
+        self.pending = False
+        self.phase = 0
+        self.waiting: list[tuple[Any, ...]] = []  # phases checked but not yet read back (device tensors)
+
+    @hookimpl(trylast=True)
+    def on_fit_start(self, engine: Any) -> None:
+        self.pending = True
+
+    @hookimpl(trylast=True)
+    def on_freeze(self, engine: Any) -> None:
+        self.pending = True
+
+    @hookimpl(trylast=True)
+    def on_unfreeze(self, engine: Any) -> None:
+        self.pending = True
+
+    @hookimpl(trylast=True)
+    def after_step(self, engine: Any, step: int) -> None:
+        # A transition requested in this very hook is applied but not yet announced: wait for the next step.
+        if not self.pending or engine.freezer.pending:
+            return
+        self.pending = False
+        self.phase += 1
+        self.run(engine, step)
+
+    def run(self, engine: Any, step: int) -> None:
+        member = optimizer_membership(engine.optimizer)
+        problems: dict[str, list[str]] = {}
+        stats: list[torch.Tensor] = []  # per param: [finite, nonzero, grad norm²]
+        where: list[tuple[str, str]] = []
+        for g in engine.groups:
+            group_trainable = engine.freezer.is_trainable(g.name)
+            masked = set(engine.freezer.frozen_params(g.name))
+            problems[g.name] = []
+            for name, p in g.params:
+                if group_trainable and name not in masked:
+                    if not p.requires_grad:
+                        problems[g.name].append(f"{name} has requires_grad = False although group {g.name} is trainable")
+                    if id(p) not in member:
+                        problems[g.name].append(f"{name} is trainable but in no optimizer param group: it can never change")
+                    elif member[id(p)][1] <= 0:
+                        i, lr = member[id(p)]
+                        problems[g.name].append(f"{name} is trainable but its optimizer param group {i} has lr {lr:g}")
+                    if p.grad is None:
+                        if p.requires_grad:
+                            problems[g.name].append(
+                                f"{name} is trainable but got no gradient (grad None): the loss does not reach it "
+                                "(detached branch or unused module?)")
+                    else:
+                        gd = p.grad.detach()
+                        stats.append(torch.stack([torch.isfinite(gd).all().double(), (gd != 0).any().double(),
+                                                  gd.double().pow(2).sum()]).to(engine.device))
+                        where.append((g.name, name))
+                else:
+                    where_frozen = f"frozen group {g.name}" if not group_trainable else f"the frozen mask of {g.name}"
+                    if p.requires_grad:
+                        problems[g.name].append(f"{name} is in {where_frozen} but has requires_grad = True")
+                    if p.grad is not None:
+                        problems[g.name].append(
+                            f"{name} is frozen but its grad is not None: a zeroed grad still lets AdamW weight decay "
+                            "and momentum move it (clear grads to None: Freezer.freeze)")
+        # Keep the statistics on the device; read them at the epoch end (no host sync inside the step loop).
+        # Structural problems (no grad, no optimizer group, lr 0, requires_grad) need no read: report them now.
+        lrs = {g.name: self._lr(engine, g) for g in engine.groups}
+        trainable_now = {g.name: engine.freezer.is_trainable(g.name) for g in engine.groups}
+        self.waiting.append((step, self.phase, problems, torch.stack(stats) if stats else None, where, lrs,
+                             trainable_now))
+        if any(problems.values()):
+            self.flush(engine)
+
+    @hookimpl(trylast=True)
+    def on_epoch_end(self, engine: Any) -> None:
+        self.flush(engine)
+
+    @hookimpl(trylast=True)
+    def on_fit_end(self, engine: Any) -> None:
+        self.flush(engine)
+
+    def flush(self, engine: Any) -> None:
+        """Read the statistics gathered after each phase's first step and log/raise the results."""
+        waiting, self.waiting = self.waiting, []
+        for step, phase, problems, stacked, where, lrs, trainable_now in waiting:
+            self._report_phase(engine, step, phase, problems, stacked, where, lrs, trainable_now)
+
+    def _report_phase(self, engine: Any, step: int, phase: int, problems: dict[str, list[str]],
+                      stacked: torch.Tensor | None, where: list[tuple[str, str]], lrs: dict[str, float],
+                      trainable_now: dict[str, bool]) -> None:
+        values = stacked.tolist() if stacked is not None else []  # the one host read of this check
+        norms: dict[str, float] = {}
+        for (gname, pname), (finite, nonzero, sq) in zip(where, values, strict=True):
+            norms[gname] = norms.get(gname, 0.0) + (sq if math.isfinite(sq) else math.inf)
+            if not finite:
+                problems[gname].append(f"{pname} has a non-finite gradient")
+            elif not nonzero:
+                problems[gname].append(f"{pname} is trainable but its gradient is all zeros (detached branch, "
+                                       "a multiply by zero, or a dead path?)")
+        failures: list[str] = []
+        for g in engine.groups:
+            ok = not problems[g.name]
+            fields = {"group": g.name, "trainable": trainable_now[g.name], "params": len(g.params), "phase": phase,
+                      "first_step": step, "grad_norm": math.sqrt(norms[g.name]) if g.name in norms else None,
+                      "lr": lrs[g.name], "ok": ok, "problems": problems[g.name]}
+            if ok:
+                engine.log.info(Event.GRAD_FLOW_CHECK, **fields)
+            else:
+                engine.log.error(Event.GRAD_FLOW_CHECK, **fields)
+                for msg in problems[g.name]:
+                    engine.log.error(Event.CHECK_FAILED, check=self.check, group=g.name, message=msg)
+                failures += problems[g.name]
+        self._fail(engine, failures)
+
+    @staticmethod
+    def _lr(engine: Any, g: ParamGroup) -> float:
+        return float(engine.optimizer.param_groups[engine.freezer.groups.index(g.name)]["lr"])
+
+
+def build_checks(checks: ChecksConfig) -> list[tuple[str, Any]]:
+    """The check observers ``[checks]`` turns on, as (name, plugin) pairs."""
+    # Among trylast implementations pluggy calls the first registered first: grad flow reads its first-step
+    # statistics before the weight-delta check speaks, so a specific cause ("gradient all zeros") comes before
+    # the symptom ("did not move").
+    out: list[tuple[str, Any]] = []
+    if checks.grad_flow:
+        out.append(("check:grad_flow", GradFlowCheck(checks)))
+    if checks.weight_delta:
+        out.append(("check:weight_delta", WeightDeltaCheck(checks)))
+        out.append(("check:masked_params", MaskedParamsCheck(checks)))
+    if checks.bn_stats:
+        out.append(("check:bn_stats", BnStatsCheck(checks)))
+    return out
+
+
+__all__ = ["BnStatsCheck", "GradFlowCheck", "MaskedParamsCheck", "WeightDeltaCheck", "build_checks", "optimizer_membership"]

@@ -1,0 +1,92 @@
+"""``moola-engine ablate``: every strategy against a random-encoder control over seeds x folds, with a report."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+
+from moola_engine.errors import ConfigError
+from moola_engine.experiments.ablation import PRESETS, Grid, build_grid, default_jobs, default_out, load_grid_config, run_grid
+
+
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser("ablate", help="compare strategies against a random-encoder control (seeds x folds, resumable)")
+    p.add_argument("--config", help="experiment TOML (default: the preset's)")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="a predefined ablation (config, strategies, seeds)")
+    p.add_argument("--strategies", help="comma-separated strategy names (tables of strategies.toml)")
+    p.add_argument("--strategies-file", metavar="FILE", help="strategies.toml (default: run.strategies_file or "
+                                                                "./strategies.toml)")
+    p.add_argument("--control", help="strategy of the random-encoder control (default: immediate)")
+    p.add_argument("--seeds", type=int, help="seeds 0..N-1 (default: 5, or the preset's)")
+    p.add_argument("--folds", type=int, help="folds per seed (default: data.folds of the config)")
+    p.add_argument("--epochs", type=int, help="override train.epochs (a different grid: use a different --out)")
+    p.add_argument("--jobs", type=int, help=f"worker processes (default: cores = {default_jobs()})")
+    p.add_argument("--threads", type=int, help="torch threads per worker (default: cores // jobs)")
+    p.add_argument("--out", help="grid folder (default: <run.runs_dir>/ablate-<preset or config name>); "
+                                 "rerun with the same folder to resume")
+    p.add_argument("--report-only", action="store_true", help="only (re)write the report from finished runs")
+    p.add_argument("--no-figures", action="store_true", help="skip matplotlib figures")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    import attrs
+
+    from moola_engine.experiments.report import console_summary, write_report
+    from moola_engine.experiments.summary import collect, summarize
+
+    preset = PRESETS[args.preset] if args.preset else None
+    cfg = load_grid_config(args.config, preset)
+    if args.epochs is not None:
+        if args.epochs < 1:
+            raise ConfigError("--epochs", f"expected a value >= 1, got {args.epochs}")
+        cfg = attrs.evolve(cfg, train=attrs.evolve(cfg.train, epochs=args.epochs))
+    if args.strategies:
+        strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
+    elif preset is not None:
+        strategies = list(preset.strategies)
+    else:
+        raise ConfigError("--strategies", "pass --strategies a,b,c (names of [strategy.NAME] tables) or --preset")
+    seeds = args.seeds if args.seeds is not None else (preset.seeds if preset else 5)
+    if seeds < 1:
+        raise ConfigError("--seeds", f"expected a value >= 1, got {seeds}")
+    folds = args.folds if args.folds is not None else (preset.folds if preset else None)
+    control = args.control or (preset.control if preset else "immediate")
+    from pathlib import Path
+
+    name = preset.name if preset and not args.config else Path(cfg.source).stem
+    out = Path(args.out) if args.out else default_out(cfg, name)
+    grid = build_grid(cfg, strategies=strategies, control=control, seeds=seeds, folds=folds, out=out,
+                      strategies_file=args.strategies_file)
+    for w in grid.warnings:
+        print(f"WARNING: {w}", file=sys.stderr)
+    if not args.report_only:
+        run_grid(grid, jobs=args.jobs, threads=args.threads)
+    elif not (grid.out / "grid.json").is_file():
+        raise ConfigError("--report-only", f"{grid.out} holds no ablation (no grid.json)")
+    records, missing = collect(grid)
+    if not records:
+        raise ConfigError("--report-only", f"{grid.out}: no finished run to report on")
+    results = summarize(grid, records=records, missing=missing)
+    command = rerun_command(grid, args)
+    paths = write_report(grid, results, records, command=command, with_figures=not args.no_figures)
+    print(console_summary(results))
+    print(f"report: {paths['html']}  (also {paths['markdown'].name}, {paths['results'].name})")
+    return 0
+
+
+def rerun_command(grid: Grid, args: argparse.Namespace) -> str:
+    """The command that reproduces (or resumes) this grid, every default spelled out."""
+    parts = ["moola-engine", "ablate"]
+    if args.preset:
+        parts += ["--preset", args.preset]
+    parts += ["--config", grid.cfg.source, "--strategies", ",".join(a.label for a in grid.arms if not a.control),
+              "--control", next(a.strategy for a in grid.arms if a.control), "--seeds", str(len(grid.seeds)),
+              "--folds", str(grid.folds)]
+    if args.epochs is not None:
+        parts += ["--epochs", str(args.epochs)]
+    if args.strategies_file:
+        parts += ["--strategies-file", args.strategies_file]
+    parts += ["--out", str(grid.out)]
+    return " ".join(shlex.quote(p) for p in parts)

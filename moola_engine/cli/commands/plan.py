@@ -1,0 +1,75 @@
+"""``moola-engine plan --strategy NAME --epochs N``: the schedule, dry-run, without data or training."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import attrs
+
+from moola_engine.config import ExperimentConfig, load_config
+from moola_engine.core.freezing import resolve_groups
+from moola_engine.core.models import build_model, group_specs
+from moola_engine.core.plan import Plan, compute_plan, validate_plan
+from moola_engine.runs.train import resolve_strategy
+
+
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser("plan", help="print a strategy's schedule: epoch -> trainable groups -> lr")
+    p.add_argument("--config", help="experiment TOML (default: built-in SimpleLSTM groups)")
+    p.add_argument("--strategy", required=True)
+    p.add_argument("--strategies", metavar="FILE")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--allow", action="append", default=[], metavar="OVERRIDE")
+    p.add_argument("--json", action="store_true")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config) if args.config else ExperimentConfig()
+    _, named = resolve_strategy(cfg, args.strategy, args.strategies)
+    strat = named.build()
+    model = build_model(cfg.model, cfg.source)
+    groups = resolve_groups(model, group_specs(model, cfg.model))
+    epochs = args.epochs or cfg.train.epochs
+    train = attrs.evolve(cfg.train, epochs=epochs)
+    plan = compute_plan(strat, [g.name for g in groups], [g.name for g in groups if g.head], epochs, cfg.train.lr,
+                        name=named.name, model_groups=groups, train=train)
+    validate_plan(plan, strat, named.name, allow=set(args.allow) | set(cfg.run.allow))
+    if args.json:
+        print(json.dumps(plan.to_json(), indent=2))
+    else:
+        print(render_plan(plan))
+    return 0
+
+
+def render_plan(plan: Plan) -> str:
+    """A table for people: epoch ranges with identical state collapse into one row.
+
+    A cell is ``frozen`` or ``train <lr>``, then what trains when a group is
+    partly frozen (``(biases)``), then ``bn:<mode>`` for groups holding BatchNorm.
+    """
+    has_bn = {g: any(e.bn.get(g, "-") != "-" for e in plan.epochs) for g in plan.groups}
+    rows: list[tuple[int, int, list[str]]] = []
+    for e in plan.epochs:
+        cells = []
+        for g in plan.groups:
+            cell = f"train {e.lr[g]:.3g}" if e.trainable[g] else "frozen"
+            if e.trainable[g] and e.params.get(g, "all") != "all":
+                cell += f" ({e.params[g]})"
+            if has_bn[g]:
+                cell += f" bn:{e.bn[g]}"
+            cells.append(cell)
+        if rows and rows[-1][2] == cells:
+            rows[-1] = (rows[-1][0], e.epoch, cells)
+        else:
+            rows.append((e.epoch, e.epoch, cells))
+    header = ["epochs", *plan.groups]
+    body = [[f"{a}" if a == b else f"{a}-{b}", *cells] for a, b, cells in rows]
+    widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
+    lines = [f"strategy {plan.strategy}: {len(plan.epochs)} epochs, base lr {plan.base_lr:g}"]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in [header, *body]]
+    if not any(has_bn.values()):
+        lines.append("BatchNorm: none in any group")
+    lines += [f"note: {n}" for n in plan.notes]
+    return "\n".join(lines)

@@ -1,0 +1,428 @@
+"""The epoch loop, readable top to bottom.  Hook order: see :mod:`moola_engine.core.hookspecs`."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import attrs
+import pluggy
+import torch
+from torch import nn
+
+from moola_engine.config import ChecksConfig, GroupSpec, TrainConfig
+from moola_engine.core import distributed
+from moola_engine.core.data import TensorData
+from moola_engine.core.freezing import Freezer, ParamGroup, apply_module_modes, resolve_groups
+from moola_engine.core.hostsync import sync_guard
+from moola_engine.core.metrics import classification_metrics
+from moola_engine.core.schedulers import build_lr_schedule
+from moola_engine.errors import MoolaError, PluginError
+from moola_engine.logs import Event, bind, get_logger
+
+if TYPE_CHECKING:
+    from moola_engine.runs.checkpoint import ResumeState
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+EvalFn = Callable[[torch.Tensor, torch.Tensor], dict[str, float]]
+
+
+def select_device(name: str) -> torch.device:
+    """``auto``: CUDA when present, else CPU.  An explicit device that is absent is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise MoolaError(f"train.device = {name!r} but CUDA is not available here (use \"auto\" or \"cpu\")")
+    return dev
+
+
+def build_optimizer(groups: Sequence[ParamGroup], cfg: TrainConfig) -> torch.optim.Optimizer:
+    """One optimizer param group per model group, every parameter included from step 0."""
+    param_groups = [{"params": g.tensors, "lr": cfg.lr, "group": g.name} for g in groups]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(param_groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(param_groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(param_groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+@attrs.define
+class FitResult:
+    epochs_run: int = 0
+    best_epoch: int = -1
+    best_metric: float = math.nan
+    stopped_early: bool = False
+    stop_reason: str = "epochs"
+    history: list[dict[str, float]] = attrs.Factory(list)
+    seconds: float = 0.0
+
+
+class Engine:
+    """Runs the epoch loop on one device and fires the hooks.
+
+    Strategies and observers reach the run through this object: ``freezer``,
+    ``model``, ``optimizer``, ``groups``, ``epochs``, ``config``, ``log``,
+    ``run_dir``, ``history``, ``device``, ``step``, ``epoch``, ``result``,
+    ``last_checkpoint`` (set by the checkpointer: the newest complete checkpoint).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        train: TrainConfig,
+        groups: Sequence[GroupSpec] | None = None,
+        pm: pluggy.PluginManager,
+        strategy: Any,
+        train_data: TensorData,
+        val_data: TensorData | None = None,
+        checks: ChecksConfig | None = None,
+        loss_fn: LossFn | None = None,
+        eval_fn: EvalFn | None = None,
+        logger: Any = None,
+        run_dir: Path | None = None,
+        strategy_name: str | None = None,
+        allow: Sequence[str] = (),
+        pretrained: Mapping[str, torch.Tensor] | None = None,
+    ) -> None:
+        self.config = train
+        self.checks = checks or ChecksConfig()
+        self.log = logger or get_logger()
+        self.pm = pm
+        self.strategy = strategy
+        self.strategy_name = strategy_name or getattr(strategy, "name", None) or type(strategy).__name__
+        self.run_dir = run_dir
+        self.allow = set(allow)
+        self.epochs = train.epochs
+        self.dry_run = False
+        # torchrun (WORLD_SIZE > 1): join the process group; on CUDA each rank takes cuda:LOCAL_RANK
+        self.dist = distributed.setup(select_device(train.device))
+        self.device = self.dist.device
+        self.history: list[dict[str, float]] = []
+        self.pretrained = pretrained  # name -> tensor as loaded (for distance-from-pretrained checks)
+
+        torch.manual_seed(train.seed)
+        if train.threads is not None:
+            torch.set_num_threads(train.threads)
+        self.model = model.to(self.device)
+        specs = list(groups) if groups else list(getattr(model, "default_groups", lambda: [])())
+        self.groups = resolve_groups(self.model, specs)
+        self.optimizer = build_optimizer(self.groups, train)
+        self.freezer = Freezer(self.groups, base_lr=train.lr, optimizer=self.optimizer, logger=self.log)
+        self.lr_schedule = build_lr_schedule(self.optimizer, train, math.ceil(len(train_data) / train.batch_size))
+        self.freezer.lr_schedule = self.lr_schedule  # scale changes rescale the scheduler's per-group lrs
+        self.train_data = train_data.to(self.device)
+        self.val_data = val_data.to(self.device) if val_data is not None else None
+        self.loss_fn: LossFn = loss_fn or nn.functional.cross_entropy
+        self.eval_fn: EvalFn = eval_fn or classification_metrics
+        self._gen = torch.Generator(device=self.device)
+        self._gen.manual_seed(train.seed)
+        self.step = 0
+        self.epoch = 0
+        self.plan: Any = None
+        self._since_improved = 0
+        self.result = FitResult()
+        self.es_best = math.nan  # best early-stopping metric so far (set by fit)
+        self.best_state: dict[str, torch.Tensor] | None = None
+        self.last_checkpoint: Path | None = None
+        self._hooks_with_impls: set[str] = set()
+        self._model_fn: Callable[[torch.Tensor], torch.Tensor] = self.model
+        if train.compile:
+            self._model_fn = torch.compile(self.model)  # type: ignore[assignment]
+        # The training step calls _step_fn: the model itself, or under DDP a wrapper rebuilt after every
+        # transition (_wrap_stale); predict/evaluate always call the unwrapped model (no collectives).
+        self._step_fn: Callable[[torch.Tensor], torch.Tensor] = self._model_fn
+        self._wrap_stale = self.dist.active
+        self.sync_debug: str | None = None
+        """``"warn"``/``"error"``: report host-device syncs inside the step loop (see :mod:`.hostsync`)."""
+        if self.dist.active:
+            from moola_engine.core.plugins import register_checked
+
+            self.dist.broadcast_module(self.model)  # every rank starts from rank 0's weights
+            register_checked(pm, distributed.ConsistencyCheck(self.dist), name="check:ddp.consistency")
+
+    # ------------------------------------------------------------------ hooks
+    def _fire(self, name: str, *, skip: Sequence[Any] = (), **kwargs: Any) -> None:
+        """Call hook ``name`` (except on the ``skip`` plugins); then fire on_freeze/on_unfreeze for transitions
+        requested inside it."""
+        if name in self._hooks_with_impls:
+            hook = self.pm.subset_hook_caller(name, remove_plugins=skip) if skip else getattr(self.pm.hook, name)
+            try:
+                hook(engine=self, **kwargs)
+            except MoolaError:
+                raise
+            except Exception as exc:
+                plugin = self._blame(name, exc)
+                self.log.error(Event.PLUGIN_FAILED, plugin=plugin, hook=name, error=f"{type(exc).__name__}: {exc}")
+                raise PluginError(
+                    f'plugin "{plugin}" raised in hook {name}: {type(exc).__name__}: {exc}'
+                ) from exc
+        if self.freezer.pending and name not in ("on_freeze", "on_unfreeze"):
+            self._flush_transitions()
+
+    def _flush_transitions(self) -> None:
+        while self.freezer.pending:
+            for t in self.freezer.take_pending():
+                self._on_transition()
+                if t.to_state == "frozen":
+                    self._fire("on_freeze", group=t.group, epoch=t.epoch, reason=t.reason)
+                else:
+                    self._fire("on_unfreeze", group=t.group, epoch=t.epoch, lr=t.lr, reason=t.reason)
+
+    def _blame(self, hook_name: str, exc: BaseException) -> str:
+        """The plugin whose implementation of ``hook_name`` raised, read off the traceback."""
+        hook = getattr(self.pm.hook, hook_name)
+        codes = {}
+        for impl in hook.get_hookimpls():
+            fn = getattr(impl.function, "__func__", impl.function)
+            code = getattr(fn, "__code__", None)
+            if code is not None:
+                codes[code] = impl.plugin_name
+        tb = exc.__traceback__
+        while tb is not None:
+            if tb.tb_frame.f_code in codes:
+                return codes[tb.tb_frame.f_code]
+            tb = tb.tb_next
+        return "?"
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self, start: ResumeState | None = None) -> FitResult:
+        """Train from epoch 0, or continue an interrupted run from a checkpoint (``start``)."""
+        from moola_engine.core.plan import compute_plan, validate_plan
+
+        cfg = self.config
+        result = self.result = FitResult()
+        t0 = time.perf_counter()
+        bind(epoch=0, step=0)
+        self.log.info(Event.DEVICE_SELECTED, device=str(self.device), precision=cfg.precision, compile=cfg.compile)
+        self.log.info(
+            Event.GROUPS_RESOLVED,
+            groups=[{"name": g.name, "head": g.head, "tensors": len(g.params), "numel": g.numel()} for g in self.groups],
+        )
+
+        # --- the plan: dry-run the strategy's own hooks, refuse a schedule that cannot keep its promise
+        self.plan = compute_plan(self.strategy, self.freezer.groups, self.freezer.head_groups, cfg.epochs, cfg.lr,
+                                 name=self.strategy_name, model_groups=self.groups, train=cfg)
+        validate_plan(self.plan, self.strategy, self.strategy_name, allow=self.allow, log=self.log,
+                      early_stopping=cfg.early_stopping)
+        self.log.debug(Event.PLAN_COMPUTED, plan=self.plan.to_json())
+
+        self._hooks_with_impls = {n for n in dir(self.pm.hook) if not n.startswith("_")
+                                  and getattr(self.pm.hook, n).get_hookimpls()}
+        es = cfg.early_stopping
+        self.es_best = math.inf if (es is None or es.mode == "min") else -math.inf
+        self.best_state = None
+        self._since_improved = 0
+        if start is None:
+            self._fire("on_fit_start")
+            first = 0
+        else:  # weights, optimizer, freezer, strategy, RNG, ...; observers get on_fit_start, the strategy does not
+            first = start.restore(self)
+
+        for epoch in range(first, cfg.epochs):
+            self.epoch = self.freezer.epoch = epoch
+            bind(epoch=epoch, step=self.step)  # the next step to run
+            self._fire("on_epoch_start", epoch=epoch)
+            if start is not None and epoch == first:
+                start.check(self, epoch)  # the restored freeze state must be what the strategy says for this epoch
+            train_metrics = self._train_epoch(epoch)
+
+            # --- validation: host floats once per epoch
+            metrics = dict(train_metrics)
+            if self.val_data is not None and len(self.val_data):
+                # every rank validates on the full set; rank 0's metrics decide for all (DDP)
+                metrics.update(self.dist.agree(self.evaluate(self.val_data, prefix="val_")))
+            metrics["epoch"] = epoch
+            self.history.append(metrics)
+            self.lr_schedule.after_validation(metrics)
+            self._fire("on_validation_end", epoch=epoch, metrics=metrics)
+            self._fire("on_epoch_end", epoch=epoch, metrics=metrics)
+            self.log.info(Event.EPOCH_COMPLETED, trainable=self.freezer.trainable_groups(),
+                          **{k: v for k, v in metrics.items() if k != "epoch"})
+            result.epochs_run = epoch + 1
+            if self._early_stopping(epoch, metrics):
+                break
+
+        result.history = self.history
+        result.seconds = time.perf_counter() - t0
+        self._fire("on_fit_end", result=result)
+        if self.best_state is not None:
+            self.model.load_state_dict(self.best_state)
+        return result
+
+    def _early_stopping(self, epoch: int, metrics: Mapping[str, float]) -> bool:
+        """Update the early-stopping state with this epoch's metrics; True to stop.
+
+        Patience counts from the last transition, and the run never stops before
+        the plan's last scheduled transition.
+        """
+        es, result = self.config.early_stopping, self.result
+        if es is None:
+            return False
+        value = metrics.get(es.metric, math.nan)
+        if math.isnan(value):
+            raise MoolaError(f"train.early_stopping.metric = {es.metric!r} is not a metric of this run; "
+                             f"metrics: {', '.join(sorted(metrics))}")
+        improved = value < self.es_best - es.min_delta if es.mode == "min" else value > self.es_best + es.min_delta
+        if improved:
+            self.es_best, result.best_epoch, result.best_metric = value, epoch, value
+            if self.config.restore_best:
+                self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+            self._since_improved = 0
+        else:
+            self._since_improved += 1
+        hold_until = self.plan.last_scheduled_transition()  # never stop before a promised transition
+        if self._since_improved >= es.patience and (hold_until is None or epoch >= hold_until):
+            result.stopped_early, result.stop_reason = True, "early_stopping"
+            self.log.info(Event.EARLY_STOP, metric=es.metric, best=self.es_best, best_epoch=result.best_epoch,
+                          patience=es.patience)
+            return True
+        return False
+
+    def _on_transition(self) -> None:
+        # A transition restarts the early-stopping clock: the new phase gets its full patience.
+        self._since_improved = 0
+        # DDP registers only parameters that required grad when built: rebuild before the next step.
+        self._wrap_stale = self.dist.active
+
+    def _rewrap(self) -> None:
+        self._step_fn = None  # type: ignore[assignment]  # release the old wrapper first
+        self._step_fn = self.dist.wrap(self.model, compile=self.config.compile) or self._model_fn
+        self._wrap_stale = False
+
+    def _train_epoch(self, epoch: int) -> dict[str, float]:
+        cfg = self.config
+        data = self.train_data
+        self.model.train()
+        apply_module_modes(self.groups, {g: self.freezer.is_trainable(g) for g in self.freezer.groups},
+                           train_bn=cfg.train_bn, frozen_dropout=cfg.frozen_dropout)
+        trainable = [p for g in self.groups if self.freezer.is_trainable(g.name) for p in g.tensors]
+        everything = [p for g in self.groups for p in g.tensors]
+        grad_amax: list[torch.Tensor] = []  # per step: |grad| of every tensor (NaN/inf propagate), no host sync
+        no_grad = torch.zeros((), device=self.device)
+        n = len(data)
+        perm = torch.randperm(n, generator=self._gen, device=self.device)
+        bf16 = cfg.precision == "bf16"
+        # Hot path.  Per-step losses stay device tensors (no host sync); they are weighted, summed and
+        # checked for non-finite values once, after the loop.  Binding the step into the log context and
+        # calling step hooks cost microseconds per step, so they happen only when a plugin implements one.
+        step_hooks = not self._hooks_with_impls.isdisjoint(("before_step", "after_step"))
+        shard = self.dist.shard if self.dist.active else None
+        losses: list[torch.Tensor] = []
+        counts: list[int] = []
+        first_step = self.step
+        bind(epoch=epoch, step=first_step)
+        if self._wrap_stale:
+            self._rewrap()
+        with sync_guard(self.device, self.sync_debug):
+            for idx in perm.split(cfg.batch_size):
+                scale = 1.0
+                if shard is not None:  # DDP: this rank's slice of the global batch
+                    idx, count, scale = shard(idx)
+                else:
+                    count = idx.shape[0]
+                xb, yb = data.x[idx], data.y[idx]
+                if step_hooks:
+                    bind(step=self.step)
+                    self._fire("before_step", epoch=epoch, step=self.step, batch=(xb, yb))
+                    if self._wrap_stale:
+                        self._rewrap()
+                self.optimizer.zero_grad(set_to_none=True)
+                if bf16:
+                    with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16):
+                        loss = self.loss_fn(self._step_fn(xb).float(), yb)
+                else:
+                    loss = self.loss_fn(self._step_fn(xb), yb)
+                (loss * scale if shard is not None else loss).backward()
+                if everything:  # before clipping smears one NaN over every gradient
+                    # an L2 norm is NaN/inf exactly when an element is (or when it overflows, above ~1e19 in
+                    # float32: a blow-up all the same); 15x cheaper on CPU than the max-abs norm
+                    grad_amax.append(torch.stack(torch._foreach_norm(
+                        [p.grad if p.grad is not None else no_grad for p in everything], 2)))
+                if cfg.grad_clip is not None and trainable:
+                    nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
+                self.optimizer.step()
+                self.lr_schedule.after_step()
+                detached = loss.detach()
+                losses.append(detached)
+                counts.append(count)
+                if step_hooks:
+                    self._fire("after_step", epoch=epoch, step=self.step, loss=detached)
+                self.step += 1
+        if self.step > first_step:
+            bind(step=self.step - 1)
+        return {"train_loss": self._epoch_loss(losses, counts, n, epoch, first_step, grad_amax)}
+
+    def _epoch_loss(self, losses: list[torch.Tensor], counts: list[int], n: int, epoch: int, first_step: int,
+                    grad_amax: list[torch.Tensor]) -> float:
+        """Mean training loss of the epoch (over all ranks); refuses a non-finite loss or gradient.
+
+        One host read per epoch: the weighted loss sum and one probe of the gradient norms (their float64 sum,
+        finite exactly when every norm is: norms are >= 0, so nothing cancels).  Only when something is not
+        finite does a second pass find the first bad step and tensor (:meth:`_first_nonfinite_steps`)."""
+        if not losses:
+            return math.nan
+        stacked = torch.stack(losses).float()
+        total = (stacked * torch.tensor(counts, dtype=stacked.dtype, device=stacked.device)).sum().double()
+        probe = torch.stack(grad_amax).double().sum() if grad_amax else torch.zeros_like(total)
+        rows = self.dist.gather(torch.stack([total, probe]))  # (world, 2): every rank decides alike
+        values = rows.tolist()  # the epoch's host read
+        if all(math.isfinite(v) for row in values for v in row):
+            return sum(row[0] for row in values) / max(n, 1)
+        finite = torch.isfinite(stacked)
+        none_bad = torch.tensor(float(len(losses)), device=stacked.device)
+        first_bad = torch.where(finite, none_bad, torch.arange(len(losses), device=stacked.device).float()).amin()
+        bad = int(self.dist.gather(first_bad.reshape(1)).amin())
+        grad_steps = self._first_nonfinite_steps(grad_amax, first_step)
+        loss_step = first_step + bad if bad < len(losses) else -1
+        if loss_step >= 0 or max(grad_steps, default=-1) >= 0:
+            self._nonfinite(epoch, loss_step, grad_steps)
+        # every value of this rank is finite, yet a sum is not (an overflow, or another rank's): never go on quietly
+        raise MoolaError(f"epoch {epoch}: the epoch's loss or gradient-norm sums are not finite on some rank "
+                         f"(per rank [loss sum, gradient-norm sum]: {values}); lower train.lr or set train.grad_clip")
+
+    @staticmethod
+    @torch.no_grad()
+    def _first_nonfinite_steps(grad_amax: list[torch.Tensor], first_step: int) -> list[int]:
+        """Per tensor, the first step of the epoch whose gradient held a NaN/inf (-1: none)."""
+        if not grad_amax:
+            return []
+        bad = ~torch.isfinite(torch.stack(grad_amax))  # (steps, tensors)
+        first = bad.float().argmax(dim=0)
+        return torch.where(bad.any(dim=0), first + first_step, -1).tolist()
+
+    def _nonfinite(self, epoch: int, loss_step: int, grad_steps: list[int]) -> None:
+        """Stop the run, naming the first bad step and the group(s) whose gradients went non-finite there."""
+        names = [(g.name, pname) for g in self.groups for pname, _ in g.params]
+        step = min(s for s in [loss_step, *grad_steps] if s >= 0)
+        hits = [names[i] for i, s in enumerate(grad_steps) if s == step]
+        groups = list(dict.fromkeys(g for g, _ in hits))
+        tensor = hits[0][1] if hits else None
+        what = "training loss" if loss_step == step else "gradient"
+        self.log.error(Event.NONFINITE_DETECTED, what=what, at_step=step, groups=groups, tensor=tensor,
+                       last_checkpoint=str(self.last_checkpoint) if self.last_checkpoint else None)
+        where = f"group {', '.join(groups)} (first tensor: {tensor})" if groups else ""
+        msg = f"non-finite {what} at step {step} (epoch {epoch})"
+        if where:
+            msg += f" in {where}" if what == "gradient" else f"; gradients non-finite in {where}"
+        keep = f"; last good checkpoint: {self.last_checkpoint}" if self.last_checkpoint else ""
+        raise MoolaError(f"{msg}; lower train.lr or set train.grad_clip{keep}")
+
+    @torch.no_grad()
+    def predict(self, data: TensorData, batch_size: int = 1024) -> torch.Tensor:
+        """Model outputs for ``data`` (on any device: moved to the engine's) in eval mode, on the device."""
+        data = data.to(self.device)  # no copy when it is there already (train/val); held-out splits are not
+        was_training = self.model.training
+        self.model.eval()
+        outs = [self._model_fn(data.x[i:i + batch_size]).float() for i in range(0, len(data), batch_size)]
+        self.model.train(was_training)
+        return torch.cat(outs)
+
+    def evaluate(self, data: TensorData, prefix: str = "") -> dict[str, float]:
+        data = data.to(self.device)
+        metrics = self.eval_fn(self.predict(data), data.y)
+        return {f"{prefix}{k}": v for k, v in metrics.items()}

@@ -1,0 +1,172 @@
+"""The hook vocabulary of moola-engine.
+
+The engine's loop, with each hook where it fires::
+
+    register_strategies(register)            # once, when the plugin manager is built
+    resolve groups, build ONE optimizer param group per model group (never changes)
+    on_fit_start(engine)                     # strategy sets the initial freeze state here
+        -> on_freeze(...) / on_unfreeze(...) # for each transition requested above
+    for epoch in range(epochs):
+        on_epoch_start(engine, epoch)        # epoch-count schedules (un)freeze here
+            -> on_freeze / on_unfreeze       # after the hook returns, before any step
+        for step, batch in batches:
+            before_step(engine, epoch, step, batch)
+            loss = forward + backward + optimizer.step()     # then a per-step lr scheduler (onecycle, cosine)
+            after_step(engine, epoch, step, loss)      # loss is a device tensor: no host sync
+        metrics = validate()                    # then train.scheduler = "plateau" reads its metric
+        on_validation_end(engine, epoch, metrics)    # metric-driven schedules decide here
+            -> on_freeze / on_unfreeze       # take effect from the next epoch's first step
+        on_epoch_end(engine, epoch, metrics)  # observers snapshot / check weights here
+        early stopping (patience counts from the last transition)
+    on_fit_end(engine, result)
+
+Transitions a plugin requests inside a hook are applied at once (``requires_grad``,
+``grad = None``, lr), and their ``on_freeze``/``on_unfreeze`` hooks fire right
+after the requesting hook has returned to the engine, so every observer sees
+the same order whatever the plugin order.  The selected strategy is registered
+last, so among plain implementations it runs first; observers (checks,
+loggers) are ``trylast`` and see the state after the strategy acted.
+
+Hooks evolve only by gaining keyword arguments; an implementation may accept
+any subset of a spec's arguments.  Never rename one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
+
+import pluggy
+
+if TYPE_CHECKING:
+    import torch
+
+    from moola_engine.core.engine import Engine, FitResult
+
+PROJECT = "moola_engine"
+
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+# --------------------------------------------------------------------------- registration
+
+
+@hookspec
+def register_strategies(register: Callable[..., None]) -> None:
+    """Register fine-tuning strategies.  Fires once, when the plugin manager is built.
+
+    Call ``register(name, factory, params=ParamsClass, description="...")`` for each
+    strategy the plugin provides: ``name`` is what ``plugin = "..."`` in
+    strategies.toml refers to; ``factory(params)`` returns the object whose hook
+    implementations drive the schedule; ``params`` is an attrs class cattrs
+    structures the TOML table into (default: no parameters); ``description`` is the
+    one line ``moola-engine strategies list`` shows (default: the factory's docstring).
+    The return value is ignored.
+    """
+
+
+# --------------------------------------------------------------------------- fit lifecycle
+
+
+@hookspec
+def on_fit_start(engine: Engine) -> None:
+    """Fires once, before the first epoch, after the model, groups and optimizer exist.
+
+    Strategies set the initial freeze state here through ``engine.freezer``.
+    The return value is ignored.
+    """
+
+
+@hookspec
+def on_fit_end(engine: Engine, result: FitResult) -> None:
+    """Fires once after the last epoch (or early stop), before best weights are restored.
+
+    ``result`` holds the history and why training stopped.  The return value is ignored.
+    """
+
+
+# --------------------------------------------------------------------------- epoch lifecycle
+
+
+@hookspec
+def on_epoch_start(engine: Engine, epoch: int) -> None:
+    """Fires at the start of every epoch (``epoch`` counts from 0), before its first step.
+
+    Epoch-count schedules request transitions here; they take effect for this
+    epoch's first step.  The return value is ignored.
+    """
+
+
+@hookspec
+def on_epoch_end(engine: Engine, epoch: int, metrics: Mapping[str, float]) -> None:
+    """Fires at the end of every epoch, after validation and ``on_validation_end``.
+
+    ``metrics`` holds host floats (``train_loss``, ``val_loss``, ``val_accuracy``, ...).
+    Observers snapshot and check weights here.  The return value is ignored.
+    """
+
+
+@hookspec
+def on_validation_end(engine: Engine, epoch: int, metrics: Mapping[str, float]) -> None:
+    """Fires after each epoch's validation pass with its metrics (host floats).
+
+    Metric-driven schedules (unfreeze on plateau) decide here; a transition
+    requested here takes effect from the next epoch's first step.
+    The return value is ignored.
+    """
+
+
+# --------------------------------------------------------------------------- step brackets
+
+
+@hookspec
+def before_step(engine: Engine, epoch: int, step: int, batch: tuple[torch.Tensor, ...]) -> None:
+    """Fires before the forward pass of every training step.
+
+    ``step`` counts optimizer steps since the fit started.  Must not force a
+    host-device sync (no ``.item()``) if the run is to stay fast on a GPU.
+    The return value is ignored.
+    """
+
+
+@hookspec
+def after_step(engine: Engine, epoch: int, step: int, loss: torch.Tensor) -> None:
+    """Fires after ``optimizer.step()`` of every training step.
+
+    ``loss`` is the detached loss as a device tensor: reading it with ``.item()``
+    forces a host sync on a GPU.  The engine's own per-phase gradient check
+    runs here once per phase.  The return value is ignored.
+    """
+
+
+# --------------------------------------------------------------------------- facts: freezing
+
+
+@hookspec
+def on_freeze(engine: Engine, group: str, epoch: int, reason: str) -> None:
+    """Fires after the freezer froze ``group``: ``requires_grad`` is False and grads are None.
+
+    ``epoch`` is the epoch from whose next step the group is frozen (a freeze at
+    fit start is epoch 0).  ``reason`` is the strategy's words (``"phase 1: head
+    only"``, ``"frozen"``, ...).
+    The return value is ignored.
+    """
+
+
+@hookspec
+def on_unfreeze(engine: Engine, group: str, epoch: int, lr: float, reason: str) -> None:
+    """Fires after the freezer made ``group`` trainable with learning rate ``lr``.
+
+    ``epoch`` is the epoch from whose next step the group trains.
+    The return value is ignored.
+    """
+
+
+def all_hook_names() -> list[str]:
+    """Every hook spec name, in declaration order (docs meta-test, recorder tests)."""
+    return [
+        name
+        for name, obj in globals().items()
+        if callable(obj) and hasattr(obj, f"{PROJECT}_spec")
+    ]

@@ -1,0 +1,314 @@
+"""The plugin manager: entry-point discovery, validation, and the strategy registry.
+
+Our built-in strategies are listed in our own pyproject under the entry-point
+group ``moola_engine``, exactly as a third party lists theirs; there is no
+hard-coded list of defaults.  Loading goes through :func:`build_plugin_manager`:
+
+* every entry point of the group is imported; one that fails is reported as
+  ``failed to load plugin "dist[entry]": <why>``;
+* ``check_pending()`` runs at once, so a misspelled hook (``on_epoch_strat``)
+  is an error naming the plugin, not a silently ignored method;
+* ``register_strategies(register)`` collects each plugin's strategies into a
+  :class:`StrategyRegistry`; two plugins registering one name is an error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.metadata as md
+import os
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import attrs
+import pluggy
+
+from moola_engine.config import ConfigError, closest, read_toml, structure
+from moola_engine.core import hookspecs
+from moola_engine.errors import PluginError
+
+ENTRY_POINT_GROUP = "moola_engine"
+
+
+@attrs.frozen
+class NoParams:
+    """Parameters of a strategy that takes none."""
+
+
+@attrs.frozen(kw_only=True)
+class StrategyInfo:
+    """A strategy plugin as registered: ``plugin`` is the name strategies.toml refers to."""
+
+    plugin: str
+    factory: Callable[[Any], Any]
+    params: type
+    description: str
+    source: str
+    """Distribution and version that registered it, e.g. ``moola-engine 0.1.0``."""
+
+
+@attrs.frozen(kw_only=True)
+class NamedStrategy:
+    """One ``[strategy.NAME]`` table of strategies.toml, params structured."""
+
+    name: str
+    plugin: str
+    params: Any
+    description: str
+    info: StrategyInfo
+    source: str
+
+    def build(self) -> Any:
+        """A fresh strategy object (hook implementations) for one run."""
+        obj = self.info.factory(self.params)
+        if getattr(obj, "name", None) is None:
+            with contextlib.suppress(AttributeError):
+                obj.name = self.name
+        return obj
+
+
+class StrategyRegistry:
+    """Every strategy plugin the installed plugins registered, by plugin name."""
+
+    def __init__(self) -> None:
+        self._infos: dict[str, StrategyInfo] = {}
+
+    def add(self, info: StrategyInfo) -> None:
+        if info.plugin in self._infos:
+            other = self._infos[info.plugin]
+            raise PluginError(
+                f'strategy plugin "{info.plugin}" is registered twice: by {other.source} and by {info.source}'
+            )
+        self._infos[info.plugin] = info
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._infos
+
+    def __getitem__(self, name: str) -> StrategyInfo:
+        return self._infos[name]
+
+    def names(self) -> list[str]:
+        return sorted(self._infos)
+
+    def infos(self) -> list[StrategyInfo]:
+        return [self._infos[n] for n in self.names()]
+
+
+def new_plugin_manager() -> pluggy.PluginManager:
+    pm = pluggy.PluginManager(hookspecs.PROJECT)
+    pm.add_hookspecs(hookspecs)
+    return pm
+
+
+def _dist_label(ep: md.EntryPoint) -> str:
+    dist = getattr(ep, "dist", None)
+    if dist is None:
+        return "?"
+    return f"{dist.metadata['Name']} {dist.version}"
+
+
+def _dist_name(ep: md.EntryPoint) -> str:
+    dist = getattr(ep, "dist", None)
+    return dist.metadata["Name"] if dist is not None else "?"
+
+
+def discover(pm: pluggy.PluginManager, group: str = ENTRY_POINT_GROUP) -> dict[str, str]:
+    """Load and register every entry point of ``group``; return plugin name -> source label."""
+    sources: dict[str, str] = {}
+    seen: set[str] = set()
+    for ep in sorted(md.entry_points(group=group), key=lambda e: (_dist_name(e), e.name)):
+        label = f"{_dist_name(ep)}[{ep.name}]"
+        if label in seen:  # the same distribution visible twice on sys.path
+            continue
+        seen.add(label)
+        try:
+            plugin = ep.load()
+        except Exception as exc:
+            raise PluginError(f'failed to load plugin "{label}": {type(exc).__name__}: {exc}') from exc
+        if pm.is_registered(plugin):
+            continue
+        try:
+            pm.register(plugin, name=label)
+        except (pluggy.PluginValidationError, ValueError) as exc:
+            raise PluginError(f'failed to load plugin "{label}": {_one_line(exc)}') from exc
+        sources[label] = _dist_label(ep)
+    if os.environ.get("MOOLA_BUILTIN_PLUGINS") == "1":  # source tree on PYTHONPATH, not installed
+        for label, plugin in source_tree_plugins():
+            if label not in seen and not pm.is_registered(plugin):
+                pm.register(plugin, name=label)
+                sources[label] = "moola-engine (source tree)"
+    return sources
+
+
+def _one_line(exc: BaseException) -> str:
+    return "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+
+
+def source_tree_plugins() -> list[tuple[str, Any]]:
+    """Our own entry points, read from the source tree's pyproject.toml and imported from ``plugins/``.
+
+    For a checkout used through ``PYTHONPATH`` without ``pip install`` (no
+    installed metadata, so no entry points): set ``MOOLA_BUILTIN_PLUGINS=1``.
+    The list is the pyproject's, so it cannot drift from what an install registers.
+    """
+    root = Path(__file__).resolve().parents[2]
+    pyproject = root / "pyproject.toml"
+    if not pyproject.is_file():
+        raise PluginError(f"MOOLA_BUILTIN_PLUGINS=1 but there is no source tree here ({pyproject} is missing)")
+    eps = read_toml(pyproject).get("project", {}).get("entry-points", {}).get(ENTRY_POINT_GROUP, {})
+    found = []
+    for name, target in sorted(eps.items()):
+        module = target.split(":")[0].replace("moola_plugins.", "plugins.", 1)
+        try:
+            found.append((f"moola-engine[{name}]", importlib.import_module(module)))
+        except Exception as exc:
+            raise PluginError(f'failed to load plugin "moola-engine[{name}]" from the source tree: '
+                              f"{type(exc).__name__}: {exc}") from exc
+    return found
+
+
+def check(pm: pluggy.PluginManager) -> None:
+    """Every hook implementation must match a spec: a typo is an error naming the plugin."""
+    try:
+        pm.check_pending()
+    except pluggy.PluginValidationError as exc:
+        name = pm.get_name(exc.plugin) if exc.plugin is not None else "?"
+        raise PluginError(f'plugin "{name}": {_one_line(exc)}') from exc
+
+
+def register_checked(pm: pluggy.PluginManager, plugin: Any, name: str | None = None) -> None:
+    """Register a plugin object and validate its hooks at once."""
+    label = name or repr(plugin)
+    try:
+        pm.register(plugin, name=name)
+    except pluggy.PluginValidationError as exc:
+        raise PluginError(f'plugin "{label}": {_one_line(exc)}') from exc
+    check(pm)
+
+
+def collect_strategies(pm: pluggy.PluginManager, sources: dict[str, str] | None = None) -> StrategyRegistry:
+    """Call ``register_strategies`` on every plugin and gather what they register."""
+    registry = StrategyRegistry()
+    sources = sources or {}
+    for impl in reversed(pm.hook.register_strategies.get_hookimpls()):
+        pname = pm.get_name(impl.plugin) or "?"
+        source = sources.get(pname, pname)
+
+        def register(
+            name: str,
+            factory: Callable[[Any], Any],
+            *,
+            params: type | None = None,
+            description: str | None = None,
+            _source: str = source,
+        ) -> None:
+            if params is not None and not attrs.has(params):
+                raise PluginError(f'strategy "{name}" from {_source}: params must be an attrs class, got {params!r}')
+            if description is None:
+                lines = (factory.__doc__ or "").strip().splitlines()
+                description = lines[0] if lines else ""
+            registry.add(
+                StrategyInfo(
+                    plugin=name,
+                    factory=factory,
+                    params=params or NoParams,
+                    description=description,
+                    source=_source,
+                )
+            )
+
+        try:
+            impl.function(register=register)
+        except PluginError:
+            raise
+        except Exception as exc:
+            raise PluginError(f'plugin "{pname}" failed in hook register_strategies: {exc}') from exc
+    return registry
+
+
+def build_plugin_manager(
+    extra: Iterable[Any] = (), *, entry_points: bool = True
+) -> tuple[pluggy.PluginManager, StrategyRegistry]:
+    """A fresh plugin manager with the entry-point plugins (and ``extra``), validated."""
+    pm = new_plugin_manager()
+    sources = discover(pm) if entry_points else {}
+    for i, plugin in enumerate(extra):
+        name = getattr(plugin, "__name__", None) or f"{type(plugin).__name__}-{i}"
+        pm.register(plugin, name=name)
+        sources.setdefault(name, name)
+    check(pm)
+    return pm, collect_strategies(pm, sources)
+
+
+# --------------------------------------------------------------------------- strategies.toml
+
+
+def default_strategies_file() -> Path | None:
+    """``./strategies.toml``, else the one beside the project (source checkouts and editable installs)."""
+    for candidate in (Path.cwd() / "strategies.toml", Path(__file__).resolve().parents[2] / "strategies.toml"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def load_strategies(path: str | Path, registry: StrategyRegistry) -> dict[str, NamedStrategy]:
+    """Read strategies.toml: ``[strategy.NAME] plugin = "..."`` plus that plugin's parameters."""
+    source = str(path)
+    data = read_toml(path)
+    problems: list[str] = []
+    extra = sorted(set(data) - {"strategy"})
+    if extra:
+        problems.append(f"extra fields found ({', '.join(extra)}) @ $")
+    tables = data.get("strategy", {})
+    if not isinstance(tables, dict):
+        raise ConfigError(source, "invalid value, expected a table @ $.strategy")
+    named: dict[str, NamedStrategy] = {}
+    for name, table in tables.items():
+        where = f"$.strategy.{name}"
+        if not isinstance(table, dict):
+            problems.append(f"invalid value, expected a table @ {where}")
+            continue
+        table = dict(table)
+        plugin = table.pop("plugin", None)
+        description = table.pop("description", None)
+        if plugin is None:
+            problems.append(f"required field missing @ {where}.plugin")
+            continue
+        if not isinstance(plugin, str):
+            problems.append(f"invalid value for type, expected str @ {where}.plugin")
+            continue
+        if plugin not in registry:
+            hint = closest(plugin, registry.names())
+            msg = f'unknown plugin "{plugin}" @ {where}.plugin; installed plugins: {", ".join(registry.names())}'
+            problems.append(msg + (f'; did you mean "{hint}"?' if hint else ""))
+            continue
+        info = registry[plugin]
+        try:
+            params = structure(table, info.params, source=source, path=where)
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+            continue
+        named[name] = NamedStrategy(
+            name=name,
+            plugin=plugin,
+            params=params,
+            description=description if isinstance(description, str) else info.description,
+            info=info,
+            source=source,
+        )
+    if problems:
+        raise ConfigError(source, problems)
+    return named
+
+
+def select_strategy(name: str, named: dict[str, NamedStrategy], source: str) -> NamedStrategy:
+    """The strategy called ``name``; unknown names list the defined ones and the closest match."""
+    if name in named:
+        return named[name]
+    hint = closest(name, list(named))
+    msg = f'unknown strategy "{name}"; defined in {source}: {", ".join(sorted(named))}'
+    if hint:
+        msg += f'; did you mean "{hint}"?'
+    raise ConfigError("--strategy", msg)

@@ -1,0 +1,1 @@
+"""Many runs: the ablation grid, its statistics and its report."""

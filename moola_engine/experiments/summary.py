@@ -1,0 +1,369 @@
+"""From finished grid cells to the ablation's answer: per-arm statistics, paired comparisons, red flags.
+
+Everything is read back from the run folders (predictions.npz, events.jsonl,
+metrics.csv), never from the runner's memory, so a resumed or re-reported
+grid gives the same numbers.  Metrics are computed from the saved outputs of
+the test split (the validation split only when a run has no test split; it
+also chose the best epoch, so those numbers are optimistic and the report
+says so).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+from typing import Any
+
+import attrs
+import numpy as np
+
+from moola_engine.checks.redflags import predictions_identical
+from moola_engine.errors import MoolaError
+from moola_engine.experiments import stats
+from moola_engine.experiments.ablation import Cell, Grid, cell_config, read_marker
+from moola_engine.logs import Event, read_events
+
+METRICS = ("accuracy", "balanced_accuracy", "auc")
+WIDE_INTERVAL = 0.10
+"""A paired accuracy interval that holds zero and is wider than this (10 points) cannot tell "no effect" from a
+large one.  (A wide interval that excludes zero still settles the direction.)"""
+MIN_PAIRS = 6
+"""With fewer non-zero pairs the two-sided Wilcoxon test cannot reach p < 0.05 (2 / 2**5 = 0.0625)."""
+FLOAT_TOLERANCE = 1e-6
+"""Accuracies are float32 means: an arm that always predicts the majority class lands ~1e-8 above its rate."""
+
+BASELINE_KEY = "logistic_regression"
+BASELINE_LABEL = "logistic regression (3 range features)"
+BASELINE_KINDS = ("ohlc",)
+"""``data.kind`` values whose windows :func:`moola_ohlc.baselines.logistic_baseline` can read (log OHLC bars)."""
+
+# The field of ``weight_delta.check`` events (scope "interval") holding a group's distance from the pretrained weights.
+PRETRAINED_DISTANCE_FIELD = "from_pretrained"
+
+
+@attrs.define(kw_only=True)
+class RunRecord:
+    cell: Cell
+    run_dir: Path
+    split: str
+    metrics: dict[str, float]
+    majority: float
+    outputs: np.ndarray
+    y: np.ndarray
+    history: list[dict[str, float]]
+    groups: list[str]
+    encoder_groups: list[str]
+    trainable_by_epoch: list[list[str]]
+    plan_trainable: dict[str, bool]
+    transitions: list[dict[str, Any]]
+    overrides: list[str]
+    failed_checks: list[str]
+    distances: dict[str, list[tuple[int, float]]]
+
+
+def _metrics(outputs: np.ndarray, y: np.ndarray) -> dict[str, float]:
+    import torch
+
+    from moola_engine.core.metrics import classification_metrics
+
+    m = classification_metrics(torch.as_tensor(outputs), torch.as_tensor(y).long())
+    return {k: float(m.get(k, math.nan)) for k in METRICS}
+
+
+def _read_history(path: Path) -> list[dict[str, float]]:
+    if not path.is_file():
+        return []
+    rows: list[dict[str, float]] = []
+    with open(path, encoding="utf-8", newline="") as fh:
+        for row in csv.DictReader(fh):
+            rows.append({k: float(v) if v not in ("", None) else math.nan for k, v in row.items()})
+    return rows
+
+
+def read_run(grid: Grid, cell: Cell, marker: dict[str, Any]) -> RunRecord:
+    run_dir = grid.out / marker["run_dir"]
+    with np.load(run_dir / "predictions.npz") as arrays:
+        split = "test" if "test_outputs" in arrays.files else "val"
+        outputs, y = arrays[f"{split}_outputs"], arrays[f"{split}_y"]
+    events = read_events(run_dir / "events.jsonl")
+    groups: list[str] = []
+    head: set[str] = set()
+    plan_trainable: dict[str, bool] = {}
+    trainable_by_epoch: list[list[str]] = []
+    transitions: list[dict[str, Any]] = []
+    overrides: list[str] = []
+    failed: list[str] = []
+    distances: dict[str, list[tuple[int, float]]] = {}
+    for e in events:
+        name = e.get("event")
+        if name == Event.GROUPS_RESOLVED:
+            groups = [g["name"] for g in e.get("groups", [])]
+            head = {g["name"] for g in e.get("groups", []) if g.get("head")}
+        elif name == Event.PLAN_COMPUTED:
+            plan = e.get("plan", {})
+            head = head or set(plan.get("head_groups", []))
+            groups = groups or list(plan.get("groups", []))
+            for row in plan.get("epochs", []):
+                for g, t in row.get("trainable", {}).items():
+                    plan_trainable[g] = plan_trainable.get(g, False) or bool(t)
+        elif name == Event.EPOCH_COMPLETED:
+            trainable_by_epoch.append(list(e.get("trainable", [])))
+        elif name == Event.FREEZE_TRANSITION:
+            transitions.append({k: e.get(k) for k in ("epoch", "group", "from_state", "to_state", "lr", "reason")})
+        elif name == Event.CONFIG_OVERRIDE:
+            overrides.append(str(e.get("allow")))
+        elif name in (Event.CHECK_FAILED, Event.WEIGHT_DELTA_VIOLATION):
+            failed.append(str(e.get("message") or e.get("check") or name))
+        elif name == Event.WEIGHT_DELTA_CHECK:
+            value = e.get(PRETRAINED_DISTANCE_FIELD)
+            if isinstance(value, (int, float)) and e.get("group") is not None and e.get("scope", "interval") == "interval":
+                distances.setdefault(str(e["group"]), []).append((int(e.get("epoch", 0)), float(value)))
+    return RunRecord(
+        cell=cell, run_dir=run_dir, split=split, metrics=_metrics(outputs, y), majority=stats.majority_rate(y),
+        outputs=outputs, y=y, history=_read_history(run_dir / "metrics.csv"), groups=groups,
+        encoder_groups=[g for g in groups if g not in head], trainable_by_epoch=trainable_by_epoch,
+        plan_trainable=plan_trainable, transitions=transitions, overrides=overrides, failed_checks=failed,
+        distances=distances,
+    )
+
+
+def collect(grid: Grid) -> tuple[list[RunRecord], list[Cell]]:
+    """Records of the finished cells of ``grid`` and the cells not finished yet."""
+    records, missing = [], []
+    for cell in grid.cells():
+        marker = read_marker(grid, cell)
+        if marker is None:
+            missing.append(cell)
+        else:
+            records.append(read_run(grid, cell, marker))
+    return records, missing
+
+
+# --------------------------------------------------------------------------- red flags
+
+
+def _flag(code: str, arm: str | None, message: str) -> dict[str, Any]:
+    return {"code": code, "arm": arm, "message": message}
+
+
+def encoder_trained(rec: RunRecord) -> bool | None:
+    """Whether any encoder group was trainable in any epoch run (None: the log cannot tell)."""
+    if not rec.encoder_groups:
+        return None
+    if rec.trainable_by_epoch:
+        return any(g in epoch for epoch in rec.trainable_by_epoch for g in rec.encoder_groups)
+    if rec.plan_trainable:
+        return any(rec.plan_trainable.get(g, False) for g in rec.encoder_groups)
+    return None
+
+
+def _arm_flags(label: str, runs: list[RunRecord], control: bool, definition: dict[str, Any]) -> tuple[
+        list[dict[str, Any]], list[str]]:
+    flags: list[dict[str, Any]] = []
+    notes: list[str] = []
+    trained = [encoder_trained(r) for r in runs]
+    never = [r for r, t in zip(runs, trained) if t is False]
+    if never:
+        planned = any(r.plan_trainable.get(g, False) for r in never for g in r.encoder_groups)
+        overridden = sorted({o for r in never for o in r.overrides})
+        what = f"the encoder never trained in {len(never)} of {len(runs)} runs"
+        if control:
+            flags.append(_flag("encoder-never-trained", label, f"{what} of the control: it is no random-encoder "
+                                                               "baseline of a fine-tuned model"))
+        elif planned:
+            flags.append(_flag("encoder-never-trained", label, f"{what}, although its plan trains it"))
+        elif overridden:
+            flags.append(_flag("encoder-never-trained", label,
+                               f"{what}: the schedule check was overridden (--allow {', '.join(overridden)})"))
+        elif definition.get("plugin") == "frozen":
+            notes.append(f"{label}: the encoder never trains, by design (plugin 'frozen')")
+        else:
+            flags.append(_flag("encoder-never-trained", label, what))
+    failed = [r for r in runs if r.failed_checks]
+    if failed:
+        flags.append(_flag("checks-failed", label, f"verification checks failed in {len(failed)} of {len(runs)} runs "
+                                                   f"(first: {failed[0].failed_checks[0]}; {failed[0].run_dir})"))
+    single = [r for r in runs if len(np.unique(r.outputs.argmax(axis=1))) <= 1 and len(np.unique(r.y)) > 1]
+    if single:
+        flags.append(_flag("single-class", label, f"predicts one class for every sample in {len(single)} of "
+                                                  f"{len(runs)} runs"))
+    return flags, notes
+
+
+def summarize(grid: Grid, *, records: list[RunRecord] | None = None, missing: list[Cell] | None = None,
+              n_boot: int = stats.N_BOOT) -> dict[str, Any]:
+    """The machine-readable answer (``results.json``): arms, comparisons, red flags, per-run metrics."""
+    if records is None or missing is None:
+        records, missing = collect(grid)
+    by_arm: dict[str, list[RunRecord]] = {a.label: [] for a in grid.arms}
+    for r in records:
+        by_arm[r.cell.label].append(r)
+    control = next(a for a in grid.arms if a.control)
+    ctrl = {(r.cell.seed, r.cell.fold): r for r in by_arm[control.label]}
+    splits = sorted({r.split for r in records})
+    red: list[dict[str, Any]] = []
+    notes: list[str] = list(grid.warnings)
+    if grid.cfg.model.pretrained is None or not grid.cfg.model.pretrained.enabled:
+        red.append(_flag("no-pretrained", None, "no pretrained encoder in the config: nothing was transferred, "
+                                                "the control is not a control"))
+    if "val" in splits:
+        notes.append("some runs have no test split: their metrics are on the validation split, which also chose the "
+                     "best epoch (optimistic)")
+    if missing:
+        notes.append(f"{len(missing)} of {len(grid.cells())} runs are not finished; statistics use the finished "
+                     "ones (rerun the ablate command to complete the grid)")
+
+    arms_out: list[dict[str, Any]] = []
+    near_majority: list[bool] = []
+    for arm in grid.arms:
+        runs = by_arm[arm.label]
+        entry: dict[str, Any] = {"label": arm.label, "strategy": arm.strategy, "control": arm.control,
+                                 "definition": arm.definition, "n": len(runs)}
+        if not runs:
+            entry["metrics"] = {}
+            arms_out.append(entry)
+            continue
+        entry["metrics"] = {m: stats.estimate([r.metrics[m] for r in runs], n_boot=n_boot).to_json() for m in METRICS}
+        over = stats.estimate([r.metrics["accuracy"] - r.majority for r in runs], n_boot=n_boot)
+        entry["vs_majority"] = over.to_json()
+        within = not (math.isfinite(over.lo) and over.lo > FLOAT_TOLERANCE)
+        entry["within_noise_of_majority"] = within
+        near_majority.append(within)
+        flags, arm_notes = _arm_flags(arm.label, runs, arm.control, arm.definition)
+        red += flags
+        notes += arm_notes
+        entry["encoder_trained_runs"] = sum(encoder_trained(r) is True for r in runs)
+        if not arm.control:
+            pairs = [(r, ctrl[(r.cell.seed, r.cell.fold)]) for r in runs if (r.cell.seed, r.cell.fold) in ctrl]
+            entry["pairs"] = len(pairs)
+            entry["vs_control"] = {
+                m: stats.paired_difference([a.metrics[m] for a, _ in pairs], [b.metrics[m] for _, b in pairs],
+                                           n_boot=n_boot).to_json() for m in METRICS}
+            same = sum(predictions_identical(a.outputs, b.outputs) for a, b in pairs)
+            entry["identical_to_control"] = same
+            if pairs and same == len(pairs):
+                red.append(_flag("predictions-identical", arm.label,
+                                 f"predictions identical to the control's in all {same} paired runs: the strategy "
+                                 "changed nothing the test set can see"))
+            acc = entry["vs_control"]["accuracy"]
+            nonzero = sum(a.metrics["accuracy"] != b.metrics["accuracy"] for a, b in pairs)
+            if len(pairs) and nonzero < MIN_PAIRS:
+                red.append(_flag("too-few-pairs", arm.label,
+                                 f"{nonzero} non-zero paired differences: the Wilcoxon test cannot reach p < 0.05 "
+                                 f"with fewer than {MIN_PAIRS} (run more seeds or folds)"))
+            if (acc["lo"] is not None and acc["hi"] is not None and acc["lo"] <= 0.0 <= acc["hi"]
+                    and acc["hi"] - acc["lo"] > WIDE_INTERVAL):
+                red.append(_flag("interval-too-wide", arm.label,
+                                 f"95% interval of the accuracy difference vs control is {acc['lo']:+.3f}..{acc['hi']:+.3f} "
+                                 f"(wider than {WIDE_INTERVAL:.2f}): it cannot tell no effect from a large one"))
+        arms_out.append(entry)
+    baselines: dict[str, Any] = {}
+    ref, ref_flags, ref_notes = logistic_reference(grid, ctrl, n_boot=n_boot)
+    if ref is not None:
+        baselines[BASELINE_KEY] = ref
+    red += ref_flags
+    notes += ref_notes
+    if near_majority and all(near_majority):
+        msg = ("every arm's accuracy is within noise of the majority-class rate: no arm beat always predicting the "
+               "most frequent class")
+        over = (ref or {}).get("vs_majority") or {}
+        if over.get("lo") is not None and over["lo"] > FLOAT_TOLERANCE:
+            msg += (f"; the {BASELINE_LABEL} baseline does (accuracy - majority {over['mean']:+.3f}, 95% CI "
+                    f"{over['lo']:+.3f}..{over['hi']:+.3f}), so the labels are learnable: suspect the networks")
+        red.append(_flag("near-majority", None, msg))
+
+    majority = [r.majority for r in records]
+    return {
+        "config_file": grid.cfg.source,
+        "out": str(grid.out),
+        "seeds": grid.seeds,
+        "folds": grid.folds,
+        "eval_split": splits[0] if len(splits) == 1 else splits,
+        "runs_finished": len(records),
+        "runs_total": len(grid.cells()),
+        "majority_rate": stats.estimate(majority, n_boot=n_boot).to_json(),
+        "eval_size": int(np.mean([len(r.y) for r in records])) if records else 0,
+        "arms": arms_out,
+        "baselines": baselines,
+        "red_flags": red,
+        "notes": notes,
+        "statistics": {"interval": "95% percentile bootstrap of the mean over runs", "n_boot": n_boot,
+                       "paired_test": "two-sided Wilcoxon signed-rank over (seed, fold) pairs",
+                       "mde": f"paired t, alpha {stats.ALPHA}, power {stats.POWER}, from the SD of the differences"},
+        "runs": [{"key": r.cell.key, "label": r.cell.label, "seed": r.cell.seed, "fold": r.cell.fold,
+                  "run_dir": str(r.run_dir), "split": r.split, "majority": r.majority,
+                  **{m: (None if math.isnan(v) else v) for m, v in r.metrics.items()}} for r in records],
+    }
+
+
+# --------------------------------------------------------------------------- the non-network reference
+
+
+def logistic_reference(grid: Grid, ctrl: dict[tuple[int, int], RunRecord], *, n_boot: int = stats.N_BOOT) -> tuple[
+        dict[str, Any] | None, list[dict[str, Any]], list[str]]:
+    """Logistic regression on three range features for every (seed, fold) of ``grid``: entry, red flags, notes.
+
+    Each cell's splits come from the control cell's own config (:func:`moola_engine.experiments.ablation.cell_config`: same
+    seed, ``data.folds`` and ``data.fold``), so the baseline is fitted on the labeled windows the networks of that
+    cell trained on and scored on the split their saved outputs are scored on.  No training loop: a few
+    milliseconds a cell.  ``ctrl`` maps (seed, fold) to the control's finished run, for the paired comparison.
+    """
+    kind = grid.cfg.data.kind
+    if kind not in BASELINE_KINDS:
+        return None, [], [f"no {BASELINE_LABEL} baseline: its features are read from log OHLC bars, which "
+                          f"data.kind = {kind!r} does not have (it needs data.kind = \"ohlc\")"]
+    from moola_engine.core.data import build_splits
+    from moola_ohlc.baselines import FEATURES, logistic_baseline
+
+    flags: list[dict[str, Any]] = []
+    runs: list[dict[str, Any]] = []
+    mismatched: list[str] = []
+    for cell in (c for c in grid.cells() if c.control):
+        cfg = cell_config(grid, cell, threads=None)
+        base_dir = Path(cfg.source).parent if cfg.source != "<defaults>" else Path.cwd()  # as train.train does
+        try:
+            splits = build_splits(cfg.data, base_dir=base_dir, seed=cfg.train.seed, source=cfg.source)
+            res = logistic_baseline(splits)
+        except MoolaError as exc:
+            return None, [], [f"no {BASELINE_LABEL} baseline: building the data of seed {cell.seed} fold "
+                              f"{cell.fold} failed: {exc}"]
+        split = "test" if "test" in res else "val"
+        y = getattr(splits, split).y.cpu().numpy()
+        run = {"seed": cell.seed, "fold": cell.fold, "split": split, "train_size": len(splits.train),
+               "eval_size": len(y), "majority": stats.majority_rate(y),
+               **{m: _num(res[split][m]) for m in METRICS}}
+        c = ctrl.get((cell.seed, cell.fold))
+        if c is not None and (c.split != split or not np.array_equal(c.y, y)):
+            mismatched.append(f"seed {cell.seed} fold {cell.fold}")
+            run["paired"] = False
+        else:
+            run["paired"] = c is not None
+        runs.append(run)
+    if mismatched:
+        flags.append(_flag("baseline-data-mismatch", None,
+                           f"the {BASELINE_LABEL} baseline's evaluation labels differ from the control run's in "
+                           f"{len(mismatched)} cell(s) ({', '.join(mismatched[:3])}): the data changed since those "
+                           "runs, so these cells are left out of the paired comparison"))
+
+    def values(m: str, rows: list[dict[str, Any]]) -> list[float]:
+        return [math.nan if r[m] is None else r[m] for r in rows]
+
+    paired = [r for r in runs if r["paired"]]
+    ctrl_rows = [ctrl[(r["seed"], r["fold"])] for r in paired]
+    entry: dict[str, Any] = {
+        "label": BASELINE_LABEL, "reference": True, "model": "L2-penalised logistic regression (Newton)",
+        "features": list(FEATURES), "n": len(runs), "pairs": len(paired),
+        "eval_split": sorted({r["split"] for r in runs})[0] if runs else None,
+        "metrics": {m: stats.estimate(values(m, runs), n_boot=n_boot).to_json() for m in METRICS},
+        "vs_majority": stats.estimate([r["accuracy"] - r["majority"] for r in runs if r["accuracy"] is not None],
+                                      n_boot=n_boot).to_json(),
+        "vs_control": {m: stats.paired_difference(values(m, paired), [c.metrics[m] for c in ctrl_rows],
+                                                  n_boot=n_boot).to_json() for m in METRICS},
+        "runs": runs,
+    }
+    return entry, flags, []
+
+
+def _num(x: float) -> float | None:
+    return None if x is None or not math.isfinite(x) else float(x)

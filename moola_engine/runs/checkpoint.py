@@ -1,0 +1,623 @@
+"""Checkpoints that know about freezing, and resuming a run from one.
+
+A checkpoint is a folder ``runs/<id>/checkpoints/epoch-NNNN/`` written at the
+end of epoch NNNN (after ``on_epoch_end``, before early stopping looks at it):
+
+* ``model.safetensors``   the model's state_dict (weights and buffers);
+* ``state.safetensors``   every other tensor: optimizer state, RNG states,
+                          the best-so-far weights (``restore_best``), tensors
+                          a strategy keeps;
+* ``state.json``          everything else: epoch, step, history, the freezer
+                          (trainable mask and lr scale by group, transitions),
+                          the trainable mask by parameter name, BN modes,
+                          per-group lr, optimizer param groups, lr scheduler,
+                          the strategy's own state, early stopping, file hashes.
+
+It is written into a temporary folder, every file fsync'ed, renamed into
+place, and the parent fsync'ed: a kill at any moment leaves either the
+complete checkpoint or none.  Only the newest ``checkpoint.keep`` survive.
+
+Resuming (``moola-engine train --resume runs/<id>``) restores all of it,
+fires ``on_fit_start`` for the observers (never for the strategy: its state
+comes from the checkpoint, so a resume cannot re-run its initial freeze), and
+before the first step compares the freeze state with what the strategy says
+for that epoch, replaying a fresh copy over the recorded metrics
+(``resume.check``).  A mismatch stops the run.
+
+A strategy's state: its ``state_dict()``/``load_state_dict()`` when it has both;
+otherwise its attributes except ``params`` and ``name``, when they are
+JSON-safe (numbers, strings, lists, dicts, tensors).  A strategy keeping
+something else still checkpoints, but resuming it is refused with the
+attribute named.  Other plugins take part when they define both methods.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+import json
+import os
+import random
+import re
+import shutil
+import time
+import types
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import attrs
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
+from moola_engine import hookimpl
+from moola_engine.config import CheckpointConfig, ExperimentConfig, structure
+from moola_engine.errors import CheckFailed, CheckpointError, ConfigError, WeightsError
+from moola_engine.core.freezing import apply_module_modes
+from moola_engine.logs import Event
+from moola_engine.runs.folders import ensure_writable
+from moola_engine.safeio import fsync_dir, fsync_file, load_safetensors, sha256
+
+FORMAT = 1
+DIRNAME = "checkpoints"
+_NAME = re.compile(r"^epoch-(\d{4,})$")
+_SKIP_ATTRS = {"params", "name"}
+
+
+# --------------------------------------------------------------------------- codec: nested state <-> JSON + tensors
+
+
+class Unencodable(TypeError):
+    def __init__(self, where: str, obj: Any) -> None:
+        super().__init__(f"{where}: {type(obj).__name__} cannot be saved in a checkpoint")
+        self.where = where
+
+
+def encode(obj: Any, key: str, tensors: dict[str, torch.Tensor]) -> Any:
+    """JSON-safe form of ``obj``; tensors go to ``tensors[key/...]`` and leave a reference behind."""
+    if isinstance(obj, torch.Tensor):
+        tensors[key] = obj.detach().cpu().contiguous().clone()
+        return {"__tensor__": key}
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    if isinstance(obj, np.ndarray):
+        if obj.dtype == object:
+            raise Unencodable(key, obj)
+        return {"__ndarray__": obj.tolist(), "dtype": str(obj.dtype)}
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, tuple):
+        return {"__tuple__": [encode(v, f"{key}/{i}", tensors) for i, v in enumerate(obj)]}
+    if isinstance(obj, list):
+        return [encode(v, f"{key}/{i}", tensors) for i, v in enumerate(obj)]
+    if isinstance(obj, Mapping):
+        if all(isinstance(k, str) and not k.startswith("__") for k in obj):
+            return {k: encode(v, f"{key}/{k}", tensors) for k, v in obj.items()}
+        return {"__items__": [[encode(k, f"{key}/k{i}", tensors), encode(v, f"{key}/{i}", tensors)]
+                              for i, (k, v) in enumerate(obj.items())]}
+    raise Unencodable(key, obj)
+
+
+def decode(obj: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
+    if isinstance(obj, list):
+        return [decode(v, tensors) for v in obj]
+    if not isinstance(obj, dict):
+        return obj
+    if "__tensor__" in obj:
+        key = obj["__tensor__"]
+        if key not in tensors:
+            raise CheckpointError(f"state.json refers to tensor {key!r}, which state.safetensors lacks")
+        return tensors[key]
+    if "__ndarray__" in obj:
+        return np.asarray(obj["__ndarray__"], dtype=obj["dtype"])
+    if "__tuple__" in obj:
+        return tuple(decode(v, tensors) for v in obj["__tuple__"])
+    if "__items__" in obj:
+        return {decode(k, tensors): decode(v, tensors) for k, v in obj["__items__"]}
+    return {k: decode(v, tensors) for k, v in obj.items()}
+
+
+# --------------------------------------------------------------------------- what a run's state is
+
+
+def strategy_state(strategy: Any) -> tuple[Any, list[str]]:
+    """(state, unsaved attributes): ``state_dict()`` if defined, else the JSON-safe attributes."""
+    if callable(getattr(strategy, "state_dict", None)) and callable(getattr(strategy, "load_state_dict", None)):
+        return strategy.state_dict(), []
+    if isinstance(strategy, types.ModuleType):
+        return {}, []
+    state: dict[str, Any] = {}
+    unsaved: list[str] = []
+    for k, v in getattr(strategy, "__dict__", {}).items():
+        if k in _SKIP_ATTRS:
+            continue
+        if _has_state(v):  # a helper object (e.g. a PlateauWatcher) that saves itself
+            v = {_NESTED: v.state_dict()}
+        try:
+            encode(v, k, {})
+        except Unencodable:
+            unsaved.append(f"{k} ({type(v).__name__})")
+            continue
+        state[k] = v
+    return state, unsaved
+
+
+_NESTED = "__state_dict__"
+
+
+def _has_state(obj: Any) -> bool:
+    return callable(getattr(obj, "state_dict", None)) and callable(getattr(obj, "load_state_dict", None))
+
+
+def load_strategy_state(strategy: Any, state: Any) -> None:
+    if _has_state(strategy):
+        strategy.load_state_dict(state)
+        return
+    for k, v in state.items():
+        if isinstance(v, dict) and set(v) == {_NESTED}:
+            getattr(strategy, k).load_state_dict(v[_NESTED])
+        else:
+            setattr(strategy, k, v)
+
+
+def stateful_plugins(engine: Any) -> dict[str, Any]:
+    """Registered plugins (not the strategy, not modules) that define state_dict and load_state_dict."""
+    out = {}
+    for name, plugin in engine.pm.list_name_plugin():
+        if plugin is engine.strategy or isinstance(plugin, (types.ModuleType, Checkpointer)) or plugin is None:
+            continue
+        if callable(getattr(plugin, "state_dict", None)) and callable(getattr(plugin, "load_state_dict", None)):
+            out[name] = plugin
+    return out
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch, numpy and random from ``seed``: every process draws at random otherwise."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+def rng_state(engine: Any) -> dict[str, Any]:
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "engine": engine._gen.get_state(),
+        "numpy": np.random.get_state(legacy=False),
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = list(torch.cuda.get_rng_state_all())
+    return state
+
+
+def set_rng_state(engine: Any, state: Mapping[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    engine._gen.set_state(state["engine"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        cuda = state["cuda"]
+        if len(cuda) != torch.cuda.device_count():
+            raise CheckpointError(f"the checkpoint holds RNG states of {len(cuda)} GPUs, this machine has "
+                                  f"{torch.cuda.device_count()}: the run cannot continue exactly")
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def bn_modes(engine: Any) -> dict[str, str]:
+    """The BatchNorm mode each group trains with under the current freeze state (``-``: no BN)."""
+    trainable = {g: engine.freezer.is_trainable(g) for g in engine.freezer.groups}
+    saved = {name: m.training for name, m in engine.model.named_modules()}
+    try:
+        return apply_module_modes(engine.groups, trainable, train_bn=engine.config.train_bn,
+                                  frozen_dropout=engine.config.frozen_dropout)
+    finally:
+        for name, m in engine.model.named_modules():
+            m.training = saved[name]
+
+
+def _train_fingerprint(engine: Any) -> dict[str, Any]:
+    c = engine.config
+    return {"epochs": c.epochs, "batch_size": c.batch_size, "lr": c.lr, "optimizer": c.optimizer, "seed": c.seed,
+            "n_train": len(engine.train_data)}
+
+
+def capture(engine: Any, epoch: int, reasons: list[str]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The state of ``engine`` at the end of ``epoch``: (state.json content, tensors for state.safetensors)."""
+    tensors: dict[str, torch.Tensor] = {}
+    strat, unsaved = strategy_state(engine.strategy)
+    try:
+        strat_json = encode(strat, "strategy", tensors)
+    except Unencodable as exc:
+        raise CheckpointError(f'strategy "{engine.strategy_name}": state_dict() returned something that cannot '
+                              f"be saved ({exc})") from exc
+    plugins = {}
+    for name, plugin in stateful_plugins(engine).items():
+        try:
+            plugins[name] = encode(plugin.state_dict(), f"plugin/{name}", tensors)
+        except Unencodable as exc:
+            raise CheckpointError(f'plugin "{name}": state_dict() returned something that cannot be saved ({exc})') from exc
+    scheduler = getattr(engine, "scheduler", None)
+    best = engine.best_state
+    result = engine.result
+    # transitions requested inside on_epoch_end are applied but their hooks (and the engine's clock reset) come
+    # right after it: the saved clock must be the one the next epoch starts with
+    since_improved = 0 if engine.freezer.pending else engine._since_improved
+    meta = {
+        "format": FORMAT,
+        "epoch": epoch,
+        "next_epoch": epoch + 1,
+        "step": engine.step,
+        "reasons": reasons,
+        "saved_at": dt.datetime.now(dt.UTC).isoformat(),
+        "device": engine.device.type,
+        "strategy": {"name": engine.strategy_name, "class": type(engine.strategy).__qualname__,
+                     "state": strat_json, "unsaved": unsaved},
+        "plugins": plugins,
+        "train": _train_fingerprint(engine),
+        "groups": [{"name": g.name, "head": g.head, "params": [n for n, _ in g.params]} for g in engine.groups],
+        "freezer": engine.freezer.state_dict(),
+        "trainable_params": {n: bool(p.requires_grad) for g in engine.groups for n, p in g.params},
+        "bn_modes": bn_modes(engine),
+        "lr": {g: {"lr": pg["lr"], "lr_scale": engine.freezer.lr_scale(g)}
+               for g, pg in zip(engine.freezer.groups, engine.optimizer.param_groups, strict=True)},
+        "optimizer": encode(engine.optimizer.state_dict(), "optimizer", tensors),
+        "scheduler": encode(scheduler.state_dict(), "scheduler", tensors) if scheduler is not None else None,
+        "rng": encode(rng_state(engine), "rng", tensors),
+        "early_stopping": {"best": engine.es_best, "best_epoch": result.best_epoch,
+                           "best_metric": result.best_metric, "since_improved": since_improved,
+                           "best_state": encode(best, "best", tensors) if best is not None else None},
+        "history": engine.history,
+    }
+    return meta, tensors
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def checkpoint_name(epoch: int) -> str:
+    return f"epoch-{epoch:04d}"
+
+
+def save_checkpoint(engine: Any, root: Path, epoch: int, reasons: list[str]) -> Path:
+    """Write the checkpoint of ``epoch`` under ``root`` atomically; returns its folder."""
+    meta, tensors = capture(engine, epoch, reasons)
+    final = root / checkpoint_name(epoch)
+    tmp = root / f".tmp-{final.name}-{os.getpid()}"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        # one independent contiguous copy per entry: cuDNN packs LSTM weights into one flat buffer on CUDA,
+        # and safetensors refuses tensors that share storage
+        weights = {k: v.detach().contiguous().clone() for k, v in engine.model.state_dict().items()}
+        save_file(weights, str(tmp / "model.safetensors"))
+        save_file(tensors, str(tmp / "state.safetensors"))
+        meta["files"] = {f: {"bytes": (tmp / f).stat().st_size, "sha256": sha256(tmp / f)}
+                         for f in ("model.safetensors", "state.safetensors")}
+        with open(tmp / "state.json", "w", encoding="utf-8") as fh:
+            json.dump(meta, fh, indent=1)
+        for f in ("model.safetensors", "state.safetensors", "state.json"):
+            fsync_file(tmp / f)
+        fsync_dir(tmp)
+        if final.exists():  # only when a resumed run re-saves an epoch: move the old one aside first
+            trash = root / f".old-{final.name}-{os.getpid()}"
+            os.replace(final, trash)
+            os.replace(tmp, final)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        fsync_dir(root)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        last = f"; the previous checkpoint {engine.last_checkpoint} is intact" if engine.last_checkpoint else ""
+        raise CheckpointError(f"cannot write checkpoint {final}: {exc.strerror or exc}{last}") from exc
+    except Unencodable as exc:  # pragma: no cover - capture() encodes everything first
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(str(exc)) from exc
+    return final
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints of a run (renamed into place, so complete), oldest first."""
+    root = Path(run_dir) / DIRNAME
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _NAME.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found)]
+
+
+def prune(root: Path, keep: int) -> list[Path]:
+    """Delete all but the newest ``keep`` checkpoints, and temporary folders of interrupted saves."""
+    removed = []
+    for stale in root.glob(".tmp-*"):
+        if not stale.name.endswith(f"-{os.getpid()}"):
+            shutil.rmtree(stale, ignore_errors=True)
+    for old in list_checkpoints(root.parent)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+        removed.append(old)
+    if removed:
+        fsync_dir(root)
+    return removed
+
+
+# --------------------------------------------------------------------------- the observer
+
+
+class Checkpointer:
+    """Observer plugin: a resumable checkpoint at epoch ends, keeping the newest ``keep``.
+
+    Saves at the end of epoch ``e`` when ``(e + 1) % every == 0``, when a
+    transition happened during ``e`` (``transition``), when the plan schedules
+    one at ``e + 1`` (``before-transition``: the state the transition acts on),
+    and at the last epoch.  Epoch ends are the only points where the whole
+    loop's state is known; a transition inside ``on_epoch_start`` is redone on
+    resume by the restored strategy, and ``resume.check`` proves it was.
+    """
+
+    def __init__(self, run_dir: Path, cfg: CheckpointConfig) -> None:
+        self.root = Path(run_dir) / DIRNAME
+        self.cfg = cfg
+        self._transitioned = False
+
+    @hookimpl(trylast=True)
+    def on_fit_start(self, engine: Any) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        prune(self.root, self.cfg.keep)  # leftovers of a save interrupted by a kill
+
+    @hookimpl(trylast=True)
+    def on_freeze(self, engine: Any) -> None:
+        self._transitioned = True
+
+    @hookimpl(trylast=True)
+    def on_unfreeze(self, engine: Any) -> None:
+        self._transitioned = True
+
+    @hookimpl(trylast=True)
+    def on_epoch_end(self, engine: Any, epoch: int) -> None:
+        reasons = []
+        if (epoch + 1) % self.cfg.every == 0:
+            reasons.append("every")
+        if self._transitioned or engine.freezer.pending:
+            reasons.append("transition")
+        if engine.plan is not None and any(t["epoch"] == epoch + 1 for t in engine.plan.transitions):
+            reasons.append("before-transition")
+        if epoch == engine.epochs - 1:
+            reasons.append("last")
+        self._transitioned = False
+        if not reasons:
+            return
+        t0 = time.perf_counter()
+        path = save_checkpoint(engine, self.root, epoch, reasons)
+        engine.last_checkpoint = path
+        removed = prune(self.root, self.cfg.keep)
+        unsaved = strategy_state(engine.strategy)[1]
+        engine.log.info(Event.CHECKPOINT_SAVED, path=str(path), reasons=reasons, at_step=engine.step,
+                        bytes=sum((path / f).stat().st_size for f in ("model.safetensors", "state.safetensors",
+                                                                      "state.json")),
+                        seconds=round(time.perf_counter() - t0, 4), removed=[p.name for p in removed],
+                        resumable=not unsaved, **({"unsaved": unsaved} if unsaved else {}))
+
+
+# --------------------------------------------------------------------------- reading and resuming
+
+
+def read_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """state.json and state.safetensors of one checkpoint, verified against the recorded hashes."""
+    meta_path = path / "state.json"
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: incomplete checkpoint (no state.json)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{meta_path}: unreadable ({exc})") from exc
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"{meta_path}: not a moola-engine checkpoint of format {FORMAT} "
+                              f"(format: {meta.get('format') if isinstance(meta, dict) else '?'})")
+    for f, rec in meta.get("files", {}).items():
+        p = path / f
+        if not p.is_file() or p.stat().st_size != rec["bytes"] or sha256(p) != rec["sha256"]:
+            raise CheckpointError(f"{p}: missing or corrupt (size or sha256 differs from state.json); "
+                                  "delete this checkpoint folder to resume from the one before it")
+    try:
+        tensors = load_safetensors(path / "state.safetensors")
+    except WeightsError as exc:
+        raise CheckpointError(str(exc)) from exc
+    return meta, tensors
+
+
+class ResumeState:
+    """One checkpoint, ready to be restored into an :class:`~moola_engine.core.engine.Engine` by ``fit(start=...)``."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.meta, self.tensors = read_checkpoint(self.path)
+        self.expected: Any = None
+
+    @classmethod
+    def latest(cls, run_dir: Path) -> ResumeState:
+        found = list_checkpoints(run_dir)
+        if not found:
+            raise CheckpointError(f"{run_dir}: no checkpoint to resume from (the run stopped before its first "
+                                  "checkpoint was written, or [checkpoint] enabled = false); start it again")
+        return cls(found[-1])
+
+    @property
+    def next_epoch(self) -> int:
+        return int(self.meta["next_epoch"])
+
+    # ------------------------------------------------------------------ restore
+    def restore(self, engine: Any) -> int:
+        """Restore everything into ``engine``; returns the epoch to continue at (``engine.epochs``: none left)."""
+        from moola_engine.core.plan import compute_plan
+
+        meta = self.meta
+        self._compatible(engine)
+        # what the strategy says for each epoch, given the metrics the run really had: a fresh copy, replayed
+        self.expected = compute_plan(engine.strategy, engine.freezer.groups, engine.freezer.head_groups,
+                                     engine.epochs, engine.config.lr, name=engine.strategy_name,
+                                     model_groups=engine.groups, train=engine.config, history=meta["history"])
+        missing, unexpected = engine.model.load_state_dict(load_safetensors(self.path / "model.safetensors"),
+                                                           strict=False)
+        if missing or unexpected:
+            raise CheckpointError(f"{self.path}/model.safetensors does not fit the model: missing "
+                                  f"{sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
+        engine.freezer.load_state_dict(meta["freezer"])
+        wrong = [n for g in engine.groups for n, p in g.params if p.requires_grad != meta["trainable_params"][n]]
+        if wrong:
+            raise CheckpointError(f"{self.path}: trainable mask differs after restoring the freezer: {wrong[:5]}")
+        engine.optimizer.load_state_dict(decode(meta["optimizer"], self.tensors))
+        scheduler = getattr(engine, "scheduler", None)
+        if (scheduler is None) != (meta["scheduler"] is None):
+            raise CheckpointError(f"{self.path}: the checkpoint {'has' if meta['scheduler'] else 'has no'} lr "
+                                  f"scheduler state but this run {'has' if scheduler is not None else 'has no'} "
+                                  "scheduler")
+        if scheduler is not None:
+            scheduler.load_state_dict(decode(meta["scheduler"], self.tensors))
+        load_strategy_state(engine.strategy, decode(meta["strategy"]["state"], self.tensors))
+        engine.step = int(meta["step"])
+        engine.epoch = engine.freezer.epoch = self.next_epoch
+        engine.history[:] = [dict(h) for h in meta["history"]]
+        es = meta["early_stopping"]
+        engine.es_best, engine._since_improved = es["best"], es["since_improved"]
+        engine.result.best_epoch, engine.result.best_metric = es["best_epoch"], es["best_metric"]
+        engine.result.epochs_run = self.next_epoch
+        if es["best_state"] is not None:
+            engine.best_state = {k: v.to(engine.device) for k, v in decode(es["best_state"], self.tensors).items()}
+        engine.last_checkpoint = self.path
+        engine.log.info(Event.CHECKPOINT_LOADED, path=str(self.path), epoch=meta["epoch"], at_step=engine.step,
+                        next_epoch=self.next_epoch, trainable=engine.freezer.trainable_groups())
+
+        # observers start as in any run; the strategy does not: its state was restored above
+        engine._fire("on_fit_start", skip=[engine.strategy])
+        plugins = stateful_plugins(engine)
+        if sorted(plugins) != sorted(meta["plugins"]):
+            raise CheckpointError(f"{self.path}: plugins with state differ: checkpoint has "
+                                  f"{sorted(meta['plugins']) or 'none'}, this run has {sorted(plugins) or 'none'}")
+        for name, plugin in plugins.items():
+            plugin.load_state_dict(decode(meta["plugins"][name], self.tensors))
+        set_rng_state(engine, decode(meta["rng"], self.tensors))  # last: nothing may draw after this
+
+        # the interrupted run's last epoch ended with early stopping's bookkeeping, after the save
+        if self.next_epoch > 0 and engine._early_stopping(meta["epoch"], engine.history[-1]):
+            return engine.epochs
+        return self.next_epoch
+
+    def _compatible(self, engine: Any) -> None:
+        meta = self.meta
+        problems = []
+        if meta["strategy"]["unsaved"]:
+            problems.append(f'strategy "{meta["strategy"]["name"]}" keeps state that was not saved: '
+                            f'{", ".join(meta["strategy"]["unsaved"])}; give it state_dict()/load_state_dict()')
+        if meta["strategy"]["name"] != engine.strategy_name:
+            problems.append(f'strategy: checkpoint "{meta["strategy"]["name"]}", this run "{engine.strategy_name}"')
+        ours = [{"name": g.name, "head": g.head, "params": [n for n, _ in g.params]} for g in engine.groups]
+        if meta["groups"] != ours:
+            problems.append("parameter groups differ: checkpoint "
+                            f"{[g['name'] for g in meta['groups']]}, this model {[g['name'] for g in ours]}")
+        fp = _train_fingerprint(engine)
+        for k, v in meta["train"].items():
+            if fp.get(k) != v:
+                problems.append(f"train.{k}: checkpoint {v!r}, this run {fp.get(k)!r}")
+        if meta["device"] != engine.device.type:
+            problems.append(f"device: checkpoint written on {meta['device']}, this run is on {engine.device.type} "
+                            "(the batch order cannot continue exactly)")
+        if problems:
+            raise CheckpointError(f"cannot resume from {self.path}: " + "; ".join(problems))
+
+    # ------------------------------------------------------------------ the check
+    def check(self, engine: Any, epoch: int) -> None:
+        """Before the first step: the freeze state must be what the strategy says for ``epoch`` (``resume.check``)."""
+        planned = self.expected.epochs[epoch]
+        fz = engine.freezer
+        mismatches = []
+        for g in fz.groups:
+            if fz.is_trainable(g) != planned.trainable[g]:
+                mismatches.append(f"group {g} is {'trainable' if fz.is_trainable(g) else 'frozen'} but the "
+                                  f"strategy says {'trainable' if planned.trainable[g] else 'frozen'}")
+            elif planned.trainable[g] and not _close(fz.lr(g), planned.lr[g]):
+                mismatches.append(f"group {g} trains at lr {fz.lr(g):.6g} but the strategy says {planned.lr[g]:.6g}")
+        flags = [n for grp in engine.groups for n, p in grp.params
+                 if p.requires_grad != (fz.is_trainable(grp.name) and n not in set(fz.frozen_params(grp.name)))]
+        if flags:
+            mismatches.append(f"requires_grad disagrees with the freezer for {', '.join(flags[:5])}")
+        modes = bn_modes(engine)
+        status = "mismatch" if mismatches else "ok"
+        (engine.log.error if mismatches else engine.log.info)(
+            Event.RESUME_CHECK, status=status, checkpoint=str(self.path),
+            expected={g: planned.trainable[g] for g in fz.groups},
+            actual={g: fz.is_trainable(g) for g in fz.groups},
+            lr={g: fz.lr(g) for g in fz.groups}, bn_modes=modes, mismatches=mismatches,
+        )
+        if mismatches:
+            raise CheckFailed(f"resume check failed at epoch {epoch} after restoring {self.path}: "
+                              + "; ".join(mismatches) + ". The run was stopped before its first step")
+
+
+def _close(a: float, b: float) -> bool:
+    return abs(a - b) <= 1e-12 * max(abs(a), abs(b), 1e-30)
+
+
+# --------------------------------------------------------------------------- run folders
+
+
+def run_record(run_dir: Path) -> dict[str, Any]:
+    """``config.json`` of a run folder (config, strategy name, plugin, params)."""
+    path = Path(run_dir) / "config.json"
+    if not Path(run_dir).is_dir():
+        raise CheckpointError(f"{run_dir}: no such run folder")
+    try:
+        rec = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing; {run_dir} is not a moola-engine run folder") from None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}: unreadable ({exc})") from exc
+    if not isinstance(rec, dict) or not {"config", "strategy", "plugin", "params"} <= set(rec):
+        raise CheckpointError(f"{path}: expected keys config, strategy, plugin, params")
+    return rec
+
+
+def run_config(run_dir: Path) -> ExperimentConfig:
+    """The experiment config a run was started with (paths resolved as they were then)."""
+    rec = run_record(run_dir)
+    data = copy.deepcopy(rec["config"])
+    source = data.pop("source", "<defaults>") if isinstance(data, dict) else "<defaults>"
+    cwd = rec.get("cwd")
+    if source != "<defaults>" and cwd and not Path(source).is_absolute():
+        source = str(Path(cwd) / source)
+    try:
+        cfg = structure(data, ExperimentConfig, source=str(Path(run_dir) / "config.json"), path="$.config")
+    except ConfigError as exc:
+        raise CheckpointError(str(exc)) from exc
+    return attrs.evolve(cfg, source=source)
+
+
+def open_resume(run_dir: Path) -> tuple[Path, ResumeState | None]:
+    """A run folder to continue in (unfinished, writable) and its newest checkpoint.
+
+    None when the run was stopped before its first checkpoint: it then starts
+    over from step 0 (its initial weights follow ``train.seed``, so nothing is lost).
+    """
+    run_dir = Path(run_dir)
+    run_record(run_dir)
+    if (run_dir / "result.json").exists():
+        raise CheckpointError(f"{run_dir}: this run finished (result.json exists); nothing to resume")
+    ensure_writable(run_dir)
+    return run_dir, ResumeState.latest(run_dir) if list_checkpoints(run_dir) else None
+
+
+def resume_strategy(run_dir: Path, extra_plugins: tuple[Any, ...] = ()) -> tuple[Any, Any]:
+    """(plugin manager, NamedStrategy) as the run recorded them: strategies.toml is not read again."""
+    from moola_engine.core.plugins import NamedStrategy, build_plugin_manager
+
+    rec = run_record(run_dir)
+    source = str(Path(run_dir) / "config.json")
+    pm, registry = build_plugin_manager(extra_plugins)
+    if rec["plugin"] not in registry:
+        raise CheckpointError(f'{source}: strategy plugin "{rec["plugin"]}" is not installed; installed plugins: '
+                              f"{', '.join(registry.names())}")
+    info = registry[rec["plugin"]]
+    params = structure(rec["params"], info.params, source=source, path="$.params")
+    return pm, NamedStrategy(name=rec["strategy"], plugin=rec["plugin"], params=params,
+                             description=info.description, info=info, source=source)
