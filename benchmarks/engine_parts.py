@@ -73,7 +73,7 @@ def cold_probe() -> None:
     """A 1-2 us numpy call, hot, then right after a training step of the scenario's model."""
     import numpy as np
 
-    from moola_engine.core.models import SimpleLSTM
+    from moola_ohlc.models import SimpleLSTM
 
     model, x, y = SimpleLSTM(), torch.randn(16, 64, 4), torch.randint(0, 2, (16,))
     a, b = np.random.default_rng(0).integers(0, 2, 18), np.random.default_rng(1).integers(0, 2, 18)

@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from moola_engine.core.models import SimpleLSTM
+from moola_ohlc.models import SimpleLSTM
 
 torch.set_num_threads(1)
 torch.manual_seed(0)

@@ -112,7 +112,9 @@ class PretrainedConfig:
 @attrs.frozen(kw_only=True)
 class ModelConfig:
     name: str = "simple_lstm"
+    """A registered model name (``moola-engine components list``) or an import path ``"package.module:callable"``."""
     params: dict[str, Any] = attrs.Factory(dict)
+    """Keyword arguments of the model factory."""
     groups: list[GroupSpec] = attrs.Factory(list)
     pretrained: PretrainedConfig | None = None
 
@@ -165,10 +167,23 @@ class ChecksConfig:
 
 
 @attrs.frozen(kw_only=True)
+class TaskConfig:
+    """``[task]``: what the labels are, the loss and the metrics (``classification``, ``multi-label``,
+    ``regression``, a plugin's task or an import path)."""
+
+    name: str = "classification"
+    params: dict[str, Any] = attrs.Factory(dict)
+
+
+@attrs.frozen(kw_only=True)
 class DataConfig:
     kind: str = "npz"
-    """Which loader builds the dataset; its own keys live in ``options``."""
+    """Which loader builds the dataset (a registered data kind or an import path); its own keys live in ``options``."""
     path: str | None = None
+    test_path: str | None = None
+    """A separate test file (``table``, ``npz``): the held-out split, never seen in training or model selection."""
+    labels: int | None = attrs.field(default=None, validator=_positive)
+    """Label budget: keep this many labeled training rows, drawn per seed (stratified for class labels)."""
     val_fraction: float = attrs.field(default=0.2, validator=_fraction)
     folds: int = attrs.field(default=1, validator=_positive)
     """Number of folds the loader can cut (repeated stratified for i.i.d. data, chronological for series)."""
@@ -189,10 +204,21 @@ class CheckpointConfig:
 
 
 @attrs.frozen(kw_only=True)
+class PretrainSection:
+    """``[pretrain]``: the objective ``moola-engine pretrain`` runs on this experiment's ``[data]`` and ``[model]``."""
+
+    objective: str | None = None
+    """A registered objective (``moola-engine components list``) or an import path."""
+    params: dict[str, Any] = attrs.Factory(dict)
+    """The objective's parameters (its registered params class)."""
+
+
+@attrs.frozen(kw_only=True)
 class RunConfig:
     strategy: str | None = None
     strategies_file: str | None = None
     runs_dir: str = "runs"
+    """Where run folders go, relative to the experiment file (like every path in it)."""
     name: str | None = None
     console: Literal["pretty", "json", "none"] = "pretty"
     allow: list[str] = attrs.Factory(list)
@@ -204,10 +230,22 @@ class ExperimentConfig:
     run: RunConfig = attrs.Factory(RunConfig)
     train: TrainConfig = attrs.Factory(TrainConfig)
     model: ModelConfig = attrs.Factory(ModelConfig)
+    task: TaskConfig = attrs.Factory(TaskConfig)
     data: DataConfig = attrs.Factory(DataConfig)
     checks: ChecksConfig = attrs.Factory(ChecksConfig)
     checkpoint: CheckpointConfig = attrs.Factory(CheckpointConfig)
+    pretrain: PretrainSection = attrs.Factory(PretrainSection)
     source: str = attrs.field(default="<defaults>", metadata={"toml": False})
+
+    @property
+    def base_dir(self) -> Path:
+        """The experiment file's folder: every relative path in it resolves here (the cwd for built-in defaults)."""
+        return Path(self.source).parent if self.source != "<defaults>" else Path.cwd()
+
+    def resolve(self, path: str | Path) -> Path:
+        """``path`` as written in this experiment file, made absolute against :attr:`base_dir`."""
+        p = Path(path).expanduser()
+        return p if p.is_absolute() else self.base_dir / p
 
 
 # --------------------------------------------------------------------------- reading

@@ -40,9 +40,9 @@ import torch
 from torch import nn
 
 from moola_engine import __version__
-from moola_engine.config import fraction, non_negative, positive
 from moola_engine.errors import DataError
 from moola_engine.logs import Event
+from moola_ohlc.options import PretrainConfig
 from moola_ohlc.series import (
     FeatureStats,
     OhlcSeries,
@@ -54,34 +54,6 @@ from moola_ohlc.series import (
 
 TASKS: dict[str, int] = {"expansion": 2, "swing": 2, "candle": 3}
 """Classification tasks and their class counts; ``masked`` (regression) comes on top."""
-
-
-@attrs.frozen(kw_only=True)
-class PretrainConfig:
-    """Knobs of ``moola-engine pretrain`` (defaults: about 2-3 minutes on two CPU cores)."""
-
-    epochs: int = attrs.field(default=4, validator=positive)
-    batch_size: int = attrs.field(default=128, validator=positive)
-    lr: float = attrs.field(default=2e-3, validator=positive)
-    weight_decay: float = attrs.field(default=1e-4, validator=non_negative)
-    samples_per_epoch: int | None = attrs.field(default=8192, validator=positive)
-    """Windows drawn (without replacement) per epoch; None: all of them."""
-    stride: int = attrs.field(default=1, validator=positive)
-    holdout_fraction: float = attrs.field(default=0.1, validator=fraction)
-    """The last part (in time) of each instrument's windows, after an embargo: per-task held-out metrics."""
-    mask_fraction: float = attrs.field(default=0.15, validator=fraction)
-    eval_windows: int = attrs.field(default=1024, validator=positive)
-    """Windows (a fixed sample) on which training and held-out metrics are measured each epoch."""
-    task_weights: dict[str, float] = attrs.Factory(lambda: {"expansion": 1.0, "swing": 1.0, "candle": 1.0,
-                                                            "masked": 1.0})
-    hidden_size: int = attrs.field(default=128, validator=positive)
-    num_layers: int = attrs.field(default=2, validator=positive)
-    grad_clip: float = attrs.field(default=1.0, validator=positive)
-    seed: int = 0
-    device: str = "auto"
-    threads: int | None = attrs.field(default=1, validator=positive)
-    """torch CPU threads (None: torch's default).  One: a small-batch LSTM gains little from a second core and
-    slows down many times over when the cores are shared with other work."""
 
 
 class MultiTaskBiLSTM(nn.Module):

@@ -359,8 +359,11 @@ def test_preset_without_its_config_is_a_clear_error(tmp_path: Path, monkeypatch:
     from moola_engine.cli import main
     from moola_engine.experiments import ablation
 
+    import moola_ohlc.plugin
+
     missing = tmp_path / "nope.toml"
-    monkeypatch.setitem(ablation.PRESETS, "seed", attrs.evolve(ablation.PRESETS["seed"], config=missing))
+    original = moola_ohlc.plugin.seed_preset()
+    monkeypatch.setattr(ablation, "get_preset", lambda name: attrs.evolve(original, config=missing))
     assert main(["ablate", "--preset", "seed"]) == 2
     err = capsys.readouterr().err
     assert f"--preset seed: its config {missing} does not exist" in err

@@ -13,10 +13,13 @@ from moola_engine.config import DataConfig, ExperimentConfig, ModelConfig, Pretr
 from moola_engine.core.data import build_splits
 from moola_engine.experiments.ablation import build_grid, run_grid
 from moola_engine.experiments.report import console_summary, table_rows, write_report
-from moola_engine.experiments.summary import BASELINE_KEY, BASELINE_LABEL, METRICS, collect, summarize
+from moola_engine.experiments.summary import METRICS, collect, summarize
 from moola_ohlc.baselines import logistic_baseline
 from tests.test_ablation import fake_grid, fake_run
 from tests.test_ohlc import synthetic, write_series
+
+BASELINE_KEY = "logistic-range"  # registered by the OHLC package
+BASELINE_LABEL = "logistic regression (3 range features)"
 
 STRATEGIES = """
 [strategy.frozen]

@@ -48,5 +48,11 @@ def test_the_task_is_learnable_on_bundled_spx_with_89_labels() -> None:
 
 def test_baseline_command_json(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["baseline", "--seeds", "2", "--json"]) == 0
-    out = json.loads(capsys.readouterr().out)
+    out = json.loads(capsys.readouterr().out)["baselines"]["logistic-range"]
     assert [r["seed"] for r in out["runs"]] == [0, 1] and set(out["summary"]["test_auc"]) != {None}
+
+
+def test_unknown_preset_lists_the_installed_ones(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["ablate", "--preset", "sed"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown preset 'sed'" in err and "installed: seed" in err and 'did you mean "seed"' in err

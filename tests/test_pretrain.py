@@ -77,10 +77,10 @@ def test_pretrain_command_end_to_end(tmp_path: Path) -> None:
     write_series(tmp_path / "t.csv", synthetic(900, seed=13))
     (tmp_path / "exp.toml").write_text(
         '[data]\nkind = "ohlc"\npath = "t.csv"\n[data.options]\nwindow = 16\nhorizon = 3\nmedian_lookback = 20\n'
-        'pretrain = []\n')
+        'pretrain = []\n[pretrain]\nobjective = "ohlc-multitask"\n')
     out = tmp_path / "out" / "enc.safetensors"
     rc = main(["pretrain", "--config", str(tmp_path / "exp.toml"), "--out", str(out), "--epochs", "1",
-               "--samples-per-epoch", "64", "--hidden-size", "8", "--threads", "1", "--console", "none"])
+               "--param", "samples_per_epoch=64", "--param", "hidden_size=8", "--threads", "1", "--console", "none"])
     assert rc == 0 and out.is_file()
     side = json.loads(out.with_suffix(".json").read_text())
     assert side["target"] == "t" and side["data_options"]["window"] == 16
@@ -90,5 +90,18 @@ def test_pretrain_command_end_to_end(tmp_path: Path) -> None:
 
 def test_pretrain_command_refuses_other_data_kinds(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "exp.toml").write_text('[data]\nkind = "npz"\npath = "x.npz"\n')
+    assert main(["pretrain", "--config", str(tmp_path / "exp.toml"), "--objective", "ohlc-multitask"]) == 2
+    assert 'objective ohlc-multitask needs data.kind = "ohlc", got \'npz\' @ $.data.kind' in capsys.readouterr().err
+
+
+def test_pretrain_command_without_objective_lists_installed(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "exp.toml").write_text('[data]\nkind = "npz"\npath = "x.npz"\n')
     assert main(["pretrain", "--config", str(tmp_path / "exp.toml")]) == 2
-    assert 'pretraining needs data.kind = "ohlc", got \'npz\' @ $.data.kind' in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "no pretraining objective" in err and "ohlc-multitask" in err
+
+
+def test_pretrain_command_refuses_unknown_param(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "exp.toml").write_text('[pretrain]\nobjective = "ohlc-multitask"\n')
+    assert main(["pretrain", "--config", str(tmp_path / "exp.toml"), "--param", "hiden_size=8"]) == 2
+    assert "extra fields found (hiden_size) @ $.pretrain.params" in capsys.readouterr().err

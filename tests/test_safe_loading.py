@@ -14,7 +14,7 @@ from conftest import ROOT
 from safetensors.torch import save_file
 
 from moola_engine.config import DataConfig
-from moola_engine.core.data import load_npz
+from moola_engine.core.data import build_splits
 from moola_engine.errors import DataError, WeightsError
 from moola_engine.safeio import load_tensors, load_torch_file
 
@@ -70,7 +70,7 @@ def test_npz_with_pickled_object_arrays_is_refused(tmp_path: Path) -> None:
     np.savez(tmp_path / "d.npz", x=np.array([Payload(marker)] * 3, dtype=object), y=np.zeros(3))
     with pytest.raises(DataError, match=r"d.npz: not a readable .npz file \(an array holds Python objects, which "
                                          r"would need unpickling \(refused\)\)"):
-        load_npz(tmp_path / "d.npz", DataConfig(path="d.npz"), 0)
+        build_splits(DataConfig(kind="npz", path="d.npz"), base_dir=tmp_path, seed=0)
     assert not marker.exists()
 
 

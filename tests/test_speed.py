@@ -79,7 +79,7 @@ def test_a_plugin_reading_the_loss_every_step_is_caught() -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_one_epoch_on_cuda_under_sync_debug_error() -> None:
     """torch.cuda.set_sync_debug_mode("error") around the step loop; epoch-end reads happen outside it."""
-    from moola_engine.core.models import SimpleLSTM
+    from moola_ohlc.models import SimpleLSTM
 
     strat = named("two-phase", unfreeze_after=1, lr_scale=0.5)
     pm, _ = build_plugin_manager()

@@ -300,9 +300,9 @@ def test_every_named_strategy_in_strategies_toml_plans_30_epochs() -> None:
     from conftest import ROOT
 
     from moola_engine.core.freezing import resolve_groups
-    from moola_engine.core.models import SimpleLSTM
     from moola_engine.core.plan import compute_plan, validate_plan
     from moola_engine.core.plugins import build_plugin_manager, load_strategies
+    from moola_ohlc.models import SimpleLSTM
 
     _, registry = build_plugin_manager()
     strategies = load_strategies(ROOT / "strategies.toml", registry)

@@ -21,11 +21,11 @@ from moola_engine.checks.redflags import (
 from moola_engine.checks.verify import load_expectations
 from moola_engine.cli import main
 from moola_engine.config import load_config
-from moola_engine.core.models import SimpleLSTM
 from moola_engine.errors import ConfigError
 from moola_engine.logs import RunLog
 from moola_engine.runs.train import train
 from moola_engine.testing import assert_run
+from moola_ohlc.models import SimpleLSTM
 
 STRATEGIES = """
 [strategy.two_phase]

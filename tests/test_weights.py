@@ -13,9 +13,9 @@ from torch import nn
 from moola_engine.checks.loading import load_into, load_pretrained, map_keys, read_tensors
 from moola_engine.config import PretrainedConfig, RenameRule
 from moola_engine.core.freezing import resolve_groups
-from moola_engine.core.models import SimpleLSTM
 from moola_engine.errors import WeightsError
 from moola_engine.logs import RunLog
+from moola_ohlc.models import SimpleLSTM
 
 H = 8  # small hidden size: the same code path as the seed's 128, in milliseconds
 

@@ -24,7 +24,7 @@ from moola_engine.config import ChecksConfig, PretrainedConfig, TrainConfig
 from moola_engine.core.data import TensorData
 from moola_engine.core.engine import Engine
 from moola_engine.core.freezing import resolve_groups
-from moola_engine.core.models import SimpleLSTM
+from moola_ohlc.models import SimpleLSTM
 from moola_engine.core.plugins import build_plugin_manager, register_checked
 
 torch.set_num_threads(1)

@@ -24,6 +24,7 @@ from moola_engine.errors import MoolaError, PluginError
 from moola_engine.logs import Event, bind, get_logger
 
 if TYPE_CHECKING:
+    from moola_engine.core.plan import Plan
     from moola_engine.runs.checkpoint import ResumeState
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -88,6 +89,7 @@ class Engine:
         strategy_name: str | None = None,
         allow: Sequence[str] = (),
         pretrained: Mapping[str, torch.Tensor] | None = None,
+        plan: Plan | None = None,
     ) -> None:
         self.config = train
         self.checks = checks or ChecksConfig()
@@ -123,7 +125,8 @@ class Engine:
         self._gen.manual_seed(train.seed)
         self.step = 0
         self.epoch = 0
-        self.plan: Any = None
+        self.plan: Any = plan
+        """The validated plan (:func:`moola_engine.core.preflight.preflight`); None: computed and validated in fit."""
         self._since_improved = 0
         self.result = FitResult()
         self.es_best = math.nan  # best early-stopping metric so far (set by fit)
@@ -205,10 +208,10 @@ class Engine:
         )
 
         # --- the plan: dry-run the strategy's own hooks, refuse a schedule that cannot keep its promise
-        self.plan = compute_plan(self.strategy, self.freezer.groups, self.freezer.head_groups, cfg.epochs, cfg.lr,
-                                 name=self.strategy_name, model_groups=self.groups, train=cfg)
-        validate_plan(self.plan, self.strategy, self.strategy_name, allow=self.allow, log=self.log,
-                      early_stopping=cfg.early_stopping)
+        if self.plan is None:  # an engine built by hand; train/ablate pass the pre-flight's validated plan
+            self.plan = compute_plan(self.strategy, self.freezer.groups, self.freezer.head_groups, cfg.epochs, cfg.lr,
+                                     name=self.strategy_name, model_groups=self.groups, train=cfg)
+            validate_plan(self.plan, self.strategy, self.strategy_name, allow=self.allow, log=self.log)
         self.log.debug(Event.PLAN_COMPUTED, plan=self.plan.to_json())
 
         self._hooks_with_impls = {n for n in dir(self.pm.hook) if not n.startswith("_")

@@ -66,6 +66,62 @@ def register_strategies(register: Callable[..., None]) -> None:
     """
 
 
+@hookspec
+def register_models(register: Callable[..., None]) -> None:
+    """Register model factories.  Fires once, when a run's components are resolved.
+
+    ``register(name, factory, description="...")``: ``model.name = "NAME"`` builds
+    ``factory(**model.params)``, an ``nn.Module``.  It may define ``default_groups()``
+    returning ``GroupSpec``s (input -> output) used when ``[[model.groups]]`` is absent.
+    """
+
+
+@hookspec
+def register_datasets(register: Callable[..., None]) -> None:
+    """Register data kinds.  Fires once, when a run's components are resolved.
+
+    ``register(name, loader, params=OptionsClass, description="...")``: ``data.kind = "NAME"``
+    calls ``loader(request)`` with a :class:`moola_engine.core.data.DataRequest` (the ``[data]``
+    table, its ``options`` structured into ``OptionsClass``, the config's folder, the seed and the
+    task) and gets a :class:`moola_engine.core.data.Splits` back.
+    """
+
+
+@hookspec
+def register_tasks(register: Callable[..., None]) -> None:
+    """Register tasks (label handling, loss, metrics).  Fires once, when a run's components are resolved.
+
+    ``register(name, factory, params=ParamsClass)``: ``[task] name = "NAME"`` builds
+    ``factory(params)``, an object satisfying :class:`moola_engine.core.tasks.Task`.
+    """
+
+
+@hookspec
+def register_objectives(register: Callable[..., None]) -> None:
+    """Register pretraining objectives for ``moola-engine pretrain``.
+
+    ``register(name, factory, params=ParamsClass)``: ``factory(params)`` returns an object
+    satisfying :class:`moola_engine.pretraining.Objective`.
+    """
+
+
+@hookspec
+def register_baselines(register: Callable[..., None]) -> None:
+    """Register reference baselines (``moola-engine baseline``, the ablation report's reference row).
+
+    ``register(name, fn, description="...")``: ``fn(splits, request)`` returns
+    ``{"val": metrics, "test": metrics}`` (host floats) or None when it cannot read this data.
+    """
+
+
+@hookspec
+def register_presets(register: Callable[..., None]) -> None:
+    """Register ablation presets (``moola-engine ablate --preset NAME``, ``moola-engine demo``).
+
+    ``register(name, preset)`` with a :class:`moola_engine.experiments.ablation.Preset`.
+    """
+
+
 # --------------------------------------------------------------------------- fit lifecycle
 
 

@@ -1,62 +1,38 @@
-"""Built-in models.  Each knows its default parameter groups (input -> output)."""
+"""Models by name or import path: ``model.name`` -> ``factory(**model.params)`` -> ``nn.Module``.
+
+A model plugin registers its factory with ``register_models(register)``; a model
+may define ``default_groups()`` returning its parameter groups (input -> output),
+used when the config declares no ``[[model.groups]]``.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from moola_engine.config import GroupSpec, ModelConfig
+from moola_engine.core.registry import Registry, resolve
 from moola_engine.errors import ConfigError
 
 
-def lstm_layer_patterns(prefix: str, layer: int) -> list[str]:
-    """Module-name patterns of one layer of an ``nn.LSTM`` (both directions: all 8 tensors)."""
-    return [f"{prefix}.*_l{layer}", f"{prefix}.*_l{layer}_reverse"]
+def build_model(cfg: ModelConfig, source: str = "config", *, models: Registry | None = None,
+                base_dir: Path | None = None) -> nn.Module:
+    """The model ``[model]`` names, built with its ``params``."""
+    if models is None:
+        from moola_engine.core.components import default_registries
 
-
-class SimpleLSTM(nn.Module):
-    """The seed's downstream classifier: bidirectional LSTM -> 2H -> head_hidden -> classes.
-
-    Defaults reproduce the seed: 1 layer, hidden 128, input 4, head 256 -> 32 -> 2.
-    """
-
-    def __init__(self, input_size: int = 4, hidden_size: int = 128, num_layers: int = 1,
-                 head_hidden: int = 32, num_classes: int = 2, dropout: float = 0.2) -> None:
-        super().__init__()
-        self.num_layers = num_layers
-        self.lstm = nn.LSTM(input_size, hidden_size, num_layers=num_layers, batch_first=True, bidirectional=True)
-        self.head = nn.Sequential(
-            nn.Linear(2 * hidden_size, head_hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(head_hidden, num_classes)
-        )
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        _, (h, _) = self.lstm(x)
-        return torch.cat([h[-2], h[-1]], dim=1)  # last layer, forward and backward final states
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
-
-    def default_groups(self) -> list[GroupSpec]:
-        groups = [GroupSpec(name=f"encoder.layer{i}", modules=lstm_layer_patterns("lstm", i))
-                  for i in range(self.num_layers)]
-        return [*groups, GroupSpec(name="head", modules=["head"], head=True)]
-
-
-MODELS: dict[str, Callable[..., nn.Module]] = {
-    "simple_lstm": SimpleLSTM,
-}
-
-
-def build_model(cfg: ModelConfig, source: str = "config") -> nn.Module:
-    if cfg.name not in MODELS:
-        raise ConfigError(source, f"unknown model {cfg.name!r}, expected one of {', '.join(sorted(MODELS))} @ $.model.name")
+        models = default_registries()["model"]
+    comp = resolve(models, cfg.name, source=source, key="$.model.name", base_dir=base_dir)
     try:
-        return MODELS[cfg.name](**cfg.params)
+        model = comp.factory(**cfg.params)
     except (TypeError, ValueError, RuntimeError) as exc:  # unknown keyword, or a value torch refuses
         raise ConfigError(source, f"invalid model parameters for {cfg.name}: {exc} @ $.model.params") from exc
+    if not isinstance(model, nn.Module):
+        raise ConfigError(source, f"model {cfg.name!r} built a {type(model).__name__}, not a torch nn.Module "
+                                  "@ $.model.name")
+    return model
 
 
 def group_specs(model: nn.Module, cfg: ModelConfig) -> list[GroupSpec]:

@@ -239,6 +239,7 @@ def build_plugin_manager(
         pm.register(plugin, name=name)
         sources.setdefault(name, name)
     check(pm)
+    pm.moola_sources = sources  # type: ignore[attr-defined]  # plugin name -> "dist version", for every registry
     return pm, collect_strategies(pm, sources)
 
 

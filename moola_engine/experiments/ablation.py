@@ -47,13 +47,10 @@ from moola_engine.safeio import sha256
 CONTROL = "control"
 GRID_VERSION = 1
 
-# The seed's ablation (issue 6).  The lead may move the config; strategies must be tables of strategies.toml.
-ROOT = Path(__file__).resolve().parents[2]
-SEED_PRESET_CONFIG = ROOT / "examples" / "seed.toml"
-
-
 @attrs.frozen(kw_only=True)
 class Preset:
+    """A named ablation a plugin registers (``register_presets``): ``ablate --preset NAME``, ``demo``."""
+
     name: str
     config: Path
     strategies: list[str]
@@ -61,16 +58,28 @@ class Preset:
     seeds: int = 5
     folds: int | None = None
     """None: the config's ``data.folds``."""
+    demo_seeds: int | None = None
+    """Seeds ``moola-engine demo`` runs (default: :attr:`seeds`)."""
     description: str = ""
 
 
-PRESETS: dict[str, Preset] = {
-    "seed": Preset(
-        name="seed", config=SEED_PRESET_CONFIG, strategies=["frozen", "immediate", "two_phase", "gradual"],
-        control="immediate", seeds=10,
-        description="the seed's ablation: random-encoder control, frozen, immediate, two-phase at 10 epochs, gradual",
-    ),
-}
+def preset_names() -> list[str]:
+    """Every installed preset (plugins register them, as the OHLC package registers ``seed``)."""
+    from moola_engine.core.components import default_registries
+
+    return default_registries()["preset"].names()
+
+
+def get_preset(name: str) -> Preset:
+    """The preset registered as ``name``; an unknown one lists the installed presets."""
+    from moola_engine.core.components import default_registries
+    from moola_engine.core.registry import resolve
+
+    comp = resolve(default_registries()["preset"], name, source="--preset", key="--preset")
+    preset = comp.factory()
+    if not isinstance(preset, Preset):
+        raise ConfigError("--preset", f"preset {name!r} ({comp.source}) built a {type(preset).__name__}, not a Preset")
+    return preset
 
 
 # --------------------------------------------------------------------------- the grid
@@ -139,8 +148,7 @@ class Grid:
 
 def default_out(cfg: ExperimentConfig, name: str) -> Path:
     """``<run.runs_dir>/ablate-<name>``: stable, so rerunning the same command resumes."""
-    runs = Path(cfg.run.runs_dir)
-    return (runs if runs.is_absolute() else Path.cwd() / runs) / f"ablate-{name}"
+    return cfg.resolve(cfg.run.runs_dir) / f"ablate-{name}"
 
 
 def control_config(cfg: ExperimentConfig) -> ExperimentConfig:
@@ -642,6 +650,5 @@ def load_grid_config(config: str | None, preset: Preset | None) -> ExperimentCon
     if path is None:
         raise ConfigError("--config", "pass --config FILE or --preset NAME")
     if preset is not None and config is None and not Path(path).is_file():
-        raise ConfigError(f"--preset {preset.name}", f"its config {path} does not exist (set SEED_PRESET_CONFIG "
-                                                     "in moola_engine/ablation.py or pass --config FILE)")
+        raise ConfigError(f"--preset {preset.name}", f"its config {path} does not exist (pass --config FILE)")
     return load_config(path)

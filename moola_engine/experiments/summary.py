@@ -33,10 +33,6 @@ MIN_PAIRS = 6
 FLOAT_TOLERANCE = 1e-6
 """Accuracies are float32 means: an arm that always predicts the majority class lands ~1e-8 above its rate."""
 
-BASELINE_KEY = "logistic_regression"
-BASELINE_LABEL = "logistic regression (3 range features)"
-BASELINE_KINDS = ("ohlc",)
-"""``data.kind`` values whose windows :func:`moola_ohlc.baselines.logistic_baseline` can read (log OHLC bars)."""
 
 # The field of ``weight_delta.check`` events (scope "interval") holding a group's distance from the pretrained weights.
 PRETRAINED_DISTANCE_FIELD = "from_pretrained"
@@ -259,17 +255,20 @@ def summarize(grid: Grid, *, records: list[RunRecord] | None = None, missing: li
                                  f"(wider than {WIDE_INTERVAL:.2f}): it cannot tell no effect from a large one"))
         arms_out.append(entry)
     baselines: dict[str, Any] = {}
-    ref, ref_flags, ref_notes = logistic_reference(grid, ctrl, n_boot=n_boot)
-    if ref is not None:
-        baselines[BASELINE_KEY] = ref
-    red += ref_flags
-    notes += ref_notes
+    ref: dict[str, Any] | None = None
+    for comp in _baselines():
+        entry_b, ref_flags, ref_notes = reference_baseline(grid, ctrl, comp, n_boot=n_boot)
+        if entry_b is not None:
+            baselines[comp.name] = entry_b
+            ref = ref or entry_b
+        red += ref_flags
+        notes += ref_notes
     if near_majority and all(near_majority):
         msg = ("every arm's accuracy is within noise of the majority-class rate: no arm beat always predicting the "
                "most frequent class")
         over = (ref or {}).get("vs_majority") or {}
         if over.get("lo") is not None and over["lo"] > FLOAT_TOLERANCE:
-            msg += (f"; the {BASELINE_LABEL} baseline does (accuracy - majority {over['mean']:+.3f}, 95% CI "
+            msg += (f"; the {ref['label']} baseline does (accuracy - majority {over['mean']:+.3f}, 95% CI "
                     f"{over['lo']:+.3f}..{over['hi']:+.3f}), so the labels are learnable: suspect the networks")
         red.append(_flag("near-majority", None, msg))
 
@@ -300,34 +299,43 @@ def summarize(grid: Grid, *, records: list[RunRecord] | None = None, missing: li
 # --------------------------------------------------------------------------- the non-network reference
 
 
-def logistic_reference(grid: Grid, ctrl: dict[tuple[int, int], RunRecord], *, n_boot: int = stats.N_BOOT) -> tuple[
-        dict[str, Any] | None, list[dict[str, Any]], list[str]]:
-    """Logistic regression on three range features for every (seed, fold) of ``grid``: entry, red flags, notes.
+def _baselines() -> list[Any]:
+    """The installed reference baselines (plugins register them: the OHLC package's logistic regression)."""
+    from moola_engine.core.components import default_registries
 
-    Each cell's splits come from the control cell's own config (:func:`moola_engine.experiments.ablation.cell_config`: same
-    seed, ``data.folds`` and ``data.fold``), so the baseline is fitted on the labeled windows the networks of that
-    cell trained on and scored on the split their saved outputs are scored on.  No training loop: a few
-    milliseconds a cell.  ``ctrl`` maps (seed, fold) to the control's finished run, for the paired comparison.
+    return default_registries()["baseline"].items()
+
+
+def reference_baseline(grid: Grid, ctrl: dict[tuple[int, int], RunRecord], comp: Any, *,
+                       n_boot: int = stats.N_BOOT) -> tuple[dict[str, Any] | None, list[dict[str, Any]], list[str]]:
+    """One registered baseline fitted for every (seed, fold) of ``grid``: entry, red flags, notes.
+
+    Each cell's splits come from the control cell's own config (:func:`moola_engine.experiments.ablation.cell_config`:
+    same seed, ``data.folds`` and ``data.fold``), so the baseline is fitted on the labeled rows the networks of that
+    cell trained on and scored on the split their saved outputs are scored on.  No training loop.  ``ctrl`` maps
+    (seed, fold) to the control's finished run, for the paired comparison.  A baseline that cannot read this data
+    (it returns None) gives a note saying so.
     """
-    kind = grid.cfg.data.kind
-    if kind not in BASELINE_KINDS:
-        return None, [], [f"no {BASELINE_LABEL} baseline: its features are read from log OHLC bars, which "
-                          f"data.kind = {kind!r} does not have (it needs data.kind = \"ohlc\")"]
-    from moola_engine.core.data import build_splits
-    from moola_ohlc.baselines import FEATURES, logistic_baseline
+    from moola_engine.core.data import DataRequest, build_splits
+    from moola_engine.core.tasks import build_task
 
+    label = comp.description or comp.name
     flags: list[dict[str, Any]] = []
     runs: list[dict[str, Any]] = []
     mismatched: list[str] = []
     for cell in (c for c in grid.cells() if c.control):
         cfg = cell_config(grid, cell, threads=None)
-        base_dir = Path(cfg.source).parent if cfg.source != "<defaults>" else Path.cwd()  # as train.train does
         try:
-            splits = build_splits(cfg.data, base_dir=base_dir, seed=cfg.train.seed, source=cfg.source)
-            res = logistic_baseline(splits)
+            task = build_task(cfg.task, source=cfg.source, base_dir=cfg.base_dir)
+            splits = build_splits(cfg.data, base_dir=cfg.base_dir, seed=cfg.train.seed, source=cfg.source, task=task)
+            req = DataRequest(cfg=cfg.data, options=cfg.data.options, base_dir=cfg.base_dir, seed=cfg.train.seed,
+                              source=cfg.source, task=task)
+            res = comp.factory(splits, req)
         except MoolaError as exc:
-            return None, [], [f"no {BASELINE_LABEL} baseline: building the data of seed {cell.seed} fold "
+            return None, [], [f"no {label} baseline: building the data of seed {cell.seed} fold "
                               f"{cell.fold} failed: {exc}"]
+        if res is None:
+            return None, [], [f"no {label} baseline: it cannot read data.kind = {grid.cfg.data.kind!r}"]
         split = "test" if "test" in res else "val"
         y = getattr(splits, split).y.cpu().numpy()
         run = {"seed": cell.seed, "fold": cell.fold, "split": split, "train_size": len(splits.train),
@@ -342,7 +350,7 @@ def logistic_reference(grid: Grid, ctrl: dict[tuple[int, int], RunRecord], *, n_
         runs.append(run)
     if mismatched:
         flags.append(_flag("baseline-data-mismatch", None,
-                           f"the {BASELINE_LABEL} baseline's evaluation labels differ from the control run's in "
+                           f"the {label} baseline's evaluation labels differ from the control run's in "
                            f"{len(mismatched)} cell(s) ({', '.join(mismatched[:3])}): the data changed since those "
                            "runs, so these cells are left out of the paired comparison"))
 
@@ -352,9 +360,8 @@ def logistic_reference(grid: Grid, ctrl: dict[tuple[int, int], RunRecord], *, n_
     paired = [r for r in runs if r["paired"]]
     ctrl_rows = [ctrl[(r["seed"], r["fold"])] for r in paired]
     entry: dict[str, Any] = {
-        "label": BASELINE_LABEL, "reference": True, "model": "L2-penalised logistic regression (Newton)",
-        "features": list(FEATURES), "n": len(runs), "pairs": len(paired),
-        "eval_split": sorted({r["split"] for r in runs})[0] if runs else None,
+        "label": label, "reference": True, "baseline": comp.name, "source": comp.source, "n": len(runs),
+        "pairs": len(paired), "eval_split": sorted({r["split"] for r in runs})[0] if runs else None,
         "metrics": {m: stats.estimate(values(m, runs), n_boot=n_boot).to_json() for m in METRICS},
         "vs_majority": stats.estimate([r["accuracy"] - r["majority"] for r in runs if r["accuracy"] is not None],
                                       n_boot=n_boot).to_json(),

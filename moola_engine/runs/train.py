@@ -17,18 +17,13 @@ import attrs
 import numpy as np
 
 from moola_engine import __version__
-
-from moola_engine.core import distributed
-from moola_engine.runs.checkpoint import ResumeState, open_resume, resume_strategy, seed_everything
+from moola_engine.checks.loading import load_pretrained
 from moola_engine.config import ExperimentConfig, unstructure
+from moola_engine.core import distributed
+from moola_engine.core.components import registries
 from moola_engine.core.data import build_splits
+from moola_engine.core.preflight import preflight
 from moola_engine.core.engine import Engine, FitResult, select_device
-from moola_engine.errors import ConfigError, MoolaError
-from moola_engine.core.freezing import resolve_groups
-from moola_engine.logs import Event, RunLog, bind, clear_contextvars, get_logger
-from moola_engine.core.models import build_model, group_specs
-from moola_engine.runs.observers import build_observers
-from moola_engine.core.plan import compute_plan, validate_plan
 from moola_engine.core.plugins import (
     NamedStrategy,
     build_plugin_manager,
@@ -37,8 +32,11 @@ from moola_engine.core.plugins import (
     register_checked,
     select_strategy,
 )
+from moola_engine.errors import ConfigError, DataError, MoolaError
+from moola_engine.logs import Event, RunLog, bind, clear_contextvars
+from moola_engine.runs.checkpoint import ResumeState, open_resume, resume_strategy
 from moola_engine.runs.folders import create_run_dir, link_latest, new_run_id, write_json_atomic, write_metrics_csv
-from moola_engine.checks.loading import load_pretrained
+from moola_engine.runs.observers import build_observers
 
 
 @attrs.define
@@ -74,23 +72,26 @@ def resolve_strategy(cfg: ExperimentConfig, name: str | None, strategies_file: s
     return pm, select_strategy(chosen, named, str(path))
 
 
-def check_encoder_cut(path_str: str, base_dir: Path, meta: dict[str, Any], log: Any) -> None:
-    """Refuse an encoder pretrained on bars after this run's training period (its sidecar names its cut date)."""
-    from moola_ohlc.series import check_pretrain_cut
+def check_encoder_cut(path: Path, meta: dict[str, Any], log: Any) -> None:
+    """Refuse an encoder pretrained on data after this run's training period.
 
-    path = Path(path_str)
-    if not path.is_absolute():
-        path = base_dir / path
+    The general form of the OHLC example's leakage check: a pretraining sidecar (``<encoder>.json``) that
+    states ``cut_date`` (the last date its data reached) is compared with the ``train_cut_date`` the data
+    kind reports in its meta (ISO dates).  Data without time order reports none: nothing to leak through time.
+    """
     sidecar = path.with_suffix(".json")
     cut = meta.get("train_cut_date")
     if cut is None:
-        return  # not a time series: nothing to leak through time
+        return
     encoder_cut = json.loads(sidecar.read_text(encoding="utf-8")).get("cut_date") if sidecar.is_file() else None
     if encoder_cut is None:
         log.warning(Event.PRETRAIN_CUT_CHECK, ok=None, encoder=str(path), train_cut_date=cut,
                     message=f"{sidecar} has no cut_date: cannot prove the encoder never saw the validation/test period")
         return
-    check_pretrain_cut(str(encoder_cut), meta, encoder=str(path))
+    if np.datetime64(str(encoder_cut)) > np.datetime64(str(cut)):
+        raise DataError(f"{path}: pretrained on data up to {encoder_cut}, but this run's training period ends on "
+                        f"{cut}: the encoder has seen the validation/test period. Pretrain again with the same "
+                        "[data] table (moola-engine pretrain --config ...)")
     log.info(Event.PRETRAIN_CUT_CHECK, ok=True, encoder=str(path), encoder_cut_date=encoder_cut, train_cut_date=cut)
 
 
@@ -127,28 +128,18 @@ def train(
         pm, named = resolve_strategy(cfg, strategy, strategies_file, extra_plugins)
     else:
         pm, named = resume_strategy(Path(resume), extra_plugins)
-    strat = named.build()
-    base_dir = Path(cfg.source).parent if cfg.source != "<defaults>" else Path.cwd()
+    base_dir = cfg.base_dir
     allow = set(cfg.run.allow)
 
-    # --- refuse a schedule that cannot keep its promise before any data is loaded
-    seed_everything(cfg.train.seed)  # initial weights, and any plugin's numpy/random draws, follow train.seed
-    model = build_model(cfg.model, cfg.source)
-    specs = group_specs(model, cfg.model)
-    groups = resolve_groups(model, specs)
-    head = [g.name for g in groups if g.head]
-    plan = compute_plan(strat, [g.name for g in groups], head, cfg.train.epochs, cfg.train.lr, name=named.name,
-                        model_groups=groups, train=cfg.train)
-    validate_plan(plan, strat, named.name, allow=allow, early_stopping=cfg.train.early_stopping,
-                  log=get_logger())  # the engine validates again and logs any override in the run log
+    # --- the pre-flight: refuse a schedule that cannot keep its promise before any data is loaded
+    pre = preflight(cfg, pm=pm, named=named)
+    strat, model, specs, groups = pre.strategy, pre.model, pre.specs, pre.groups
 
     start: ResumeState | None = None
     # torchrun: join the process group now; only rank 0 writes the run folder, rank k writes runs/.rank<k>/
     dist_ctx = distributed.setup(select_device(cfg.train.device))
     if resume is None:
-        runs_dir = Path(cfg.run.runs_dir)
-        if not runs_dir.is_absolute():
-            runs_dir = Path.cwd() / runs_dir
+        runs_dir = cfg.resolve(cfg.run.runs_dir)  # against the experiment file, like every path in it
         if not dist_ctx.is_main:
             runs_dir = runs_dir / f".rank{dist_ctx.rank}"
         run_dir = create_run_dir(runs_dir, new_run_id(named.name, cfg.train.seed, cfg.run.name))
@@ -167,6 +158,7 @@ def train(
             log.info(Event.RUN_RESUMED, run_dir=str(run_dir), version=__version__,
                      checkpoint=str(start.path) if start else None, next_epoch=start.next_epoch if start else 0)
         log.debug(Event.CONFIG_LOADED, config=unstructure(cfg))
+        pre.replay_overrides(log)
         log.info(Event.STRATEGY_SELECTED, plugin=named.plugin, params=unstructure(named.params),
                  source=named.info.source, strategies_file=named.source)
         if resume is None:
@@ -177,19 +169,21 @@ def train(
 
         # pretrained weights after the model is built, before the engine; enabled = false is the control
         pretrained = load_pretrained(model, cfg.model.pretrained, groups=groups, base_dir=base_dir, log=log)
-        splits = build_splits(cfg.data, base_dir=base_dir, seed=cfg.train.seed, source=cfg.source)
+        splits = build_splits(cfg.data, base_dir=base_dir, seed=cfg.train.seed, source=cfg.source, task=pre.task,
+                              datasets=registries(pm)["dataset"])
         write_json_atomic(run_dir / "data.json", splits.meta)  # spans, label, standardisation statistics
         log.info(Event.DATA_LOADED, kind=cfg.data.kind, train=len(splits.train), val=len(splits.val),
                  test=len(splits.test) if splits.test is not None else 0, train_cut_date=splits.meta.get("train_cut_date"))
         if pretrained is not None and cfg.model.pretrained is not None:
-            check_encoder_cut(cfg.model.pretrained.path, base_dir, splits.meta, log)
+            check_encoder_cut(cfg.resolve(cfg.model.pretrained.path), splits.meta, log)
         for obs_name, observer in build_observers(cfg, run_dir):
             register_checked(pm, observer, name=obs_name)
         register_checked(pm, strat, name=f"strategy:{named.name}")  # last: runs first among plain impls
         engine = Engine(
             model, train=cfg.train, groups=specs, pm=pm, strategy=strat, train_data=splits.train,
             val_data=splits.val, checks=cfg.checks, logger=log, run_dir=run_dir, strategy_name=named.name,
-            allow=sorted(allow), pretrained=pretrained,
+            allow=sorted(allow), pretrained=pretrained, plan=pre.plan, loss_fn=pre.task.loss,
+            eval_fn=pre.task.metrics,
         )
         fit = engine.fit(start=start)
         test_metrics = engine.evaluate(splits.test, prefix="test_") if splits.test is not None else {}

@@ -7,13 +7,21 @@ import shlex
 import sys
 
 from moola_engine.errors import ConfigError
-from moola_engine.experiments.ablation import PRESETS, Grid, build_grid, default_jobs, default_out, load_grid_config, run_grid
+from moola_engine.experiments import ablation
+from moola_engine.experiments.ablation import (
+    Grid,
+    build_grid,
+    default_jobs,
+    default_out,
+    load_grid_config,
+    run_grid,
+)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser("ablate", help="compare strategies against a random-encoder control (seeds x folds, resumable)")
     p.add_argument("--config", help="experiment TOML (default: the preset's)")
-    p.add_argument("--preset", choices=sorted(PRESETS), help="a predefined ablation (config, strategies, seeds)")
+    p.add_argument("--preset", help="a predefined ablation a plugin registered (config, strategies, seeds), e.g. seed")
     p.add_argument("--strategies", help="comma-separated strategy names (tables of strategies.toml)")
     p.add_argument("--strategies-file", metavar="FILE", help="strategies.toml (default: run.strategies_file or "
                                                                 "./strategies.toml)")
@@ -36,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     from moola_engine.experiments.report import console_summary, write_report
     from moola_engine.experiments.summary import collect, summarize
 
-    preset = PRESETS[args.preset] if args.preset else None
+    preset = ablation.get_preset(args.preset) if args.preset else None
     cfg = load_grid_config(args.config, preset)
     if args.epochs is not None:
         if args.epochs < 1:

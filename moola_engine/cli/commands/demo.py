@@ -1,7 +1,7 @@
-"""``moola-engine demo``: pretrain the encoder on the bundled real data if needed, then the seed ablation.
+"""``moola-engine demo``: pretrain the encoder of a preset if needed, then its ablation at a modest size.
 
-A modest grid (6 seeds, the fewest with which the paired Wilcoxon test can reach p < 0.05) so a first run
-on a laptop finishes in minutes;
+The default preset is ``seed`` (registered by the OHLC package: the bundled real data): 6 seeds, the fewest
+with which the paired Wilcoxon test can reach p < 0.05, so a first run on a laptop finishes in minutes;
 ``moola-engine ablate --preset seed`` runs the full one.
 """
 
@@ -13,14 +13,13 @@ import sys
 from pathlib import Path
 
 from moola_engine.errors import MoolaError
-from moola_engine.experiments.ablation import PRESETS, build_grid, default_out, load_grid_config, run_grid
-
-DEMO_SEEDS = 6
+from moola_engine.experiments.ablation import build_grid, default_out, get_preset, load_grid_config, run_grid
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="pretrain on the bundled data (if needed) and run a small seed ablation")
-    p.add_argument("--seeds", type=int, default=DEMO_SEEDS, help=f"seeds (default {DEMO_SEEDS})")
+    p.add_argument("--preset", default="seed", help="the preset to run (default: %(default)s)")
+    p.add_argument("--seeds", type=int, help="seeds (default: the preset's demo size, 6 for seed)")
     p.add_argument("--jobs", type=int, help="worker processes (default: cores)")
     p.add_argument("--out", help="grid folder (default: <run.runs_dir>/ablate-demo)")
     return p
@@ -51,7 +50,7 @@ def pretrain_if_missing(config: Path) -> None:
     print(f"demo: {path} is missing: pretraining it first (moola-engine pretrain --config {config})", file=sys.stderr)
     parser = argparse.ArgumentParser(prog="moola-engine")
     command.add_parser(parser.add_subparsers(dest="command"))
-    rc = command.run(parser.parse_args(["pretrain", "--config", str(config)]))
+    rc = command.run(parser.parse_args(["pretrain", "--config", str(config), "--out", str(path)]))
     if rc or not path.is_file():
         raise MoolaError(f"pretraining did not produce {path} (exit {rc})")
 
@@ -60,18 +59,19 @@ def run(args: argparse.Namespace) -> int:
     from moola_engine.experiments.report import console_summary, write_report
     from moola_engine.experiments.summary import collect, summarize
 
-    preset = PRESETS["seed"]
+    preset = get_preset(args.preset)
+    seeds = args.seeds if args.seeds is not None else (preset.demo_seeds or preset.seeds)
     pretrain_if_missing(preset.config)
     cfg = load_grid_config(None, preset)
     out = Path(args.out) if args.out else default_out(cfg, "demo")
-    grid = build_grid(cfg, strategies=preset.strategies, control=preset.control, seeds=args.seeds,
+    grid = build_grid(cfg, strategies=preset.strategies, control=preset.control, seeds=seeds,
                       folds=preset.folds, out=out)
     for w in grid.warnings:
         print(f"WARNING: {w}", file=sys.stderr)
     run_grid(grid, jobs=args.jobs)
     records, missing = collect(grid)
     results = summarize(grid, records=records, missing=missing)
-    command = f"moola-engine demo --seeds {args.seeds} --out {grid.out}"
+    command = f"moola-engine demo --preset {preset.name} --seeds {seeds} --out {grid.out}"
     paths = write_report(grid, results, records, command=command)
     print(console_summary(results))
     print(f"report: {paths['html']}")

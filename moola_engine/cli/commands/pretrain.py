@@ -1,104 +1,85 @@
-"""``moola-engine pretrain [--config FILE]``: the multi-task BiLSTM encoder on the bundled (or configured) series.
+"""``moola-engine pretrain --config FILE``: run the experiment's pretraining objective, write the encoder.
 
-The ``[data]`` table of the experiment config (kind ``ohlc``) decides the target, the window, the splits and
-the folds, hence the calendar date every pretraining instrument is cut at; without ``--config`` the built-in
-defaults are used (the same ones ``examples/seed.toml`` relies on).
+The objective is a plugin (``register_objectives``) or an import path, named by
+``[pretrain] objective`` in the experiment file or ``--objective``; its parameters
+come from ``[pretrain.params]``, and the common ones can be overridden here
+(``--epochs``, ``--lr``, ...) or any one with ``--param KEY=VALUE``.  The output is
+``<out>.safetensors`` plus a ``<out>.json`` sidecar that states which data the
+encoder saw (``cut_date`` for time-ordered data), so a fine-tuning run can refuse
+an encoder that saw its validation or test period.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Any
 
-import attrs
-
-from moola_engine.config import DataConfig, load_config, unstructure
+from moola_engine.config import ExperimentConfig, load_config, parse_toml, structure
+from moola_engine.core.components import default_registries
+from moola_engine.core.registry import resolve
 from moola_engine.errors import ConfigError
-from moola_engine.logs import Event, RunLog
-from moola_ohlc.pretrain import PretrainConfig, build_pretrain_data, pretrain, save_encoder, sidecar
-from moola_ohlc.series import parse_options, pretrain_cut_date, read_ohlc, resolve_series, target_series
+
+COMMON = ("epochs", "lr", "batch_size", "seed", "device", "threads")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = sub.add_parser("pretrain", help="pretrain the multi-task BiLSTM encoder (writes .safetensors + .json)")
-    p.add_argument("--config", help="experiment TOML whose [data] (kind = \"ohlc\") fixes target, splits and cut date")
-    p.add_argument("--out", default="artifacts/encoder.safetensors", help="output file (default: %(default)s)")
-    d = PretrainConfig()
-    p.add_argument("--epochs", type=int, default=d.epochs, help="default: %(default)s")
-    p.add_argument("--samples-per-epoch", type=int, default=d.samples_per_epoch,
-                   help="windows drawn per epoch, 0 = all (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="default: %(default)s")
-    p.add_argument("--lr", type=float, default=d.lr, help="default: %(default)s")
-    p.add_argument("--stride", type=int, default=d.stride, help="stride between window ends (default: %(default)s)")
-    p.add_argument("--hidden-size", type=int, default=d.hidden_size, help="default: %(default)s")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--device", default=d.device)
-    p.add_argument("--threads", type=int, default=d.threads, help="torch CPU threads (default: %(default)s)")
-    p.add_argument("--console", choices=["pretty", "json", "none"], default="pretty")
+    p = sub.add_parser("pretrain", help="run a pretraining objective on the experiment's data; writes the encoder")
+    p.add_argument("--config", help="experiment TOML: its [data] and [model], and [pretrain] objective/params")
+    p.add_argument("--objective", help="objective name or import path (default: [pretrain] objective)")
+    p.add_argument("--out", help="output .safetensors (default: [model.pretrained] path of the config, else "
+                                 "artifacts/encoder.safetensors)")
+    p.add_argument("--epochs", type=int, help="override the objective's epochs")
+    p.add_argument("--lr", type=float, help="override the objective's learning rate")
+    p.add_argument("--batch-size", type=int, help="override the objective's batch size")
+    p.add_argument("--seed", type=int, help="override the objective's seed")
+    p.add_argument("--device", help="override the objective's device (auto, cpu, cuda, cuda:N)")
+    p.add_argument("--threads", type=int, help="override the objective's torch CPU threads")
+    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                   help="set one objective parameter (a TOML value: 64, 0.5, \"text\", [1, 2]); repeatable")
+    p.add_argument("--console", choices=["pretty", "json", "none"], default="pretty",
+                   help="console output: pretty lines, JSON lines, or none (default: %(default)s)")
     return p
 
 
+def _params(args: argparse.Namespace, cfg: ExperimentConfig, comp: Any) -> Any:
+    table: dict[str, Any] = dict(cfg.pretrain.params)
+    for key in COMMON:
+        value = getattr(args, key)
+        if value is not None:
+            table[key] = value
+    for item in args.param:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError("--param", f"expected KEY=VALUE, got {item!r}")
+        try:
+            table[key.strip()] = parse_toml(f"v = {raw}", "--param")["v"]
+        except ConfigError:
+            table[key.strip()] = raw  # a bare word: a string
+    if comp.params is None:
+        return table
+    return structure(table, comp.params, source=f"{cfg.source} [pretrain.params] / command line",
+                     path="$.pretrain.params")
+
+
 def run(args: argparse.Namespace) -> int:
-    if args.config:
-        cfg = load_config(args.config)
-        data_cfg, source, base_dir = cfg.data, cfg.source, Path(cfg.source).parent
+    cfg = load_config(args.config) if args.config else ExperimentConfig()
+    name = args.objective or cfg.pretrain.objective
+    objectives = default_registries()["objective"]
+    if name is None:
+        raise ConfigError(cfg.source, "no pretraining objective: set [pretrain] objective = \"NAME\" or pass "
+                                      f"--objective NAME (installed: {', '.join(objectives.names()) or 'none'})")
+    comp = resolve(objectives, name, source=cfg.source if not args.objective else "--objective",
+                   key="$.pretrain.objective", base_dir=cfg.base_dir)
+    objective = comp.factory(_params(args, cfg, comp))
+    if args.out:
+        out = Path(args.out)
+    elif cfg.model.pretrained is not None:
+        out = cfg.resolve(cfg.model.pretrained.path)
     else:
-        data_cfg, source, base_dir = DataConfig(kind="ohlc"), "<defaults>", Path.cwd()
-    if data_cfg.kind != "ohlc":
-        raise ConfigError(source, f"pretraining needs data.kind = \"ohlc\", got {data_cfg.kind!r} @ $.data.kind")
-    opts = parse_options(data_cfg.options, source)
-    try:
-        pcfg = PretrainConfig(epochs=args.epochs, samples_per_epoch=args.samples_per_epoch or None,
-                              batch_size=args.batch_size, lr=args.lr, stride=args.stride, hidden_size=args.hidden_size,
-                              seed=args.seed, device=args.device, threads=args.threads)
-    except ValueError as exc:
-        raise ConfigError("pretrain", f"invalid option: {exc}") from exc
-    target_path = None
-    if data_cfg.path is not None:
-        target_path = Path(data_cfg.path) if Path(data_cfg.path).is_absolute() else base_dir / data_cfg.path
-    target = target_series(opts, target_path, base_dir)
-    cut = pretrain_cut_date(target, opts, val_fraction=data_cfg.val_fraction, folds=data_cfg.folds)
-    others = [read_ohlc(resolve_series(n, base_dir), name=n) for n in opts.pretrain if n != target.name]
-    data = build_pretrain_data([target, *others], opts.spec, cut, stride=pcfg.stride,
-                               holdout_fraction=pcfg.holdout_fraction)
-
-    out = Path(args.out).with_suffix(".safetensors")
-    runlog = RunLog(out.with_suffix(".events.jsonl"), console=args.console)
-    log = runlog.logger
-    try:
-        log.info(Event.PRETRAIN_STARTED, cut_date=cut, target=target.name,
-                 instruments=[i["name"] for i in data.instruments if "skipped" not in i],
-                 skipped={i["name"]: i["skipped"] for i in data.instruments if "skipped" in i},
-                 windows=int((~data.holdout).sum()), holdout_windows=int(data.holdout.sum()),
-                 epochs=pcfg.epochs, samples_per_epoch=pcfg.samples_per_epoch)
-        bar = _Progress(sys.stderr) if args.console == "pretty" else None
-        result = pretrain(data, pcfg, log=log, progress=bar)
-        meta = sidecar(result, data, pcfg, opts.spec, cut_date=cut, target=target.name,
-                       data_options={**unstructure(opts), "val_fraction": data_cfg.val_fraction,
-                                     "folds": data_cfg.folds, "config": source})
-        path, meta_path = save_encoder(result, out, meta)
-        last = result.history[-1]
-        log.info(Event.PRETRAIN_SAVED, path=str(path), sidecar=str(meta_path), seconds=round(result.seconds, 1),
-                 **{k: round(v, 4) for k, v in last.items() if k.startswith("holdout_")})
-    finally:
-        runlog.close()
-    print(f"encoder: {path}  sidecar: {meta_path}  (data up to {cut})")
+        out = Path("artifacts/encoder.safetensors")
+    out = out.with_suffix(".safetensors")
+    result = objective.pretrain(cfg, out=out, console=args.console)
+    summary = f"  ({result['summary']})" if result.get("summary") else ""
+    print(f"encoder: {result['encoder']}  sidecar: {result['sidecar']}{summary}")
     return 0
-
-
-@attrs.define
-class _Progress:
-    """A one-line progress bar on a terminal, erased before each epoch's event line; nothing when not a tty."""
-
-    stream: Any
-    width: int = 30
-
-    def __call__(self, epoch: int, epochs: int, step: int, steps: int) -> None:
-        if not getattr(self.stream, "isatty", lambda: False)():
-            return
-        filled = self.width * step // max(steps, 1)
-        line = f"epoch {epoch}/{epochs} [{'#' * filled}{'-' * (self.width - filled)}] {step}/{steps}"
-        self.stream.write("\r\033[K" if step == steps else f"\r{line}")
-        self.stream.flush()

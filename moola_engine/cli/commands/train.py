@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import attrs
 
@@ -41,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
         train_cfg = attrs.evolve(train_cfg, seed=args.seed)
     run_cfg = attrs.evolve(cfg.run, allow=[*cfg.run.allow, *args.allow])
     if args.runs_dir:
-        run_cfg = attrs.evolve(run_cfg, runs_dir=args.runs_dir)
+        run_cfg = attrs.evolve(run_cfg, runs_dir=str(Path(args.runs_dir).resolve()))  # a CLI path: against the cwd
     if args.console:
         run_cfg = attrs.evolve(run_cfg, console=args.console)
     cfg = attrs.evolve(cfg, train=train_cfg, run=run_cfg)
