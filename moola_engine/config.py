@@ -240,7 +240,7 @@ class ExperimentConfig:
     @property
     def base_dir(self) -> Path:
         """The experiment file's folder: every relative path in it resolves here (the cwd for built-in defaults)."""
-        return Path(self.source).parent if self.source != "<defaults>" else Path.cwd()
+        return Path(self.source).resolve().parent if self.source != "<defaults>" else Path.cwd()
 
     def resolve(self, path: str | Path) -> Path:
         """``path`` as written in this experiment file, made absolute against :attr:`base_dir`."""

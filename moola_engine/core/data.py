@@ -416,7 +416,7 @@ def _table_labels(raw: np.ndarray, task: Any, path: Path, classes: np.ndarray | 
             classes = np.unique(raw)
         known = np.isin(raw, classes)
         if not known.all():
-            bad = raw[~known][0]
+            bad = str(raw[~known][0])
             raise DataError(f"{path}: label {bad!r} does not occur in the training file "
                             f"(classes: {', '.join(map(str, classes))})")
         return np.searchsorted(classes, raw), classes
