@@ -30,7 +30,7 @@ test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
 
 lint: $(STAMP)
-	$(BIN)/ruff check moola_engine plugins tests
+	$(BIN)/ruff check moola_engine moola_ohlc plugins tests
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -30,9 +30,9 @@ from moola_engine import hookimpl  # noqa: E402
 from moola_engine.config import ExperimentConfig, TrainConfig, structure  # noqa: E402
 from moola_engine.core.data import TensorData  # noqa: E402
 from moola_engine.core.engine import Engine  # noqa: E402
-from moola_ohlc.models import SimpleLSTM  # noqa: E402
 from moola_engine.core.plugins import build_plugin_manager, register_checked  # noqa: E402
 from moola_engine.runs.observers import build_observers  # noqa: E402
+from moola_ohlc.models import SimpleLSTM  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from overhead import checks_config  # noqa: E402

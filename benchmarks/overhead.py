@@ -53,10 +53,10 @@ if str(ROOT) not in sys.path:  # run from a checkout without pip install
 from moola_engine.config import CheckpointConfig, ChecksConfig, ExperimentConfig, TrainConfig, structure  # noqa: E402
 from moola_engine.core.data import TensorData  # noqa: E402
 from moola_engine.core.engine import Engine  # noqa: E402
-from moola_ohlc.models import SimpleLSTM  # noqa: E402
 from moola_engine.core.plugins import build_plugin_manager, register_checked  # noqa: E402
 from moola_engine.logs import RunLog, clear_contextvars  # noqa: E402
 from moola_engine.runs.observers import build_observers  # noqa: E402
+from moola_ohlc.models import SimpleLSTM  # noqa: E402
 
 TARGETS = {"engine": 1.02, "engine+checks": 1.05}  # CPU, 1 thread, median per-round ratio
 

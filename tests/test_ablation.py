@@ -356,10 +356,9 @@ def test_preset_without_its_config_is_a_clear_error(tmp_path: Path, monkeypatch:
                                                     capsys: pytest.CaptureFixture[str]) -> None:
     import attrs
 
+    import moola_ohlc.plugin
     from moola_engine.cli import main
     from moola_engine.experiments import ablation
-
-    import moola_ohlc.plugin
 
     missing = tmp_path / "nope.toml"
     original = moola_ohlc.plugin.seed_preset()

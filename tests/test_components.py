@@ -152,8 +152,8 @@ def test_third_party_components_are_listed_and_selected(tmp_path: Path, monkeypa
     site.mkdir()
     install_on_path(PKG, site)
     monkeypatch.syspath_prepend(str(site))
-    from moola_engine.core.plugins import build_plugin_manager
     from moola_engine.core.components import registries
+    from moola_engine.core.plugins import build_plugin_manager
 
     pm, _ = build_plugin_manager()
     regs = registries(pm)
