@@ -11,11 +11,13 @@ STAMP := $(VENV)/.installed
 
 .PHONY: setup demo test test-fast lint clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml ohlc/pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)"
 	$(BIN)/python -m pip install -q -e ".[dev]"
+	# the seed's OHLC system: a plugin in its own distribution, installed like a third party's
+	$(BIN)/python -m pip install -q --no-deps -e ./ohlc
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -30,7 +32,7 @@ test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
 
 lint: $(STAMP)
-	$(BIN)/ruff check moola_engine moola_ohlc plugins tests
+	$(BIN)/ruff check moola_engine ohlc plugins tests
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -69,7 +69,7 @@ def test_reads_valid_csv_and_bundled_series(tmp_path: Path) -> None:
     assert s.name == "ok" and len(s) == 3 and str(s.dates[-1]) == "2020-01-06"
     assert s.close.tolist() == [10.5, 11.0, 11.5]
     assert bundled_names() == ["AAPL", "GOOG", "IBM", "MSFT", "NASDAQ_COMPOSITE", "SPX"]
-    spx = read_ohlc(Path(__file__).parent.parent / "moola_ohlc/datasets/ohlc/SPX.csv.gz")
+    spx = read_ohlc(Path(__file__).parent.parent / "ohlc/moola_ohlc/datasets/ohlc/SPX.csv.gz")
     assert len(spx) == 5031 and spx.date(0) == "1999-01-04" and spx.date(5030) == "2018-12-31"
 
 

@@ -17,7 +17,7 @@ from moola_engine import __version__
 from moola_engine.errors import MoolaError
 
 # Each module defines add_parser(subparsers) and run(args) -> int.
-COMMANDS = ["strategies", "plan", "train", "verify", "pretrain", "baseline", "ablate", "demo"]
+COMMANDS = ["strategies", "components", "plan", "train", "verify", "pretrain", "baseline", "ablate", "demo"]
 
 
 def build_parser() -> argparse.ArgumentParser:

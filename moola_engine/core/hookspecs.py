@@ -3,6 +3,8 @@
 The engine's loop, with each hook where it fires::
 
     register_strategies(register)            # once, when the plugin manager is built
+    register_models / register_datasets / register_tasks(register)     # components, by name or import path
+    register_objectives / register_baselines / register_presets(register)  # pretrain, baseline, ablate --preset
     resolve groups, build ONE optimizer param group per model group (never changes)
     on_fit_start(engine)                     # strategy sets the initial freeze state here
         -> on_freeze(...) / on_unfreeze(...) # for each transition requested above

@@ -25,7 +25,7 @@ from moola_engine.core.data import DataRequest, Splits
 from moola_engine.errors import ConfigError
 from moola_ohlc.options import OhlcOptions, PretrainConfig
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 """The repository's examples/ (the seed preset's config; a source checkout or editable install)."""
 
 
