@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import hashlib
-import json
 import os
 import re
 import secrets
@@ -18,6 +17,7 @@ import unicodedata
 from pathlib import Path
 from typing import Any
 
+from . import jsonsafe
 from .errors import MoolaError
 
 MIN_FREE_BYTES = 32 * 1024 * 1024
@@ -101,10 +101,13 @@ def link_latest(run_dir: Path) -> None:
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON through a temporary file, fsync and rename: a reader never sees half a file."""
+    """Write strict JSON through a temporary file, fsync and rename: a reader never sees half a file.
+
+    Non-finite floats are written tagged (:mod:`moola_engine.jsonsafe`); read such a file with ``jsonsafe.loads``.
+    """
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(obj, fh, indent=2, default=str)
+        jsonsafe.dump(obj, fh, indent=2, default=str)  # strict JSON: non-finite floats tagged
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)

@@ -17,14 +17,15 @@ import numpy as np
 from ..baselines import logistic_baseline
 from ..config import DataConfig, load_config
 from ..data import build_splits
+from .argtypes import positive_int
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser("baseline", help="logistic-regression baseline on hand-made range features (ohlc data)")
     p.add_argument("--config", help="experiment TOML (default: data.kind = \"ohlc\" with its defaults)")
-    p.add_argument("--seeds", type=int, default=5, help="labeled draws, seeds 0..N-1 (default: %(default)s)")
+    p.add_argument("--seeds", type=positive_int, default=5, help="labeled draws, seeds 0..N-1 (default: %(default)s)")
     p.add_argument("--label-budget", help="override data.options.label_budget (an integer or \"all\")")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the runs and the summary as JSON")
     return p
 
 

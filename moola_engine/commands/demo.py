@@ -14,14 +14,15 @@ from pathlib import Path
 
 from ..ablation import PRESETS, build_grid, default_out, load_grid_config, run_grid
 from ..errors import MoolaError
+from .argtypes import positive_int, writable_output
 
 DEMO_SEEDS = 6
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="pretrain on the bundled data (if needed) and run a small seed ablation")
-    p.add_argument("--seeds", type=int, default=DEMO_SEEDS, help=f"seeds (default {DEMO_SEEDS})")
-    p.add_argument("--jobs", type=int, help="worker processes (default: cores)")
+    p.add_argument("--seeds", type=positive_int, default=DEMO_SEEDS, help=f"seeds (default {DEMO_SEEDS})")
+    p.add_argument("--jobs", type=positive_int, help="worker processes (default: cores)")
     p.add_argument("--out", help="grid folder (default: <run.runs_dir>/ablate-demo)")
     return p
 
@@ -64,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
     pretrain_if_missing(preset.config)
     cfg = load_grid_config(None, preset)
     out = Path(args.out) if args.out else default_out(cfg, "demo")
+    writable_output(out, flag="--out" if args.out else "run.runs_dir", is_dir=True)
     grid = build_grid(cfg, strategies=preset.strategies, control=preset.control, seeds=args.seeds,
                       folds=preset.folds, out=out)
     for w in grid.warnings:

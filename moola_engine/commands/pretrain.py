@@ -19,28 +19,40 @@ from ..errors import ConfigError
 from ..logs import Event, RunLog
 from ..ohlc import parse_options, pretrain_cut_date, read_ohlc, resolve_series, target_series
 from ..pretrain import PretrainConfig, build_pretrain_data, pretrain, save_encoder, sidecar
+from .argtypes import non_negative_int, positive_float, positive_int, seed_int, writable_output
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser("pretrain", help="pretrain the multi-task BiLSTM encoder (writes .safetensors + .json)")
     p.add_argument("--config", help="experiment TOML whose [data] (kind = \"ohlc\") fixes target, splits and cut date")
-    p.add_argument("--out", default="artifacts/encoder.safetensors", help="output file (default: %(default)s)")
+    p.add_argument("--out", default="artifacts/encoder.safetensors",
+                   help="output file; the sidecar .json and the .events.jsonl log go beside it (default: %(default)s)")
+    p.add_argument("--force", action="store_true",
+                   help="overwrite an existing encoder file (refused otherwise: runs may have been trained from it)")
     d = PretrainConfig()
-    p.add_argument("--epochs", type=int, default=d.epochs, help="default: %(default)s")
-    p.add_argument("--samples-per-epoch", type=int, default=d.samples_per_epoch,
+    p.add_argument("--epochs", type=positive_int, default=d.epochs, help="pretraining epochs (default: %(default)s)")
+    p.add_argument("--samples-per-epoch", type=non_negative_int, default=d.samples_per_epoch,
                    help="windows drawn per epoch, 0 = all (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="default: %(default)s")
-    p.add_argument("--lr", type=float, default=d.lr, help="default: %(default)s")
-    p.add_argument("--stride", type=int, default=d.stride, help="stride between window ends (default: %(default)s)")
-    p.add_argument("--hidden-size", type=int, default=d.hidden_size, help="default: %(default)s")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--device", default=d.device)
-    p.add_argument("--threads", type=int, default=d.threads, help="torch CPU threads (default: %(default)s)")
-    p.add_argument("--console", choices=["pretty", "json", "none"], default="pretty")
+    p.add_argument("--batch-size", type=positive_int, default=d.batch_size, help="windows per step (default: %(default)s)")
+    p.add_argument("--lr", type=positive_float, default=d.lr, help="AdamW learning rate (default: %(default)s)")
+    p.add_argument("--stride", type=positive_int, default=d.stride,
+                   help="stride between window ends (default: %(default)s)")
+    p.add_argument("--hidden-size", type=positive_int, default=d.hidden_size,
+                   help="BiLSTM hidden size per direction; the fine-tuning model must match (default: %(default)s)")
+    p.add_argument("--seed", type=seed_int, default=d.seed, help="seed of weights and window draws (default: %(default)s)")
+    p.add_argument("--device", default=d.device, help='"auto", "cpu", "cuda", "cuda:N" or "mps" (default: %(default)s)')
+    p.add_argument("--threads", type=positive_int, default=d.threads, help="torch CPU threads (default: %(default)s)")
+    p.add_argument("--console", choices=["pretty", "json", "none"], default="pretty",
+                   help="what the terminal shows: pretty lines, JSON events, or nothing (default: %(default)s)")
     return p
 
 
 def run(args: argparse.Namespace) -> int:
+    out = Path(args.out).with_suffix(".safetensors")
+    if out.exists() and not args.force:
+        raise ConfigError("--out", f"{out} exists: runs may have been trained from it. Pass --force to overwrite it, "
+                                   "or choose another --out")
+    writable_output(out.with_suffix(".events.jsonl"), flag="--out", is_dir=False)  # before any data is read
     if args.config:
         cfg = load_config(args.config)
         data_cfg, source, base_dir = cfg.data, cfg.source, Path(cfg.source).parent
@@ -64,7 +76,6 @@ def run(args: argparse.Namespace) -> int:
     data = build_pretrain_data([target, *others], opts.spec, cut, stride=pcfg.stride,
                                holdout_fraction=pcfg.holdout_fraction)
 
-    out = Path(args.out).with_suffix(".safetensors")
     runlog = RunLog(out.with_suffix(".events.jsonl"), console=args.console)
     log = runlog.logger
     try:
