@@ -25,8 +25,8 @@ from .errors import ExitCode, MoolaError
 # Each module defines add_parser(subparsers) and run(args) -> int.
 COMMANDS = ["strategies", "plan", "train", "verify", "pretrain", "baseline", "ablate", "demo"]
 
-DESCRIPTION = ("moola-engine: train models with named transfer-learning strategies, prove with the run's event log "
-               "what each group of weights did, and compare strategies against a random-encoder control.")
+DESCRIPTION = ("moola-engine: train models with named transfer-learning strategies, prove with the run's\n"
+               "event log what each group of weights did, and compare strategies against a random-encoder control.")
 
 EXIT_CODES = {
     ExitCode.OK: "success (verify: every check passed)",
