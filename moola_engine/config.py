@@ -5,7 +5,7 @@ Reading a file (:func:`read_toml`) is separate from structuring it
 flattened by ``cattrs.transform_error`` into lines a user can act on::
 
     experiment.toml: 2 problems
-      - invalid value for type, expected int @ $.train.epochs
+      - invalid value, expected an integer, got str 'many' @ $.train.epochs
       - extra fields found (lr_mul) @ $.train
 
 The ExceptionGroup stays attached as the ``__cause__``; the CLI never shows it.
