@@ -57,11 +57,11 @@ def writable_output(path: Path, *, flag: str, is_dir: bool) -> None:
     from ..errors import ConfigError
 
     folder = path if is_dir else path.parent
-    if is_dir and path.exists() and not path.is_dir():
-        raise ConfigError(flag, f"{path} is a file, not a folder")
-    if not is_dir and path.is_dir():
-        raise ConfigError(flag, f"{path} is a folder, expected a file name")
     try:
+        if is_dir and path.exists() and not path.is_dir():
+            raise ConfigError(flag, f"{path} is a file, not a folder")
+        if not is_dir and path.is_dir():
+            raise ConfigError(flag, f"{path} is a folder, expected a file name")
         folder.mkdir(parents=True, exist_ok=True)
         probe = folder / f".write-probe-{os.getpid()}"
         probe.write_text("ok", encoding="utf-8")
@@ -70,4 +70,9 @@ def writable_output(path: Path, *, flag: str, is_dir: bool) -> None:
             path.write_text("", encoding="utf-8")
             path.unlink()
     except OSError as exc:
-        raise ConfigError(flag, f"cannot write to {path}: {exc.strerror or exc}") from None
+        raise ConfigError(flag, f"cannot write to {_short(path)}: {exc.strerror or exc}") from None
+
+
+def _short(path: Path) -> str:
+    text = str(path)
+    return text if len(text) <= 120 else f"{text[:60]}...{text[-40:]} ({len(text)} characters)"

@@ -17,6 +17,7 @@ import numpy as np
 from ..baselines import logistic_baseline
 from ..config import DataConfig, load_config
 from ..data import build_splits
+from ..errors import ConfigError
 from .argtypes import positive_int
 
 
@@ -35,6 +36,8 @@ def run(args: argparse.Namespace) -> int:
         data, source, base_dir = cfg.data, cfg.source, Path(cfg.source).parent
     else:
         data, source, base_dir = DataConfig(kind="ohlc"), "<defaults>", Path.cwd()
+    if data.kind != "ohlc":  # the range features are computed from OHLC bars
+        raise ConfigError(source, f"the baseline needs data.kind = \"ohlc\", got {data.kind!r} @ $.data.kind")
     if args.label_budget is not None:
         budget: int | str = int(args.label_budget) if args.label_budget.isdigit() else args.label_budget
         data = attrs.evolve(data, options={**data.options, "label_budget": budget})

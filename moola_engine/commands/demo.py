@@ -62,10 +62,10 @@ def run(args: argparse.Namespace) -> int:
     from ..summary import collect, summarize
 
     preset = PRESETS["seed"]
-    pretrain_if_missing(preset.config)
     cfg = load_grid_config(None, preset)
     out = Path(args.out) if args.out else default_out(cfg, "demo")
-    writable_output(out, flag="--out" if args.out else "run.runs_dir", is_dir=True)
+    writable_output(out, flag="--out" if args.out else "run.runs_dir", is_dir=True)  # before pretraining
+    pretrain_if_missing(preset.config)
     grid = build_grid(cfg, strategies=preset.strategies, control=preset.control, seeds=args.seeds,
                       folds=preset.folds, out=out)
     for w in grid.warnings:

@@ -48,11 +48,15 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    out = Path(args.out).with_suffix(".safetensors")
+    try:
+        out = Path(args.out).with_suffix(".safetensors")
+    except ValueError as exc:  # "", "/", a name without a stem
+        raise ConfigError("--out", f"expected a file name like artifacts/encoder.safetensors, got {args.out!r} "
+                                   f"({exc})") from None
+    writable_output(out.with_suffix(".events.jsonl"), flag="--out", is_dir=False)  # before any data is read
     if out.exists() and not args.force:
         raise ConfigError("--out", f"{out} exists: runs may have been trained from it. Pass --force to overwrite it, "
                                    "or choose another --out")
-    writable_output(out.with_suffix(".events.jsonl"), flag="--out", is_dir=False)  # before any data is read
     if args.config:
         cfg = load_config(args.config)
         data_cfg, source, base_dir = cfg.data, cfg.source, Path(cfg.source).parent
