@@ -48,6 +48,7 @@ def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         "[model]\nparams = {hidden_size = 4, head_hidden = 4}\n"
         '[data]\nkind = "npz"\npath = "d.npz"\n[checkpoint]\nenabled = false\n'
     )
+    (tmp_path / "ohlc.toml").write_text('[data]\nkind = "ohlc"\npath = "missing.csv"\n')  # refused at the data
     (tmp_path / "s.toml").write_text('[strategy.imm]\nplugin = "immediate"\n[strategy.probe]\nplugin = "frozen"\n')
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MOOLA_DEBUG", raising=False)
@@ -95,7 +96,7 @@ CHEAP = {
     "strategies": (),
     "plan": ("--strategies", str(ROOT / "strategies.toml"), "--strategy", "two_phase"),
     "verify": ("runs/latest",),
-    "pretrain": ("--config", "exp.toml", "--out", "enc/encoder.safetensors"),
+    "pretrain": ("--config", "ohlc.toml", "--out", "enc/encoder.safetensors"),
     "baseline": ("--config", "exp.toml", "--seeds", "1"),
     "demo": (),
 }

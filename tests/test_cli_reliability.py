@@ -38,6 +38,7 @@ def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         '[data]\nkind = "npz"\npath = "d.npz"\n'
     )
     (tmp_path / "s.toml").write_text('[strategy.imm]\nplugin = "immediate"\n')
+    (tmp_path / "ohlc.toml").write_text('[data]\nkind = "ohlc"\npath = "missing.csv"\n')  # refused at the data
     monkeypatch.chdir(tmp_path)
     return tmp_path
 
@@ -94,7 +95,7 @@ def test_an_unexpected_exception_is_one_line_and_a_saved_traceback(project: Path
     (["plan", "--strategy", "two_phase", "--epochs", "0"], "--epochs: expected an integer >= 1"),
     (["plan", "--strategy", "two_phase", "--epochs", "-1"], "--epochs: expected an integer >= 1"),
     (["baseline", "--seeds", "0"], "--seeds: expected an integer >= 1"),
-    (["pretrain", "--config", "exp.toml", "--out", "exp.toml/enc.safetensors"], "error: --out: cannot write to"),
+    (["pretrain", "--config", "ohlc.toml", "--out", "exp.toml/enc.safetensors"], "error: --out: cannot write to"),
     (["ablate", "--config", "exp.toml", "--strategies", "imm", "--strategies-file", "s.toml", "--out",
       "exp.toml/grid"], "error: --out: cannot write to"),
 ])
@@ -113,7 +114,7 @@ def test_unwritable_out_is_refused_before_any_work(project: Path, capsys: pytest
     ro.mkdir()
     ro.chmod(0o500)
     try:
-        code, _, err = run_cli(capsys, "pretrain", "--config", "exp.toml", "--out", "ro/enc.safetensors")
+        code, _, err = run_cli(capsys, "pretrain", "--config", "ohlc.toml", "--out", "ro/enc.safetensors")
         assert code == ExitCode.USAGE and "--out: cannot write to ro/enc" in err and "Permission denied" in err
     finally:
         ro.chmod(0o700)
@@ -202,13 +203,13 @@ def test_toml_strings_and_booleans_are_not_numbers(tmp_path: Path) -> None:
 def test_pretrain_refuses_to_overwrite_an_encoder(project: Path, capsys: pytest.CaptureFixture[str]) -> None:
     enc = project / "enc.safetensors"
     enc.write_bytes(b"precious")
-    code, _, err = run_cli(capsys, "pretrain", "--config", "exp.toml", "--out", str(enc))
+    code, _, err = run_cli(capsys, "pretrain", "--config", "ohlc.toml", "--out", str(enc))
     assert code == ExitCode.USAGE
     assert err == f"error: --out: {enc} exists: runs may have been trained from it. Pass --force to overwrite it, " \
                   "or choose another --out\n"
     assert enc.read_bytes() == b"precious"
-    code, _, err = run_cli(capsys, "pretrain", "--config", "exp.toml", "--out", str(enc), "--force")
-    assert code == ExitCode.USAGE and 'needs data.kind = "ohlc"' in err  # past the guard: the npz config is refused
+    code, _, err = run_cli(capsys, "pretrain", "--config", "ohlc.toml", "--out", str(enc), "--force")
+    assert code == ExitCode.USAGE and "missing.csv" in err and "exists" not in err  # past the guard, at the data
 
 
 # --------------------------------------------------------------------------- 6, 7, 11a. latest, resume, verify

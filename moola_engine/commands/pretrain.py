@@ -48,6 +48,14 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.config:
+        cfg = load_config(args.config)
+        data_cfg, source, base_dir = cfg.data, cfg.source, Path(cfg.source).parent
+    else:
+        data_cfg, source, base_dir = DataConfig(kind="ohlc"), "<defaults>", Path.cwd()
+    if data_cfg.kind != "ohlc":
+        raise ConfigError(source, f"pretraining needs data.kind = \"ohlc\", got {data_cfg.kind!r} @ $.data.kind")
+    opts = parse_options(data_cfg.options, source)
     try:
         out = Path(args.out).with_suffix(".safetensors")
     except ValueError as exc:  # "", "/", a name without a stem
@@ -57,14 +65,6 @@ def run(args: argparse.Namespace) -> int:
     if out.exists() and not args.force:
         raise ConfigError("--out", f"{out} exists: runs may have been trained from it. Pass --force to overwrite it, "
                                    "or choose another --out")
-    if args.config:
-        cfg = load_config(args.config)
-        data_cfg, source, base_dir = cfg.data, cfg.source, Path(cfg.source).parent
-    else:
-        data_cfg, source, base_dir = DataConfig(kind="ohlc"), "<defaults>", Path.cwd()
-    if data_cfg.kind != "ohlc":
-        raise ConfigError(source, f"pretraining needs data.kind = \"ohlc\", got {data_cfg.kind!r} @ $.data.kind")
-    opts = parse_options(data_cfg.options, source)
     try:
         pcfg = PretrainConfig(epochs=args.epochs, samples_per_epoch=args.samples_per_epoch or None,
                               batch_size=args.batch_size, lr=args.lr, stride=args.stride, hidden_size=args.hidden_size,
