@@ -5,7 +5,7 @@ Reading a file (:func:`read_toml`) is separate from structuring it
 flattened by ``cattrs.transform_error`` into lines a user can act on::
 
     experiment.toml: 2 problems
-      - invalid value for type, expected int @ $.train.epochs
+      - invalid value, expected an integer, got str 'many' @ $.train.epochs
       - extra fields found (lr_mul) @ $.train
 
 The ExceptionGroup stays attached as the ``__cause__``; the CLI never shows it.
@@ -34,6 +34,35 @@ else:  # pragma: no cover - the project requires 3.11, tomli is the fallback nam
 T = TypeVar("T")
 
 converter = cattrs.Converter(forbid_extra_keys=True)
+
+
+# Numbers and booleans are taken as TOML typed them: "3" is not 3, true is not 1, 1.5 is not 1 (cattrs would
+# coerce each silently).  An integer is accepted where a float is expected.  Errors name the key, as all others.
+class StrictTypeError(ValueError):
+    """A TOML value of the wrong type for a number or boolean field (the message says what was expected)."""
+
+
+def _strict_int(value: Any, _: type) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise StrictTypeError(f"expected an integer, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _strict_float(value: Any, _: type) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise StrictTypeError(f"expected a number, got {type(value).__name__} {value!r}")
+    return float(value)
+
+
+def _strict_bool(value: Any, _: type) -> bool:
+    if not isinstance(value, bool):
+        raise StrictTypeError(f"expected true or false, got {type(value).__name__} {value!r}")
+    return value
+
+
+converter.register_structure_hook(int, _strict_int)
+converter.register_structure_hook(float, _strict_float)
+converter.register_structure_hook(bool, _strict_bool)
 
 
 class FieldValueError(ValueError):
@@ -258,8 +287,8 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(str(path), "no such file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(str(path), f"cannot read: {exc}") from exc
+    except (OSError, UnicodeDecodeError, ValueError) as exc:  # ValueError: a NUL byte in the path
+        raise ConfigError(repr(str(path)) if "\x00" in str(path) else str(path), f"cannot read: {exc}") from exc
     return parse_toml(text, str(path))
 
 
@@ -289,6 +318,8 @@ def _format_exception(exc: BaseException, type_: Any) -> str:
     args = typing.get_args(type_)
     if type(None) in args and len(args) == 2:  # TOML has no null: `int | None` reads as `int` to a user
         type_ = next(a for a in args if a is not type(None))
+    if isinstance(exc, StrictTypeError):
+        return f"invalid value, {exc}"
     if isinstance(exc, FieldValueError):
         return f"invalid value, {exc}{_FIELD_MARK}{exc.field}"
     if isinstance(exc, (AttributeError, TypeError)) and (attrs.has(type_) or type_ in (dict, Mapping)):

@@ -6,11 +6,30 @@ its message (never a traceback) and exits with :attr:`MoolaError.exit_code`.
 
 from __future__ import annotations
 
+import enum
+
+
+class ExitCode(enum.IntEnum):
+    """Every exit status of ``moola-engine`` (docs/reliability.md has the table; the CLI's help repeats it)."""
+
+    OK = 0
+    """The command did what was asked (``verify``: every check passed)."""
+    VERIFY_FAILED = 1
+    """``verify`` read the log and found a failure (a failed check, an unmet expectation, an unfinished run)."""
+    USAGE = 2
+    """Bad arguments, config, data or files: nothing (more) was trained; the message says what to change."""
+    CHECK_FAILED = 3
+    """A check stopped the run or refused to resume it (weights moved that must not, resume.check mismatch)."""
+    INTERNAL = 4
+    """An unexpected exception (a bug in moola-engine or a plugin): one line, the traceback saved to a file."""
+    INTERRUPTED = 130
+    """Ctrl-C (SIGINT); a run can be continued with ``train --resume``, an ablation by rerunning it."""
+
 
 class MoolaError(Exception):
     """Base class: a problem a user can act on, with a message that says how."""
 
-    exit_code = 2
+    exit_code = ExitCode.USAGE
 
 
 class ConfigError(MoolaError):
@@ -48,7 +67,7 @@ class GroupError(MoolaError):
 class CheckFailed(MoolaError):
     """A verification check failed (weights moved that must not, did not move that must, ...)."""
 
-    exit_code = 3
+    exit_code = ExitCode.CHECK_FAILED
 
 
 class DataError(MoolaError):

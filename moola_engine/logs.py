@@ -274,15 +274,26 @@ def read_events(path: str | Path) -> list[dict[str, Any]]:
     path = Path(path)
     if not path.is_file():
         raise MoolaError(f"{path}: no such event log")
-    lines = path.read_text(encoding="utf-8").splitlines()
+    try:
+        lines = path.read_bytes().splitlines()
+    except OSError as exc:
+        raise MoolaError(f"{path}: cannot read the event log ({exc.strerror or exc})") from None
     events: list[dict[str, Any]] = []
-    for i, line in enumerate(lines, start=1):
-        if not line.strip():
+    for i, raw in enumerate(lines, start=1):
+        if not raw.strip():
             continue
         try:
-            events.append(json.loads(line))
+            event = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            if i == len(lines):  # torn inside a multi-byte character
+                break
+            raise MoolaError(f"{path}:{i}: not UTF-8 (byte {exc.start + 1} of the line: {raw[exc.start:exc.start + 1]!r}); "
+                             "an event log is written as UTF-8 JSON lines") from None
         except json.JSONDecodeError as exc:
             if i == len(lines):
                 break
             raise MoolaError(f"{path}:{i}: not a JSON event line ({exc.msg})") from exc
+        if not isinstance(event, dict):
+            raise MoolaError(f"{path}:{i}: not an event (a JSON object), got {type(event).__name__}")
+        events.append(event)
     return events

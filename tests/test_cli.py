@@ -79,7 +79,7 @@ def test_config_error_is_one_clear_line(project: Path, monkeypatch: pytest.Monke
     monkeypatch.chdir(project)
     (project / "bad.toml").write_text('[train]\nepochs = "many"\n')
     assert main(["train", "--config", "bad.toml", "--strategy", "immediate"]) == 2
-    assert capsys.readouterr().err == "error: bad.toml: invalid value for type, expected int @ $.train.epochs\n"
+    assert capsys.readouterr().err == "error: bad.toml: invalid value, expected an integer, got str 'many' @ $.train.epochs\n"
 
 
 def test_plan_table(capsys: pytest.CaptureFixture[str]) -> None:

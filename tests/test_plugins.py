@@ -150,7 +150,7 @@ def _error(tmp_path: Path, text: str) -> str:
 
 def test_wrong_type(tmp_path: Path) -> None:
     assert _error(tmp_path, '[strategy.two_phase]\nplugin = "two-phase"\nunfreeze_after = "ten"\n') == (
-        "strategies.toml: invalid value for type, expected int @ $.strategy.two_phase.unfreeze_after"
+        "strategies.toml: invalid value, expected an integer, got str 'ten' @ $.strategy.two_phase.unfreeze_after"
     )
 
 
@@ -170,7 +170,7 @@ def test_two_problems_listed_together(tmp_path: Path) -> None:
     text = '[strategy.two_phase]\nplugin = "two-phase"\nunfreeze_after = "ten"\nlr_mul = 0.3\n'
     assert _error(tmp_path, text) == (
         "strategies.toml: 2 problems\n"
-        "  - invalid value for type, expected int @ $.strategy.two_phase.unfreeze_after\n"
+        "  - invalid value, expected an integer, got str 'ten' @ $.strategy.two_phase.unfreeze_after\n"
         "  - extra fields found (lr_mul) @ $.strategy.two_phase"
     )
 

@@ -84,8 +84,32 @@ def load_outputs(run_dir: str | Path, split: str = "val") -> np.ndarray:
         return np.asarray(arrays[key])
 
 
-def compare_runs(run_dir: str | Path, control_dir: str | Path, split: str = "val") -> list[RedFlag]:
-    """:func:`compare_to_control` on two run folders' saved predictions."""
+def saved_splits(run_dir: str | Path) -> list[str]:
+    """The splits whose outputs a run folder's predictions.npz holds (``val``, ``test``), in that order."""
+    path = Path(run_dir) / "predictions.npz"
+    if not path.is_file():
+        raise MoolaError(f"{path}: no such file (is {run_dir} a finished run folder?)")
+    try:
+        with np.load(path, allow_pickle=False) as arrays:
+            files = set(arrays.files)
+    except (OSError, ValueError) as exc:
+        raise MoolaError(f"{path}: not a readable .npz file ({exc})") from None
+    return [s for s in ("val", "test") if f"{s}_outputs" in files]
+
+
+def compare_runs(run_dir: str | Path, control_dir: str | Path, split: str | None = None) -> list[RedFlag]:
+    """:func:`compare_to_control` on two run folders' saved predictions.
+
+    ``split`` None: the validation outputs when both runs saved them, else the test outputs (a run with a test
+    split but no validation split); a split that only one of them has is an error naming what each run holds.
+    """
+    if split is None:
+        mine, theirs = saved_splits(run_dir), saved_splits(control_dir)
+        common = [s for s in mine if s in theirs]
+        if not common:
+            raise MoolaError(f"cannot compare {run_dir} with the control {control_dir}: no split has outputs in both "
+                             f"(run: {', '.join(mine) or 'none'}; control: {', '.join(theirs) or 'none'})")
+        split = common[0]
     return compare_to_control(load_outputs(run_dir, split), load_outputs(control_dir, split), split=split)
 
 

@@ -3,7 +3,9 @@
 A run fails verification when
 
 * any check failed (``weight_delta.violation``, ``check.failed``, or a
-  ``*.check`` event with ``ok = false``), or the run itself failed;
+  ``*.check`` event with ``ok = false``), or the run itself failed (a
+  ``run.failed`` that a later ``run.resumed`` ... ``run.finished`` superseded,
+  e.g. Ctrl-C or a NaN stop then ``train --resume``, is a note, not a failure);
 * the run did not finish (no ``run.finished``: killed, or the log is cut);
 * a required check never ran (default: ``weight_delta`` and ``grad_flow``:
   a run with the checks switched off proves nothing);
@@ -101,9 +103,14 @@ def verify_events(events: Iterable[Mapping[str, Any]], expect: Expectations | No
     for e in events:
         by_name[str(e.get("event"))].append(e)
 
-    # --- the run itself
-    for e in by_name[Event.RUN_FAILED]:
-        res.failures.append(f"run failed: {e.get('error', '?')}")
+    # --- the run itself: a failed attempt that a later resume carried to run.finished is history, not a failure
+    for i, e in enumerate(events):
+        if e.get("event") != Event.RUN_FAILED:
+            continue
+        if _superseded(events, i):
+            res.notes.append(f"an earlier attempt failed ({e.get('error', '?')}); a resume finished the run")
+        else:
+            res.failures.append(f"run failed: {e.get('error', '?')}")
     if expect.require_finished and not by_name[Event.RUN_FINISHED] and not by_name[Event.RUN_FAILED]:
         res.failures.append("run did not finish: no run.finished event (killed, or the log is cut)")
 
@@ -168,6 +175,12 @@ def verify_file(path: str | Path, expect: Expectations | str | Path | None = Non
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def _superseded(events: list[Mapping[str, Any]], i: int) -> bool:
+    """Event ``i`` (a run.failed) is followed by a run.resumed and, after that, a run.finished."""
+    resumed = next((j for j in range(i + 1, len(events)) if events[j].get("event") == Event.RUN_RESUMED), None)
+    return resumed is not None and any(e.get("event") == Event.RUN_FINISHED for e in events[resumed + 1:])
 
 
 def _where(e: Mapping[str, Any]) -> str:

@@ -232,6 +232,7 @@ class Engine:
             self._fire("on_epoch_start", epoch=epoch)
             if start is not None and epoch == first:
                 start.check(self, epoch)  # the restored freeze state must be what the strategy says for this epoch
+            trained = self.freezer.trainable_groups()  # the groups this epoch's steps train (docs/events.md)
             train_metrics = self._train_epoch(epoch)
 
             # --- validation: host floats once per epoch
@@ -244,7 +245,7 @@ class Engine:
             self.lr_schedule.after_validation(metrics)
             self._fire("on_validation_end", epoch=epoch, metrics=metrics)
             self._fire("on_epoch_end", epoch=epoch, metrics=metrics)
-            self.log.info(Event.EPOCH_COMPLETED, trainable=self.freezer.trainable_groups(),
+            self.log.info(Event.EPOCH_COMPLETED, trainable=trained,
                           **{k: v for k, v in metrics.items() if k != "epoch"})
             result.epochs_run = epoch + 1
             if self._early_stopping(epoch, metrics):

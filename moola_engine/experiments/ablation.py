@@ -39,9 +39,10 @@ from typing import IO, Any
 
 import attrs
 
+from moola_engine import jsonsafe
 from moola_engine.config import ExperimentConfig, load_config, unstructure
 from moola_engine.errors import ConfigError, MoolaError
-from moola_engine.runs.folders import write_json_atomic
+from moola_engine.runs.folders import safe_name, write_json_atomic
 from moola_engine.safeio import sha256
 
 CONTROL = "control"
@@ -140,7 +141,7 @@ class Grid:
         return self.out / "runs"
 
     def marker(self, cell: Cell) -> Path:
-        return self.cells_dir / f"{cell.key}.json"
+        return self.cells_dir / f"{safe_name(cell.key, max_len=96)}.json"  # a strategy name is not a safe file name
 
     def arm(self, label: str) -> Arm:
         return next(a for a in self.arms if a.label == label)
@@ -222,7 +223,12 @@ def build_grid(
     arms: list[Arm] = []
     numel = {g.name: g.numel() for g in groups}
     for label, name, is_control in [(CONTROL, control, True), *[(s, s, False) for s in strategies]]:
-        _, named = resolve_strategy(cfg, name, str(sfile))
+        try:
+            _, named = resolve_strategy(cfg, name, str(sfile))
+        except ConfigError as exc:  # name the flag of this command, not train's --strategy
+            if exc.source != "--strategy":
+                raise
+            raise ConfigError("--control" if is_control else "--strategies", exc.problems) from None
         strat = named.build()
         plan = compute_plan(strat, names, head, cfg.train.epochs, cfg.train.lr, name=named.name)
         validate_plan(plan, strat, named.name, allow=set(cfg.run.allow), early_stopping=cfg.train.early_stopping)
@@ -276,10 +282,10 @@ def prepare(grid: Grid) -> None:
     fp = fingerprint(grid)
     if manifest.is_file():
         try:
-            old = json.loads(manifest.read_text(encoding="utf-8"))
+            old = jsonsafe.loads(manifest.read_text(encoding="utf-8"))
         except json.JSONDecodeError as exc:
             raise MoolaError(f"{manifest}: not a grid manifest ({exc.msg}); pass --out NEW_DIR") from exc
-        changed = _diff(old.get("fingerprint", {}), json.loads(json.dumps(fp, default=str)))
+        changed = _diff(old.get("fingerprint", {}), jsonsafe.loads(jsonsafe.dumps(fp, default=str)))
         if changed:
             raise MoolaError(
                 f"{grid.out} holds an ablation of a different experiment (changed: {', '.join(changed)}); "
@@ -392,8 +398,28 @@ def _worker_main(conn: Any, threads: int) -> None:
     import torch
 
     torch.set_num_threads(threads)
-    while (task := conn.recv()) is not None:
-        conn.send(run_cell(task))
+    while True:
+        try:
+            task = conn.recv()
+            if task is None:
+                return
+            conn.send(run_cell(task))
+        except (EOFError, OSError):
+            return  # the parent is gone
+        except BaseException as exc:
+            # run_cell never raises; this is the pipe (a task or record that does not (un)pickle) or the worker
+            # itself.  The message goes to the parent instead of a traceback on stderr and a silent death.
+            with contextlib.suppress(BaseException):
+                conn.send({"worker_error": worker_error(exc)})
+            if not isinstance(exc, Exception):
+                raise
+
+
+def worker_error(exc: BaseException) -> str:
+    """``Type: message (at file:line in function)``: a worker's exception for the parent to report."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = f" (at {frames[-1].filename}:{frames[-1].lineno} in {frames[-1].name})" if frames else ""
+    return f"{type(exc).__name__}: {exc}{where}"
 
 
 def run_cell(task: Task) -> dict[str, Any]:
@@ -598,6 +624,9 @@ def _execute(tasks: list[Task], jobs: int, threads: int, finish: Callable[[dict[
                 if conn not in wait([conn, proc.sentinel]):
                     raise EOFError
                 rec = conn.recv()
+                if "worker_error" in rec:  # the worker raised outside a run (its pipe): fail the cell with it
+                    rec = {"key": task.cell.key, "ok": False,
+                           "error": f"worker process {proc.pid} raised {rec['worker_error']}"}
             except (EOFError, OSError):
                 proc.join(timeout=5)
                 if not stop.is_set():

@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 import math
 import warnings
 from collections.abc import Sequence
@@ -21,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from moola_engine import jsonsafe
 from moola_engine.experiments.ablation import Grid
 from moola_engine.experiments.summary import METRICS, PRETRAINED_DISTANCE_FIELD, RunRecord
 from moola_engine.runs.folders import write_json_atomic
@@ -356,5 +356,5 @@ def write_report(grid: Grid, results: dict[str, Any], records: Sequence[RunRecor
 
 
 def load_results(path: str | Path) -> dict[str, Any]:
-    return json.loads(Path(path).read_text(encoding="utf-8"))
+    return jsonsafe.loads(Path(path).read_text(encoding="utf-8"))
 

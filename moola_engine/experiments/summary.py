@@ -211,7 +211,7 @@ def summarize(grid: Grid, *, records: list[RunRecord] | None = None, missing: li
                      "ones (rerun the ablate command to complete the grid)")
 
     arms_out: list[dict[str, Any]] = []
-    near_majority: list[bool] = []
+    near_majority: list[bool | None] = []
     for arm in grid.arms:
         runs = by_arm[arm.label]
         entry: dict[str, Any] = {"label": arm.label, "strategy": arm.strategy, "control": arm.control,
@@ -223,7 +223,8 @@ def summarize(grid: Grid, *, records: list[RunRecord] | None = None, missing: li
         entry["metrics"] = {m: stats.estimate([r.metrics[m] for r in runs], n_boot=n_boot).to_json() for m in METRICS}
         over = stats.estimate([r.metrics["accuracy"] - r.majority for r in runs], n_boot=n_boot)
         entry["vs_majority"] = over.to_json()
-        within = not (math.isfinite(over.lo) and over.lo > FLOAT_TOLERANCE)
+        # an undefined interval (one run) says nothing either way: None, and it cannot raise near-majority
+        within = None if not math.isfinite(over.lo) else not over.lo > FLOAT_TOLERANCE
         entry["within_noise_of_majority"] = within
         near_majority.append(within)
         flags, arm_notes = _arm_flags(arm.label, runs, arm.control, arm.definition)
@@ -263,7 +264,7 @@ def summarize(grid: Grid, *, records: list[RunRecord] | None = None, missing: li
             ref = ref or entry_b
         red += ref_flags
         notes += ref_notes
-    if near_majority and all(near_majority):
+    if near_majority and all(w is True for w in near_majority):
         msg = ("every arm's accuracy is within noise of the majority-class rate: no arm beat always predicting the "
                "most frequent class")
         over = (ref or {}).get("vs_majority") or {}

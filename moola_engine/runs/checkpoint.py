@@ -51,10 +51,10 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from moola_engine import hookimpl
+from moola_engine import hookimpl, jsonsafe
 from moola_engine.config import CheckpointConfig, ExperimentConfig, structure
-from moola_engine.errors import CheckFailed, CheckpointError, ConfigError, WeightsError
 from moola_engine.core.freezing import apply_module_modes
+from moola_engine.errors import CheckFailed, CheckpointError, ConfigError, WeightsError
 from moola_engine.logs import Event
 from moola_engine.runs.folders import ensure_writable
 from moola_engine.safeio import fsync_dir, fsync_file, load_safetensors, sha256
@@ -297,7 +297,7 @@ def save_checkpoint(engine: Any, root: Path, epoch: int, reasons: list[str]) -> 
         meta["files"] = {f: {"bytes": (tmp / f).stat().st_size, "sha256": sha256(tmp / f)}
                          for f in ("model.safetensors", "state.safetensors")}
         with open(tmp / "state.json", "w", encoding="utf-8") as fh:
-            json.dump(meta, fh, indent=1)
+            jsonsafe.dump(meta, fh, indent=1)  # strict JSON: inf/nan (an early-stopping best) tagged
         for f in ("model.safetensors", "state.safetensors", "state.json"):
             fsync_file(tmp / f)
         fsync_dir(tmp)
@@ -407,7 +407,7 @@ def read_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]
     """state.json and state.safetensors of one checkpoint, verified against the recorded hashes."""
     meta_path = path / "state.json"
     try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        meta = jsonsafe.loads(meta_path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise CheckpointError(f"{path}: incomplete checkpoint (no state.json)") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -568,7 +568,7 @@ def run_record(run_dir: Path) -> dict[str, Any]:
     if not Path(run_dir).is_dir():
         raise CheckpointError(f"{run_dir}: no such run folder")
     try:
-        rec = json.loads(path.read_text(encoding="utf-8"))
+        rec = jsonsafe.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise CheckpointError(f"{path}: missing; {run_dir} is not a moola-engine run folder") from None
     except (OSError, json.JSONDecodeError) as exc:

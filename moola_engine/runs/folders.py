@@ -6,21 +6,47 @@ training starts, so a read-only or full disk fails in the first second.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
-import json
+import hashlib
 import os
+import re
+import secrets
 import shutil
+import unicodedata
 from pathlib import Path
 from typing import Any
 
+from moola_engine import jsonsafe
 from moola_engine.errors import MoolaError
 
 MIN_FREE_BYTES = 32 * 1024 * 1024
 
 
+MAX_NAME = 64
+"""Characters of a strategy or run name kept in a folder or file name (the whole run id stays far below 255)."""
+
+
+def safe_name(name: str, max_len: int = MAX_NAME) -> str:
+    """``name`` as a file-name part: ASCII letters, digits, ``.``, ``_`` and ``-``, at most ``max_len`` characters.
+
+    A name that is already safe is kept as it is.  Otherwise accents are dropped (``é`` -> ``e``), every other
+    character becomes ``_``, leading dots and dashes go (no ``..``, no hidden file, no option-like name), and a
+    hash of the original name is appended, so two different names never map to the same id.
+    """
+    if re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9._-]*", name) and len(name) <= max_len and ".." not in name:
+        return name
+    ascii_ = unicodedata.normalize("NFKD", name).encode("ascii", "ignore").decode("ascii")
+    text = re.sub(r"[^A-Za-z0-9._-]+", "_", ascii_)
+    text = re.sub(r"\.{2,}", "_", text).lstrip(".-_") or "name"
+    digest = hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+    return f"{text[: max_len - 9].rstrip('.-_') or 'name'}-{digest}"
+
+
 def new_run_id(strategy: str, seed: int, name: str | None = None) -> str:
+    """``<UTC time>-<name or strategy>-s<seed>``, the name made safe for a folder name by :func:`safe_name`."""
     stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H-%M-%S")
-    return f"{stamp}-{name or strategy}-s{seed}"
+    return f"{stamp}-{safe_name(name or strategy)}-s{seed}"
 
 
 def create_run_dir(runs_dir: str | Path, run_id: str) -> Path:
@@ -60,21 +86,28 @@ def ensure_writable(path: Path) -> None:
 def link_latest(run_dir: Path) -> None:
     """Point ``runs/latest`` at ``run_dir`` (atomically; best effort where symlinks are refused)."""
     latest = run_dir.parent / "latest"
-    tmp = run_dir.parent / f".latest-{os.getpid()}"
+    if run_dir.name == "latest" or run_dir.is_symlink():  # never latest -> latest: callers pass the real folder
+        run_dir = run_dir.resolve()
+        if run_dir.parent != latest.parent:
+            return
+    # a name unique to this call: two runs linking at once never share the temporary link
+    tmp = run_dir.parent / f".latest-{os.getpid()}-{secrets.token_hex(4)}"
     try:
-        if tmp.is_symlink():
-            tmp.unlink()
         tmp.symlink_to(run_dir.name)
-        os.replace(tmp, latest)
+        os.replace(tmp, latest)  # atomic: a reader sees the old link or the new one, never none
     except OSError:
-        pass
+        with contextlib.suppress(OSError):
+            tmp.unlink()
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON through a temporary file, fsync and rename: a reader never sees half a file."""
+    """Write strict JSON through a temporary file, fsync and rename: a reader never sees half a file.
+
+    Non-finite floats are written tagged (:mod:`moola_engine.jsonsafe`); read such a file with ``jsonsafe.loads``.
+    """
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(obj, fh, indent=2, default=str)
+        jsonsafe.dump(obj, fh, indent=2, default=str)  # strict JSON: non-finite floats tagged
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)

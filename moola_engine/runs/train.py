@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
@@ -46,6 +47,24 @@ class RunOutcome:
     fit: FitResult
     test_metrics: dict[str, float]
     strategy: str
+
+
+def resolve_run_dir(path: str | Path) -> Path:
+    """A run folder given on the command line, with symlinks (``runs/latest``) resolved now, once.
+
+    Everything after this uses the real folder: a concurrent run that moves ``latest`` cannot redirect it, and
+    the run's events carry its real run id.
+    """
+    p = Path(path)
+    try:
+        real = p.resolve(strict=True)
+    except FileNotFoundError:
+        raise MoolaError(f"{p}: no such run folder") from None
+    except (OSError, RuntimeError) as exc:  # a symlink loop, a name too long, ...
+        raise MoolaError(f"{p}: cannot resolve this run folder ({exc})") from None
+    if not real.is_dir():
+        raise MoolaError(f"{p}: not a run folder (expected runs/<id>/)")
+    return real
 
 
 def strategies_path(cfg: ExperimentConfig, override: str | None) -> Path:
@@ -118,12 +137,18 @@ def train(
     stream: IO[str] | None = None,
     capture: bool = False,
     resume: str | Path | None = None,
+    on_run_dir: Callable[[Path], None] | None = None,
 ) -> RunOutcome:
     """Run one training as ``cfg`` describes; raises :class:`MoolaError` subclasses for user errors.
 
     ``resume``: a run folder to continue from its newest checkpoint, in place
     (``cfg`` is then ``checkpoint.run_config(resume)``; the strategy comes from its config.json).
+    A symlink (``runs/latest``) is resolved to its real folder before anything is read or written.
+    ``on_run_dir``: called with the run folder as soon as it exists (before any training), e.g. to write its
+    path to a file (``train --run-dir-file``): the race-free way to learn which folder this run writes.
     """
+    if resume is not None:
+        resume = resolve_run_dir(resume)
     if resume is None:
         pm, named = resolve_strategy(cfg, strategy, strategies_file, extra_plugins)
     else:
@@ -152,6 +177,8 @@ def train(
     clear_contextvars()
     bind(run_id=run_id, strategy=named.name)
     try:
+        if on_run_dir is not None:
+            on_run_dir(run_dir)
         if resume is None:
             log.info(Event.RUN_STARTED, run_dir=str(run_dir), version=__version__, config_file=cfg.source)
         else:  # no checkpoint yet: the run starts over from its first step, in the same folder

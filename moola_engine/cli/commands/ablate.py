@@ -6,6 +6,7 @@ import argparse
 import shlex
 import sys
 
+from moola_engine.cli.commands.argtypes import positive_int, writable_output
 from moola_engine.errors import ConfigError
 from moola_engine.experiments import ablation
 from moola_engine.experiments.ablation import (
@@ -26,11 +27,11 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--strategies-file", metavar="FILE", help="strategies.toml (default: run.strategies_file or "
                                                                 "./strategies.toml)")
     p.add_argument("--control", help="strategy of the random-encoder control (default: immediate)")
-    p.add_argument("--seeds", type=int, help="seeds 0..N-1 (default: 5, or the preset's)")
-    p.add_argument("--folds", type=int, help="folds per seed (default: data.folds of the config)")
-    p.add_argument("--epochs", type=int, help="override train.epochs (a different grid: use a different --out)")
-    p.add_argument("--jobs", type=int, help=f"worker processes (default: cores = {default_jobs()})")
-    p.add_argument("--threads", type=int, help="torch threads per worker (default: cores // jobs)")
+    p.add_argument("--seeds", type=positive_int, help="seeds 0..N-1 (default: 5, or the preset's)")
+    p.add_argument("--folds", type=positive_int, help="folds per seed (default: data.folds of the config)")
+    p.add_argument("--epochs", type=positive_int, help="override train.epochs (a different grid: use a different --out)")
+    p.add_argument("--jobs", type=positive_int, help=f"worker processes (default: cores = {default_jobs()})")
+    p.add_argument("--threads", type=positive_int, help="torch threads per worker (default: cores // jobs)")
     p.add_argument("--out", help="grid folder (default: <run.runs_dir>/ablate-<preset or config name>); "
                                  "rerun with the same folder to resume")
     p.add_argument("--report-only", action="store_true", help="only (re)write the report from finished runs")
@@ -65,6 +66,8 @@ def run(args: argparse.Namespace) -> int:
 
     name = preset.name if preset and not args.config else Path(cfg.source).stem
     out = Path(args.out) if args.out else default_out(cfg, name)
+    if not args.report_only:
+        writable_output(out, flag="--out" if args.out else "run.runs_dir", is_dir=True)  # before any work starts
     grid = build_grid(cfg, strategies=strategies, control=control, seeds=seeds, folds=folds, out=out,
                       strategies_file=args.strategies_file)
     for w in grid.warnings:

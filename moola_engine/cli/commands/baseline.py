@@ -14,6 +14,7 @@ import math
 import attrs
 import numpy as np
 
+from moola_engine.cli.commands.argtypes import positive_int
 from moola_engine.config import DataConfig, ExperimentConfig, load_config
 from moola_engine.core.components import default_registries
 from moola_engine.core.data import DataRequest, build_splits
@@ -26,7 +27,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser("baseline", help="reference baselines (e.g. logistic regression on range features), per seed")
     p.add_argument("--config", help="experiment TOML (default: data.kind = \"ohlc\" with its defaults)")
     p.add_argument("--baseline", help="one registered baseline (default: every one that can read this data)")
-    p.add_argument("--seeds", type=int, default=5, help="labeled draws, seeds 0..N-1 (default: %(default)s)")
+    p.add_argument("--seeds", type=positive_int, default=5, help="labeled draws, seeds 0..N-1 (default: %(default)s)")
     p.add_argument("--label-budget", help="override data.options.label_budget (an integer or \"all\")")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return p

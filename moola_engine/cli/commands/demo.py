@@ -12,15 +12,16 @@ import importlib
 import sys
 from pathlib import Path
 
+from moola_engine.cli.commands.argtypes import positive_int, writable_output
 from moola_engine.errors import MoolaError
 from moola_engine.experiments.ablation import build_grid, default_out, get_preset, load_grid_config, run_grid
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="pretrain on the bundled data (if needed) and run a small seed ablation")
-    p.add_argument("--preset", default="seed", help="the preset to run (default: %(default)s)")
-    p.add_argument("--seeds", type=int, help="seeds (default: the preset's demo size, 6 for seed)")
-    p.add_argument("--jobs", type=int, help="worker processes (default: cores)")
+    p.add_argument("--preset", default="seed", help="the preset to run, registered by a plugin (default: %(default)s)")
+    p.add_argument("--seeds", type=positive_int, help="seeds (default: the preset's demo size, 6 for seed)")
+    p.add_argument("--jobs", type=positive_int, help="worker processes (default: cores)")
     p.add_argument("--out", help="grid folder (default: <run.runs_dir>/ablate-demo)")
     return p
 
@@ -61,9 +62,10 @@ def run(args: argparse.Namespace) -> int:
 
     preset = get_preset(args.preset)
     seeds = args.seeds if args.seeds is not None else (preset.demo_seeds or preset.seeds)
-    pretrain_if_missing(preset.config)
     cfg = load_grid_config(None, preset)
     out = Path(args.out) if args.out else default_out(cfg, "demo")
+    writable_output(out, flag="--out" if args.out else "run.runs_dir", is_dir=True)  # before pretraining
+    pretrain_if_missing(preset.config)
     grid = build_grid(cfg, strategies=preset.strategies, control=preset.control, seeds=seeds,
                       folds=preset.folds, out=out)
     for w in grid.warnings:

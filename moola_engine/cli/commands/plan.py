@@ -7,6 +7,7 @@ import json
 
 import attrs
 
+from moola_engine.cli.commands.argtypes import positive_int
 from moola_engine.config import ExperimentConfig, load_config
 from moola_engine.core.freezing import resolve_groups
 from moola_engine.core.models import build_model, group_specs
@@ -17,11 +18,13 @@ from moola_engine.runs.train import resolve_strategy
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="print a strategy's schedule: epoch -> trainable groups -> lr")
     p.add_argument("--config", help="experiment TOML (default: built-in SimpleLSTM groups)")
-    p.add_argument("--strategy", required=True)
-    p.add_argument("--strategies", metavar="FILE")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--allow", action="append", default=[], metavar="OVERRIDE")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--strategy", required=True, help="name of a [strategy.NAME] table of strategies.toml")
+    p.add_argument("--strategies", metavar="FILE",
+                   help="strategies.toml (default: run.strategies_file or ./strategies.toml)")
+    p.add_argument("--epochs", type=positive_int, help="epochs to plan (an integer >= 1; default: train.epochs)")
+    p.add_argument("--allow", action="append", default=[], metavar="OVERRIDE",
+                   help="accept a schedule validation failure by name (e.g. late-transition), as train --allow does")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON (every epoch, group, lr, BN mode)")
     return p
 
 

@@ -10,7 +10,8 @@ from moola_engine.core.plugins import build_plugin_manager, default_strategies_f
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser("strategies", help="list named strategies and strategy plugins")
-    p.add_argument("action", choices=["list"], nargs="?", default="list")
+    p.add_argument("action", choices=["list"], nargs="?", default="list",
+                   help="what to do (only \"list\", the default): print the named strategies and the plugins")
     p.add_argument("--strategies", metavar="FILE", help="strategies.toml to read (default: ./strategies.toml)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     return p

@@ -7,26 +7,50 @@ from pathlib import Path
 
 import attrs
 
+from moola_engine.cli.commands.argtypes import positive_int, seed_int, writable_output
 from moola_engine.config import load_config
-from moola_engine.errors import ConfigError
+from moola_engine.errors import ConfigError, MoolaError
 from moola_engine.runs.checkpoint import run_config
-from moola_engine.runs.train import train
+from moola_engine.runs.train import resolve_run_dir, train
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = sub.add_parser("train", help="train one model with a named strategy")
+    p = sub.add_parser("train", help="train one model with a named strategy",
+                       description="Train one model with a named strategy. The last line printed names the run "
+                                   "folder; --run-dir-file writes it to a file (race-free under concurrent runs).")
     p.add_argument("--config", help="experiment TOML (required unless --resume)")
     p.add_argument("--resume", metavar="RUN_DIR",
-                   help="continue runs/<id> from its newest checkpoint, in the same folder (config and strategy as recorded)")
+                   help="continue runs/<id> from its newest checkpoint, in the same folder (config and strategy as "
+                        "recorded); a symlink such as runs/latest is resolved once, before anything is written")
     p.add_argument("--strategy", help="name of a [strategy.NAME] table (default: run.strategy)")
     p.add_argument("--strategies", metavar="FILE", help="strategies.toml (default: run.strategies_file or ./strategies.toml)")
-    p.add_argument("--epochs", type=int, help="override train.epochs")
-    p.add_argument("--seed", type=int, help="override train.seed")
+    p.add_argument("--epochs", type=positive_int, help="override train.epochs (an integer >= 1)")
+    p.add_argument("--seed", type=seed_int, help="override train.seed (an integer >= 0)")
     p.add_argument("--runs-dir", help="override run.runs_dir")
     p.add_argument("--allow", action="append", default=[], metavar="OVERRIDE",
                    help="accept a schedule validation failure explicitly (recorded in the log)")
-    p.add_argument("--console", choices=["pretty", "json", "none"])
+    p.add_argument("--console", choices=["pretty", "json", "none"],
+                   help="what the terminal shows: pretty lines, JSON events, or nothing (the log file is the same)")
+    p.add_argument("--run-dir-file", metavar="PATH",
+                   help="write this run's folder (absolute path, one line) to PATH as soon as it exists: the "
+                        "race-free way for a script to find the run (runs/latest may point at a concurrent run)")
     return p
+
+
+def _writer(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    """The on_run_dir callback of --run-dir-file (its folder is proven writable before any work)."""
+    if not args.run_dir_file:
+        return None
+    target = Path(args.run_dir_file)
+    writable_output(target, flag="--run-dir-file", is_dir=False)
+
+    def write(run_dir: Path) -> None:
+        try:
+            target.write_text(f"{Path(run_dir).resolve()}\n", encoding="utf-8")
+        except OSError as exc:
+            raise MoolaError(f"--run-dir-file {target}: cannot write it ({exc.strerror or exc})") from None
+
+    return write
 
 
 def run(args: argparse.Namespace) -> int:
@@ -46,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
     if args.console:
         run_cfg = attrs.evolve(run_cfg, console=args.console)
     cfg = attrs.evolve(cfg, train=train_cfg, run=run_cfg)
-    outcome = train(cfg, strategy=args.strategy, strategies_file=args.strategies)
+    outcome = train(cfg, strategy=args.strategy, strategies_file=args.strategies, on_run_dir=_writer(args))
     print(f"run folder: {outcome.run_dir}/  (events.jsonl, metrics.csv, result.json)")
     return 0
 
@@ -57,9 +81,10 @@ def resume(args: argparse.Namespace) -> int:
     if given:
         raise ConfigError(", ".join(given), "cannot be combined with --resume: a resumed run continues with the "
                                             "config and strategy it was started with")
-    cfg = run_config(args.resume)
+    run_dir = resolve_run_dir(args.resume)  # runs/latest -> its real folder, now, before anything is written
+    cfg = run_config(run_dir)
     if args.console:
         cfg = attrs.evolve(cfg, run=attrs.evolve(cfg.run, console=args.console))
-    outcome = train(cfg, resume=args.resume)
+    outcome = train(cfg, resume=run_dir, on_run_dir=_writer(args))
     print(f"run folder: {outcome.run_dir}/  (resumed; events.jsonl, metrics.csv, result.json)")
     return 0
