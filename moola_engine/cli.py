@@ -17,7 +17,7 @@ from . import __version__
 from .errors import MoolaError
 
 # Each module defines add_parser(subparsers) and run(args) -> int.
-COMMANDS = ["strategies", "plan", "train", "verify", "pretrain", "baseline", "ablate", "demo"]
+COMMANDS = ["strategies", "plan", "train", "verify", "runs", "pretrain", "baseline", "ablate", "demo"]
 
 
 def build_parser() -> argparse.ArgumentParser:

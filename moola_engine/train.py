@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import sys
 from pathlib import Path
 from typing import IO, Any
@@ -160,10 +161,12 @@ def train(
     bind(run_id=run_id, strategy=named.name)
     try:
         if resume is None:
-            log.info(Event.RUN_STARTED, run_dir=str(run_dir), version=__version__, config_file=cfg.source)
+            log.info(Event.RUN_STARTED, run_dir=str(run_dir), version=__version__, config_file=cfg.source,
+                     pid=os.getpid(), host=socket.gethostname())  # `runs list` tells running from killed
         else:  # no checkpoint yet: the run starts over from its first step, in the same folder
             log.info(Event.RUN_RESUMED, run_dir=str(run_dir), version=__version__,
-                     checkpoint=str(start.path) if start else None, next_epoch=start.next_epoch if start else 0)
+                     checkpoint=str(start.path) if start else None, next_epoch=start.next_epoch if start else 0,
+                     pid=os.getpid(), host=socket.gethostname())
         log.debug(Event.CONFIG_LOADED, config=unstructure(cfg))
         log.info(Event.STRATEGY_SELECTED, plugin=named.plugin, params=unstructure(named.params),
                  source=named.info.source, strategies_file=named.source)
