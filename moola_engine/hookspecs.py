@@ -3,6 +3,7 @@
 The engine's loop, with each hook where it fires::
 
     register_strategies(register)            # once, when the plugin manager is built
+    register_sinks(register)                 # once per run: metric/event sinks selected by [[sinks]]
     resolve groups, build ONE optimizer param group per model group (never changes)
     on_fit_start(engine)                     # strategy sets the initial freeze state here
         -> on_freeze(...) / on_unfreeze(...) # for each transition requested above
@@ -62,6 +63,22 @@ def register_strategies(register: Callable[..., None]) -> None:
     implementations drive the schedule; ``params`` is an attrs class cattrs
     structures the TOML table into (default: no parameters); ``description`` is the
     one line ``moola-engine strategies list`` shows (default: the factory's docstring).
+    The return value is ignored.
+    """
+
+
+@hookspec
+def register_sinks(register: Callable[..., None]) -> None:
+    """Register metric and event sinks.  Fires once per run, before its first event.
+
+    Call ``register(name, factory, params=ParamsClass, description="...", requires=("module",), extra="...")``
+    for each sink the plugin provides: ``name`` is what ``[[sinks]] name = "..."`` in the experiment file
+    refers to; ``factory(params, run)`` returns the sink object (``run`` is a
+    :class:`moola_engine.sinks.SinkRun`: ``run_dir``, ``run_id``, ``strategy``, ``resumed``); ``params``
+    is an attrs class cattrs structures the table's other keys into (default: none); ``requires`` names
+    modules that must be importable (checked before the run starts, with ``pip install 'moola-engine[extra]'``
+    as the hint).  The sink object has ``write(event)`` (every event dict, after events.jsonl has it) and
+    ``close()``; if either raises, the run goes on without that sink and logs ``sink.failed`` once.
     The return value is ignored.
     """
 

@@ -36,7 +36,8 @@ from .plugins import (
     register_checked,
     select_strategy,
 )
-from .run import create_run_dir, link_latest, new_run_id, write_json_atomic, write_metrics_csv
+from .run import create_run_dir, link_latest, new_run_id, write_json_atomic
+from .sinks import SinkRun, check_sinks, open_sinks
 from .weights import load_pretrained
 
 
@@ -140,6 +141,7 @@ def train(
                         model_groups=groups, train=cfg.train)
     validate_plan(plan, strat, named.name, allow=allow, early_stopping=cfg.train.early_stopping,
                   log=get_logger())  # the engine validates again and logs any override in the run log
+    sinks = check_sinks(cfg, pm)  # [[sinks]]: unknown names, bad options, missing extras fail here
 
     start: ResumeState | None = None
     # torchrun: join the process group now; only rank 0 writes the run folder, rank k writes runs/.rank<k>/
@@ -154,8 +156,11 @@ def train(
     else:
         run_dir, start = open_resume(Path(resume))
     run_id = run_dir.name
+    if not dist_ctx.is_main:  # rank k keeps its own metrics.csv; dashboards get rank 0's run only
+        sinks = [(info, params) for info, params in sinks if info.name == "csv"]
+    fanout = open_sinks(sinks, SinkRun(run_dir=run_dir, run_id=run_id, strategy=named.name, resumed=resume is not None))
     runlog = RunLog(run_dir / "events.jsonl", console=cfg.run.console, stream=stream or sys.stderr, capture=capture,
-                    console_level="info" if dist_ctx.is_main else "error")
+                    console_level="info" if dist_ctx.is_main else "error", sinks=fanout)
     log = runlog.logger
     clear_contextvars()
     bind(run_id=run_id, strategy=named.name)
@@ -196,7 +201,6 @@ def train(
         test_metrics = engine.evaluate(splits.test, prefix="test_") if splits.test is not None else {}
         if test_metrics:
             log.info(Event.EVALUATION_COMPLETED, split="test", **test_metrics)
-        write_metrics_csv(run_dir / "metrics.csv", fit.history)
         save_predictions(run_dir / "predictions.npz", engine, splits)
         write_json_atomic(run_dir / "result.json", {
             "run_id": run_id, "strategy": named.name, "epochs_run": fit.epochs_run, "best_epoch": fit.best_epoch,
