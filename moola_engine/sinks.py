@@ -27,6 +27,7 @@ party would.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import importlib.util
 import math
@@ -205,10 +206,8 @@ class SinkFanout:
 
     def _drop(self, name: str, sink: Any) -> None:
         self._live = [(n, s) for n, s in self._live if s is not sink]
-        try:
+        with contextlib.suppress(Exception):  # already failed: its first error is the one reported
             sink.close()
-        except Exception:  # noqa: S110 - already failed; its first error is the one reported
-            pass
 
     def _report(self, name: str, exc: BaseException, doing: str) -> None:
         self.failed.append(name)
