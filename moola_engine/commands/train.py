@@ -3,13 +3,29 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+from collections.abc import Iterator
 
 import attrs
 
 from ..checkpoint import run_config
-from ..config import load_config
+from ..config import ExperimentConfig, load_config
 from ..errors import ConfigError
+from ..progress import TrainProgress
 from ..train import train
+
+
+@contextlib.contextmanager
+def progress(cfg: ExperimentConfig) -> Iterator[tuple[TrainProgress, ...]]:
+    """A progress bar over the epochs when the console is for people (``run.console = "pretty"``)."""
+    if cfg.run.console != "pretty":
+        yield ()
+        return
+    bar = TrainProgress(cfg.train.epochs)
+    try:
+        yield (bar,)
+    finally:
+        bar.close()
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -45,7 +61,8 @@ def run(args: argparse.Namespace) -> int:
     if args.console:
         run_cfg = attrs.evolve(run_cfg, console=args.console)
     cfg = attrs.evolve(cfg, train=train_cfg, run=run_cfg)
-    outcome = train(cfg, strategy=args.strategy, strategies_file=args.strategies)
+    with progress(cfg) as plugins:
+        outcome = train(cfg, strategy=args.strategy, strategies_file=args.strategies, extra_plugins=plugins)
     print(f"run folder: {outcome.run_dir}/  (events.jsonl, metrics.csv, result.json)")
     return 0
 
@@ -59,6 +76,7 @@ def resume(args: argparse.Namespace) -> int:
     cfg = run_config(args.resume)
     if args.console:
         cfg = attrs.evolve(cfg, run=attrs.evolve(cfg.run, console=args.console))
-    outcome = train(cfg, resume=args.resume)
+    with progress(cfg) as plugins:
+        outcome = train(cfg, resume=args.resume, extra_plugins=plugins)
     print(f"run folder: {outcome.run_dir}/  (resumed; events.jsonl, metrics.csv, result.json)")
     return 0
