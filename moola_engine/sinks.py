@@ -28,7 +28,6 @@ party would.
 from __future__ import annotations
 
 import contextlib
-import csv
 import importlib.util
 import math
 import time
@@ -59,6 +58,8 @@ class SinkRun:
     run_id: str
     strategy: str
     resumed: bool = False
+    history: list[dict[str, Any]] = attrs.Factory(list)
+    """A resumed run: the per-epoch metrics restored from its checkpoint (the epochs it does not run again)."""
 
 
 @attrs.frozen(kw_only=True)
@@ -243,16 +244,14 @@ def transition_text(event: Mapping[str, Any]) -> str:
 
 
 class CsvSink:
-    """metrics.csv in the run folder: one row per epoch, rewritten after each epoch (a killed run keeps its rows)."""
+    """metrics.csv in the run folder: one row per epoch, rewritten after each epoch (a killed run keeps its rows;
+    a resumed one starts from the history in its checkpoint)."""
 
     def __init__(self, params: NoSinkParams, run: SinkRun) -> None:
         self.path = run.run_dir / "metrics.csv"
-        self.rows: dict[int, dict[str, float]] = {}
-        if run.resumed and self.path.is_file():  # the epochs before the checkpoint; later ones are replaced
-            with open(self.path, encoding="utf-8", newline="") as fh:
-                for row in csv.DictReader(fh):
-                    epoch = int(row.pop("epoch"))
-                    self.rows[epoch] = {k: float(v) for k, v in row.items() if v not in ("", None)}
+        # a resumed run starts from its checkpoint's history (the epochs before it), exactly as fit.history does
+        self.rows: dict[int, dict[str, float]] = {
+            int(row["epoch"]): {k: v for k, v in row.items() if k != "epoch"} for row in run.history}
 
     def write(self, event: Mapping[str, Any]) -> None:
         if event.get("event") != Event.EPOCH_COMPLETED:

@@ -158,7 +158,8 @@ def train(
     run_id = run_dir.name
     if not dist_ctx.is_main:  # rank k keeps its own metrics.csv; dashboards get rank 0's run only
         sinks = [(info, params) for info, params in sinks if info.name == "csv"]
-    fanout = open_sinks(sinks, SinkRun(run_dir=run_dir, run_id=run_id, strategy=named.name, resumed=resume is not None))
+    fanout = open_sinks(sinks, SinkRun(run_dir=run_dir, run_id=run_id, strategy=named.name, resumed=resume is not None,
+                                       history=list(start.meta.get("history", [])) if start is not None else []))
     runlog = RunLog(run_dir / "events.jsonl", console=cfg.run.console, stream=stream or sys.stderr, capture=capture,
                     console_level="info" if dist_ctx.is_main else "error", sinks=fanout)
     log = runlog.logger
