@@ -438,8 +438,10 @@ def default_jobs() -> int:
 
 
 def run_grid(grid: Grid, *, jobs: int | None = None, threads: int | None = None, stream: IO[str] | None = None,
-             on_done: Callable[[Cell], None] | None = None) -> dict[str, int]:
-    """Run every pending cell in ``jobs`` worker processes; returns counts (total, skipped, ran, adopted)."""
+             on_done: Callable[[Cell], None] | None = None, executor: Callable[..., None] | None = None) -> dict[str, int]:
+    """Run every pending cell in ``jobs`` worker processes; returns counts (total, skipped, ran, adopted).
+
+    ``executor(tasks, jobs, threads, finish)`` replaces the local pool (e.g. :class:`.ray_backend.RayExecutor`)."""
     stream = stream if stream is not None else sys.stderr
     cores = default_jobs()
     jobs = jobs or cores
@@ -466,8 +468,12 @@ def run_grid(grid: Grid, *, jobs: int | None = None, threads: int | None = None,
         return {"total": len(cells), "skipped": before, "ran": 0, "adopted": adopted}
     jobs = min(jobs, len(todo))
     workers = "this process" if jobs == 1 else f"this process and {jobs - 1} spawned worker(s)"
-    print(f"ablate: {len(todo)} runs, {workers}, {threads} thread(s) each; "
-          f"run folders in {grid.runs_dir}", file=stream)
+    if executor is not None:
+        print(f"ablate: {len(todo)} runs, {getattr(executor, 'description', executor)}; run folders in {grid.runs_dir}",
+              file=stream)
+    else:
+        print(f"ablate: {len(todo)} runs, {workers}, {threads} thread(s) each; "
+              f"run folders in {grid.runs_dir}", file=stream)
     tasks = [Task(cfg=cell_config(grid, c, threads), cell=c, strategies_file=str(grid.strategies_file),
                   out=str(grid.out), marker=str(grid.marker(c))) for c in todo]
     by_key = {c.key: c for c in todo}
@@ -487,7 +493,7 @@ def run_grid(grid: Grid, *, jobs: int | None = None, threads: int | None = None,
             on_done(cell)
 
     try:
-        _execute(tasks, jobs, threads, finish)
+        (executor or _execute)(tasks, jobs, threads, finish)
     except KeyboardInterrupt:
         progress.close()
         print(f"ablate: interrupted; {progress.done} of {len(cells)} runs are done and kept. Rerun the same command "
