@@ -148,3 +148,19 @@ def test_killed_process_reads_as_interrupted_and_a_live_one_as_running(tmp_path:
     first["pid"] = os.getpid()
     (run_dir / "events.jsonl").write_text("\n".join([json.dumps(first), *events[1:]]) + "\n")
     assert read_run(run_dir).status == "running"
+
+
+def test_a_broken_event_log_lists_as_unreadable_and_hides_no_other_run(tmp_path: Path,
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    good = tmp_path / "runs" / "a-good-run"
+    good.mkdir(parents=True)
+    (good / "events.jsonl").write_text(json.dumps({"event": "run.started", "strategy": "frozen"}) + "\n"
+                                       + json.dumps({"event": "run.finished"}) + "\n")
+    bad = tmp_path / "runs" / "b-bad-run"
+    bad.mkdir()
+    (bad / "events.jsonl").write_text("not json\n{}\n")
+    code, out, _ = cli(capsys, "runs", "list", "--runs-dir", str(tmp_path / "runs"), "--json")
+    assert code == 0
+    rows = {r["id"]: r for r in json.loads(out)}
+    assert rows["a-good-run"]["status"] == "finished"
+    assert rows["b-bad-run"]["status"] == "unreadable" and "not a JSON event line" in rows["b-bad-run"]["error"]

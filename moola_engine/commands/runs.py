@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from ..errors import MoolaError
 from ..runs_index import (
     LIST_HEADER,
+    RunInfo,
     compare_json,
     list_rows,
     read_run,
@@ -46,14 +48,22 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     return p
 
 
+def _read_or_unreadable(path: Path) -> RunInfo:
+    """One broken event log must not hide the other runs: it lists as ``unreadable`` with the reason."""
+    try:
+        return read_run(path)
+    except MoolaError as exc:
+        return RunInfo(id=path.name, path=path, status="unreadable", error=str(exc))
+
+
 def run(args: argparse.Namespace) -> int:
     if args.runs_command == "list":
-        infos = [read_run(path) for path in run_folders(args.runs_dir)]
+        infos = [_read_or_unreadable(path) for path in run_folders(args.runs_dir)]
         if args.json:
             print(json.dumps([{"id": r.id, "path": str(r.path), "strategy": r.strategy, "status": r.status,
                                "epochs_run": r.epochs_run, "epochs_planned": r.epochs_planned,
                                "best": {"metric": r.best_metric, "value": r.best_value, "epoch": r.best_epoch},
-                               "checks": {"passed": r.checks_passed, "failed": r.checks_failed}}
+                               "checks": {"passed": r.checks_passed, "failed": r.checks_failed}, "error": r.error}
                               for r in infos], indent=2))
         elif not infos:
             print(f"no runs in {args.runs_dir}")
