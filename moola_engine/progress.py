@@ -45,10 +45,11 @@ class Bar:
 
     def __init__(self, total: int, *, done: int = 0, unit: str = "epochs", label: str = "",
                  stream: IO[str] | None = None, tty: bool | None = None) -> None:
-        self.total, self.done, self.unit, self.label = total, done, unit, label
+        self.total, self.unit, self.label = total, unit, label
+        self.done: float = done
         self.stream = stream if stream is not None else sys.stderr
         self.tty = is_terminal(self.stream) if tty is None else tty
-        self.start_done = done
+        self.start_done: float = done
         self.t0 = time.perf_counter()
         self.phase: str | None = None
         self.loss: str | None = None

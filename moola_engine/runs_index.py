@@ -161,7 +161,7 @@ def read_run(path: str | Path) -> RunInfo:
         elif name == Event.CONFIG_LOADED and isinstance(e.get("config"), dict):
             config = e["config"]
         elif name == Event.GROUPS_RESOLVED:
-            info.groups = [g.get("name") for g in e.get("groups", []) if isinstance(g, dict)]
+            info.groups = [str(g.get("name")) for g in e.get("groups", []) if isinstance(g, dict)]
         elif name == Event.PLAN_COMPUTED and isinstance(e.get("plan"), dict):
             plan = e["plan"]
             info.planned = [dict(row.get("trainable", {})) for row in plan.get("epochs", [])]
@@ -195,7 +195,7 @@ def read_run(path: str | Path) -> RunInfo:
     if not info.checks_failed and info.check_failures:  # failures reported only as messages
         info.checks_failed = len(info.check_failures)
     info.epochs_run = len(info.observed)
-    train_cfg = config.get("train") if isinstance(config.get("train"), dict) else {}
+    train_cfg: dict[str, Any] = config["train"] if isinstance(config.get("train"), dict) else {}
     info.epochs_planned = len(info.planned) or train_cfg.get("epochs")
     if info.strategy is None:
         info.strategy = _config_json(path).get("strategy")

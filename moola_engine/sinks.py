@@ -148,7 +148,7 @@ def check_sinks(cfg: ExperimentConfig, pm: pluggy.PluginManager) -> list[tuple[S
             problems.append(f'sink "{spec.name}" needs the Python package(s) {", ".join(missing)} ({how}) @ {where}')
             continue
         try:
-            params = structure(dict(spec.options), info.params, source=cfg.source, path=where)
+            params: Any = structure(dict(spec.options), info.params, source=cfg.source, path=where)
         except ConfigError as exc:
             problems.extend(exc.problems)
             continue
@@ -161,8 +161,10 @@ def check_sinks(cfg: ExperimentConfig, pm: pluggy.PluginManager) -> list[tuple[S
 def open_sinks(checked: Sequence[tuple[SinkInfo, Any]], run: SinkRun) -> SinkFanout:
     """The fan-out processor for one run.  Factories are called when the first event arrives, inside
     :class:`SinkFanout`, so a sink that cannot open is reported and dropped, not fatal."""
-    return SinkFanout([(info.name, lambda info=info, params=params: info.factory(params, run))
-                       for info, params in checked])
+    def opener(info: SinkInfo, params: Any) -> Callable[[], Any]:
+        return lambda: info.factory(params, run)
+
+    return SinkFanout([(info.name, opener(info, params)) for info, params in checked])
 
 
 # --------------------------------------------------------------------------- the fan-out processor
@@ -201,8 +203,8 @@ class SinkFanout:
                     failures.append((name, exc, f"writing {event_dict.get('event')}"))
         finally:
             self._busy = False
-        for name, exc, doing in failures:
-            self._report(name, exc, doing)
+        for name, error, doing in failures:
+            self._report(name, error, doing)
         return event_dict
 
     def _drop(self, name: str, sink: Any) -> None:
