@@ -243,6 +243,18 @@ class PretrainSection:
 
 
 @attrs.frozen(kw_only=True)
+class SinkConfig:
+    """One ``[[sinks]]`` table: ``name`` of a registered sink; its other keys are that sink's options."""
+
+    name: str
+    options: dict[str, Any] = attrs.Factory(dict)
+
+
+def _default_sinks() -> list[SinkConfig]:
+    return [SinkConfig(name="csv")]
+
+
+@attrs.frozen(kw_only=True)
 class RunConfig:
     strategy: str | None = None
     strategies_file: str | None = None
@@ -264,6 +276,8 @@ class ExperimentConfig:
     checks: ChecksConfig = attrs.Factory(ChecksConfig)
     checkpoint: CheckpointConfig = attrs.Factory(CheckpointConfig)
     pretrain: PretrainSection = attrs.Factory(PretrainSection)
+    sinks: list[SinkConfig] = attrs.Factory(_default_sinks)
+    """Where metrics and events go besides events.jsonl; a ``[[sinks]]`` list replaces the default (csv)."""
     source: str = attrs.field(default="<defaults>", metadata={"toml": False})
 
     @property
@@ -356,6 +370,21 @@ def closest(name: str, choices: list[str] | Mapping[str, Any]) -> str | None:
     return found[0] if found else None
 
 
+def _structure_sink(data: Any, cls: type) -> SinkConfig:
+    """``{name = "...", <options>...}``: the sink's options sit beside its name, as a strategy's params do."""
+    if not isinstance(data, Mapping):
+        raise TypeError("expected a table")
+    options = dict(data)
+    name = options.pop("name", None)
+    if not isinstance(name, str):
+        raise FieldValueError("name", "expected a sink name (a string), e.g. name = \"csv\"")
+    return SinkConfig(name=name, options=options)
+
+
+converter.register_structure_hook(SinkConfig, _structure_sink)
+converter.register_unstructure_hook(SinkConfig, lambda s: {"name": s.name, **s.options})
+
+
 # ExperimentConfig.source is not a TOML key: keep it out of structuring.
 converter.register_structure_hook(
     ExperimentConfig,
@@ -363,3 +392,4 @@ converter.register_structure_hook(
         ExperimentConfig, converter, _cattrs_forbid_extra_keys=True, source=cattrs.gen.override(omit=True)
     ),
 )
+

@@ -81,6 +81,9 @@ class Event(enum.StrEnum):
     CHECKPOINT_LOADED = "checkpoint.loaded"
     RUN_RESUMED = "run.resumed"
 
+    # metric and event sinks (sinks.py)
+    SINK_FAILED = "sink.failed"
+
 
 def _json_default(obj: Any) -> Any:
     if isinstance(obj, Path):
@@ -194,8 +197,10 @@ class RunLog:
         console_level: str = "info",
         stream: IO[str] | None = None,
         capture: bool = False,
+        sinks: Any = None,
     ) -> None:
         self.sink = JsonlSink(events_path) if events_path is not None else None
+        self.sinks = sinks  # a moola_engine.runs.sinks.SinkFanout: metrics.csv, TensorBoard, MLflow, ...
         self.capture = _Capture() if capture else None
         processors: list[Any] = [
             merge_contextvars,
@@ -206,6 +211,8 @@ class RunLog:
             processors.append(self.capture)
         if self.sink is not None:
             processors.append(self.sink)
+        if sinks is not None:  # after the JSON lines: a sink that fails cannot cost the log an event
+            processors.append(sinks)
         out = stream if stream is not None else sys.stderr
         if console == "none":
             processors.append(_drop_all)
@@ -224,12 +231,16 @@ class RunLog:
             wrapper_class=structlog.make_filtering_bound_logger(10),
             cache_logger_on_first_use=False,
         )
+        if sinks is not None:
+            sinks.logger = self.logger
 
     @property
     def events(self) -> list[dict[str, Any]]:
         return self.capture.events if self.capture is not None else []
 
     def close(self) -> None:
+        if self.sinks is not None:
+            self.sinks.close()  # may still log sink.failed into events.jsonl
         if self.sink is not None:
             self.sink.close()
 

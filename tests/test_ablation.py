@@ -17,9 +17,10 @@ import pytest
 
 from moola_engine.config import ExperimentConfig, ModelConfig, PretrainedConfig, load_config
 from moola_engine.errors import ConfigError, MoolaError
-from moola_engine.experiments.ablation import Arm, Cell, Grid, Progress, _write_marker, build_grid, prepare, run_grid, run_order
+from moola_engine.experiments.ablation import Arm, Cell, Grid, _write_marker, build_grid, prepare, run_grid, run_order
 from moola_engine.experiments.report import console_summary, write_report
 from moola_engine.experiments.summary import collect, summarize
+from moola_engine.progress import Bar
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -254,15 +255,18 @@ def test_bad_grid_requests_fail_before_any_run(tmp_path: Path) -> None:
     assert not (tmp_path / "g").exists()
 
 
-def test_progress_bar_counts_runs() -> None:
-    buf = io.StringIO()
-    p = Progress(total=4, done=1, stream=buf, width=8)
+def test_progress_counts_runs_in_plain_lines_without_a_terminal() -> None:
+    buf = io.StringIO()  # not a terminal
+    p = Bar(4, done=1, unit="runs", label="ablate", stream=buf)
     p.advance("frozen seed 0 fold 1")
     p.advance("two_phase seed 0 fold 1")
-    lines = buf.getvalue().splitlines()
-    assert lines[0].startswith("[####----] 2/4 runs  frozen seed 0 fold 1  elapsed ")
+    p.close()
+    text = buf.getvalue()
+    lines = text.splitlines()
+    assert lines[0].startswith("ablate 2/4 runs  frozen seed 0 fold 1  elapsed ")
     assert "eta" in lines[0]
-    assert lines[1].startswith("[######--] 3/4 runs  two_phase seed 0 fold 1")
+    assert lines[1].startswith("ablate 3/4 runs  two_phase seed 0 fold 1")
+    assert "\r" not in text and "\x1b" not in text
 
 
 # --------------------------------------------------------------------------- red flags on constructed runs

@@ -105,3 +105,21 @@ def test_stratified_folds_partition_and_pair() -> None:
     assert sorted(np.concatenate(tests).tolist()) == list(range(len(y)))  # every row tested exactly once
     assert np.array_equal(stratified_folds(y, 3, 1, 0.2, seed=7)[2], tests[1])  # same seed, same partition
     assert not np.array_equal(stratified_folds(y, 3, 1, 0.2, seed=8)[2], tests[1])
+
+
+def test_scipy_bootstrap_keeps_the_resample_stream_of_the_hand_written_one() -> None:
+    # stats.py used to draw rng.integers(0, n, (n_boot, n)) and take np.quantile of the means: the SciPy version must
+    # give the same interval for the same seed, so the demo's published intervals do not move
+    x = np.random.default_rng(11).normal(0.6, 0.1, 24)
+    rng = np.random.default_rng(5)
+    means = x[rng.integers(0, x.size, size=(2000, x.size))].mean(axis=1)
+    expected = np.quantile(means, [0.025, 0.975])
+    assert stats.bootstrap_ci(x, n_boot=2000, seed=5) == pytest.approx(tuple(expected), abs=1e-12)
+
+
+def test_t_cdf_inverts_t_quantile() -> None:
+    for df in (1, 4, 30):
+        for q in (0.025, 0.5, 0.8, 0.975):
+            assert stats.t_cdf(stats.t_quantile(q, df), df) == pytest.approx(q, abs=1e-12)
+    with pytest.raises(ValueError, match="quantile must be in"):
+        stats.t_quantile(1.0, 5)

@@ -5,6 +5,7 @@ The engine's loop, with each hook where it fires::
     register_strategies(register)            # once, when the plugin manager is built
     register_models / register_datasets / register_tasks(register)     # components, by name or import path
     register_objectives / register_baselines / register_presets(register)  # pretrain, baseline, ablate --preset
+    register_sinks(register)                 # once per run: metric/event sinks selected by [[sinks]]
     resolve groups, build ONE optimizer param group per model group (never changes)
     on_fit_start(engine)                     # strategy sets the initial freeze state here
         -> on_freeze(...) / on_unfreeze(...) # for each transition requested above
@@ -120,7 +121,23 @@ def register_baselines(register: Callable[..., None]) -> None:
 def register_presets(register: Callable[..., None]) -> None:
     """Register ablation presets (``moola-engine ablate --preset NAME``, ``moola-engine demo``).
 
-    ``register(name, preset)`` with a :class:`moola_engine.experiments.ablation.Preset`.
+    ``register(name, factory)``: ``factory()`` returns a :class:`moola_engine.experiments.ablation.Preset`.
+    """
+
+
+@hookspec
+def register_sinks(register: Callable[..., None]) -> None:
+    """Register metric and event sinks.  Fires once per run, before its first event.
+
+    Call ``register(name, factory, params=ParamsClass, description="...", requires=("module",), extra="...")``
+    for each sink the plugin provides: ``name`` is what ``[[sinks]] name = "..."`` in the experiment file
+    refers to; ``factory(params, run)`` returns the sink object (``run`` is a
+    :class:`moola_engine.runs.sinks.SinkRun`: ``run_dir``, ``run_id``, ``strategy``, ``resumed``); ``params``
+    is an attrs class cattrs structures the table's other keys into (default: none); ``requires`` names
+    modules that must be importable (checked before the run starts, with ``pip install 'moola-engine[extra]'``
+    as the hint).  The sink object has ``write(event)`` (every event dict, after events.jsonl has it) and
+    ``close()``; if either raises, the run goes on without that sink and logs ``sink.failed`` once.
+    The return value is ignored.
     """
 
 

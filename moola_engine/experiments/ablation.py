@@ -42,6 +42,7 @@ import attrs
 from moola_engine import jsonsafe
 from moola_engine.config import ExperimentConfig, load_config, unstructure
 from moola_engine.errors import ConfigError, MoolaError
+from moola_engine.progress import Bar
 from moola_engine.runs.folders import safe_name, write_json_atomic
 from moola_engine.safeio import sha256
 
@@ -456,57 +457,7 @@ def run_cell(task: Task) -> dict[str, Any]:
 # --------------------------------------------------------------------------- progress
 
 
-class Progress:
-    """One overall bar on stderr: redrawn in place on a terminal, one line per run otherwise."""
-
-    def __init__(self, total: int, done: int, stream: IO[str] | None = None, width: int = 24) -> None:
-        self.total, self.done, self.width = total, done, width
-        self.stream = stream if stream is not None else sys.stderr
-        self.start_done = done
-        self.t0 = time.perf_counter()
-        try:
-            self.tty = self.stream.isatty()
-        except (AttributeError, ValueError):
-            self.tty = False
-
-    def line(self, what: str = "") -> str:
-        frac = self.done / self.total if self.total else 1.0
-        filled = round(frac * self.width)
-        bar = "#" * filled + "-" * (self.width - filled)
-        elapsed = time.perf_counter() - self.t0
-        ran = self.done - self.start_done
-        eta = ""
-        if ran > 0 and self.done < self.total:
-            eta = f"  eta {_duration(elapsed / ran * (self.total - self.done))}"
-        return f"[{bar}] {self.done}/{self.total} runs  {what}  elapsed {_duration(elapsed)}{eta}".rstrip()
-
-    def advance(self, what: str) -> None:
-        self.done += 1
-        self._emit(self.line(what))
-
-    def show(self, what: str = "") -> None:
-        self._emit(self.line(what))
-
-    def _emit(self, text: str) -> None:
-        if self.tty:
-            self.stream.write("\r\x1b[2K" + text)
-        else:
-            self.stream.write(text + "\n")
-        self.stream.flush()
-
-    def close(self) -> None:
-        if self.tty:
-            self.stream.write("\n")
-            self.stream.flush()
-
-
-def _duration(s: float) -> str:
-    s = round(s)
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s"
-    return f"{s // 3600}h{(s % 3600) // 60:02d}m"
+# One overall bar over the grid's runs: moola_engine.progress.Bar (rich on a terminal, plain lines otherwise).
 
 
 def describe(cell: Cell) -> str:
@@ -521,8 +472,10 @@ def default_jobs() -> int:
 
 
 def run_grid(grid: Grid, *, jobs: int | None = None, threads: int | None = None, stream: IO[str] | None = None,
-             on_done: Callable[[Cell], None] | None = None) -> dict[str, int]:
-    """Run every pending cell in ``jobs`` worker processes; returns counts (total, skipped, ran, adopted)."""
+             on_done: Callable[[Cell], None] | None = None, executor: Callable[..., None] | None = None) -> dict[str, int]:
+    """Run every pending cell in ``jobs`` worker processes; returns counts (total, skipped, ran, adopted).
+
+    ``executor(tasks, jobs, threads, finish)`` replaces the local pool (e.g. :class:`.ray_backend.RayExecutor`)."""
     stream = stream if stream is not None else sys.stderr
     cores = default_jobs()
     jobs = jobs or cores
@@ -542,18 +495,23 @@ def run_grid(grid: Grid, *, jobs: int | None = None, threads: int | None = None,
     if done:
         print(f"ablate: resuming {grid.out}: {done} of {len(cells)} runs already done, {len(todo)} to go",
               file=stream)
-    progress = Progress(len(cells), done, stream)
     if not todo:
+        progress = Bar(len(cells), done=done, unit="runs", label="ablate", stream=stream)
         progress.show("nothing to run")
         progress.close()
         return {"total": len(cells), "skipped": before, "ran": 0, "adopted": adopted}
     jobs = min(jobs, len(todo))
     workers = "this process" if jobs == 1 else f"this process and {jobs - 1} spawned worker(s)"
-    print(f"ablate: {len(todo)} runs, {workers}, {threads} thread(s) each; "
-          f"run folders in {grid.runs_dir}", file=stream)
+    if executor is not None:
+        print(f"ablate: {len(todo)} runs, {getattr(executor, 'description', executor)}; run folders in {grid.runs_dir}",
+              file=stream)
+    else:
+        print(f"ablate: {len(todo)} runs, {workers}, {threads} thread(s) each; "
+              f"run folders in {grid.runs_dir}", file=stream)
     tasks = [Task(cfg=cell_config(grid, c, threads), cell=c, strategies_file=str(grid.strategies_file),
                   out=str(grid.out), marker=str(grid.marker(c))) for c in todo]
     by_key = {c.key: c for c in todo}
+    progress = Bar(len(cells), done=done, unit="runs", label="ablate", stream=stream)  # after our own prints
     progress.show(f"starting {describe(todo[0])}")
 
     def finish(rec: dict[str, Any]) -> None:
@@ -569,7 +527,7 @@ def run_grid(grid: Grid, *, jobs: int | None = None, threads: int | None = None,
             on_done(cell)
 
     try:
-        _execute(tasks, jobs, threads, finish)
+        (executor or _execute)(tasks, jobs, threads, finish)
     except KeyboardInterrupt:
         progress.close()
         print(f"ablate: interrupted; {progress.done} of {len(cells)} runs are done and kept. Rerun the same command "

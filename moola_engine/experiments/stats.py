@@ -1,8 +1,9 @@
 """Statistics for an ablation: intervals, paired tests and the smallest effect a design can see.
 
-Plain numpy and the standard library (no SciPy at run time; the tests compare
-against SciPy).  Every function takes per-run values in a fixed order, so a
-paired comparison pairs the runs of the same seed and fold.
+SciPy does the statistics (``scipy.stats.bootstrap``, ``wilcoxon``, ``t``);
+this module chooses the methods and conventions and keeps the NaN handling.
+Every function takes per-run values in a fixed order, so a paired comparison
+pairs the runs of the same seed and fold.
 
 * :func:`bootstrap_ci`: percentile bootstrap interval of the mean.
 * :func:`wilcoxon_signed_rank`: two-sided Wilcoxon signed-rank test (exact
@@ -17,12 +18,13 @@ paired comparison pairs the runs of the same seed and fold.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Sequence
-from statistics import NormalDist
 
 import attrs
 import numpy as np
+from scipy import stats as sps
 
 ALPHA = 0.05
 POWER = 0.8
@@ -92,11 +94,13 @@ def bootstrap_ci(values: Sequence[float] | np.ndarray, *, level: float = 0.95, n
     arr = _clean(values)
     if arr.size < 2:
         return math.nan, math.nan
-    rng = np.random.default_rng(seed)
-    means = arr[rng.integers(0, arr.size, size=(n_boot, arr.size))].mean(axis=1)
-    tail = (1.0 - level) / 2.0
-    lo, hi = np.quantile(means, [tail, 1.0 - tail])
-    return float(lo), float(hi)
+    # scipy draws the resamples as rng.integers(0, n, (n_boot, n)), as this function always did: same intervals
+    res = sps.bootstrap((arr,), np.mean, n_resamples=n_boot, confidence_level=level, method="percentile",
+                        vectorized=True, **{_RNG_ARG: np.random.default_rng(seed)})
+    return float(res.confidence_interval.low), float(res.confidence_interval.high)
+
+
+_RNG_ARG = "rng" if "rng" in inspect.signature(sps.bootstrap).parameters else "random_state"  # scipy < 1.15
 
 
 def estimate(values: Sequence[float] | np.ndarray, *, level: float = 0.95, n_boot: int = N_BOOT,
@@ -109,55 +113,23 @@ def estimate(values: Sequence[float] | np.ndarray, *, level: float = 0.95, n_boo
 # --------------------------------------------------------------------------- Wilcoxon
 
 
-def _average_ranks(x: np.ndarray) -> np.ndarray:
-    order = np.argsort(x, kind="mergesort")
-    ranks = np.empty(x.size, dtype=np.float64)
-    sx = x[order]
-    i = 0
-    while i < x.size:
-        j = i
-        while j + 1 < x.size and sx[j + 1] == sx[i]:
-            j += 1
-        ranks[order[i:j + 1]] = (i + j) / 2.0 + 1.0
-        i = j + 1
-    return ranks
-
-
-def _exact_counts(n: int) -> list[int]:
-    """counts[w] = number of sign assignments of ranks 1..n whose positive ranks sum to w."""
-    counts = [1] + [0] * (n * (n + 1) // 2)
-    top = 0
-    for r in range(1, n + 1):
-        top += r
-        for w in range(top, r - 1, -1):
-            counts[w] += counts[w - r]
-    return counts
-
-
 def wilcoxon_signed_rank(diffs: Sequence[float] | np.ndarray) -> Wilcoxon:
-    """Two-sided Wilcoxon signed-rank test of ``diffs`` against a median of zero."""
+    """Two-sided Wilcoxon signed-rank test of ``diffs`` against a median of zero (``scipy.stats.wilcoxon``).
+
+    Exact null distribution for up to 50 non-zero differences without ties, else the normal approximation
+    with tie correction and no continuity correction.  The statistic reported is W+ (scipy's two-sided
+    statistic is min(W+, W-))."""
     d = _clean(diffs)
     d = d[d != 0.0]
     n = int(d.size)
     if n == 0:
         return Wilcoxon(statistic=0.0, p=1.0, n=0, method="none")
-    ranks = _average_ranks(np.abs(d))
-    w_plus = float(ranks[d > 0].sum())
-    ties = np.unique(np.abs(d), return_counts=True)[1]
-    if n <= _EXACT_MAX_N and (ties == 1).all():
-        counts = _exact_counts(n)
-        total = 2**n
-        w = round(w_plus)
-        lower = sum(counts[: w + 1]) / total
-        upper = sum(counts[w:]) / total
-        return Wilcoxon(statistic=w_plus, p=min(1.0, 2.0 * min(lower, upper)), n=n, method="exact")
-    mean = n * (n + 1) / 4.0
-    var = n * (n + 1) * (2 * n + 1) / 24.0 - float((ties**3 - ties).sum()) / 48.0
-    if var <= 0:
-        return Wilcoxon(statistic=w_plus, p=1.0, n=n, method="normal")
-    z = (w_plus - mean) / math.sqrt(var)
-    p = 2.0 * (1.0 - NormalDist().cdf(abs(z)))
-    return Wilcoxon(statistic=w_plus, p=min(1.0, p), n=n, method="normal")
+    w_plus = float(sps.rankdata(np.abs(d))[d > 0].sum())
+    ties = np.unique(np.abs(d)).size < n
+    method = "exact" if n <= _EXACT_MAX_N and not ties else "normal"
+    p = float(sps.wilcoxon(d, zero_method="wilcox", correction=False, alternative="two-sided",
+                           method="exact" if method == "exact" else "approx").pvalue)
+    return Wilcoxon(statistic=w_plus, p=min(1.0, p) if math.isfinite(p) else 1.0, n=n, method=method)
 
 
 def min_wilcoxon_p(n: int) -> float:
@@ -168,66 +140,16 @@ def min_wilcoxon_p(n: int) -> float:
 # --------------------------------------------------------------------------- Student t (for the MDE)
 
 
-def _betacf(a: float, b: float, x: float) -> float:
-    """Continued fraction of the regularized incomplete beta function (modified Lentz)."""
-    tiny = 1e-300
-    qab, qap, qam = a + b, a + 1.0, a - 1.0
-    c, d = 1.0, 1.0 - qab * x / qap
-    d = 1.0 / (d if abs(d) > tiny else tiny)
-    h = d
-    for m in range(1, 300):
-        m2 = 2 * m
-        aa = m * (b - m) * x / ((qam + m2) * (a + m2))
-        d = 1.0 + aa * d
-        d = 1.0 / (d if abs(d) > tiny else tiny)
-        c = 1.0 + aa / c if abs(1.0 + aa / c) > tiny else tiny
-        h *= d * c
-        aa = -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))
-        d = 1.0 + aa * d
-        d = 1.0 / (d if abs(d) > tiny else tiny)
-        c = 1.0 + aa / c if abs(1.0 + aa / c) > tiny else tiny
-        delta = d * c
-        h *= delta
-        if abs(delta - 1.0) < 1e-14:
-            break
-    return h
-
-
-def _betainc(a: float, b: float, x: float) -> float:
-    if x <= 0.0:
-        return 0.0
-    if x >= 1.0:
-        return 1.0
-    lbeta = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
-    if x < (a + 1.0) / (a + b + 2.0):
-        return math.exp(lbeta) * _betacf(a, b, x) / a
-    return 1.0 - math.exp(lbeta) * _betacf(b, a, 1.0 - x) / b
-
-
 def t_cdf(t: float, df: float) -> float:
     """CDF of Student's t with ``df`` degrees of freedom."""
-    tail = 0.5 * _betainc(df / 2.0, 0.5, df / (df + t * t))
-    return 1.0 - tail if t > 0 else tail
+    return float(sps.t.cdf(t, df))
 
 
 def t_quantile(q: float, df: float) -> float:
-    """Inverse of :func:`t_cdf` (bisection; accurate to ~1e-10)."""
+    """Inverse of :func:`t_cdf`."""
     if not 0.0 < q < 1.0:
         raise ValueError(f"quantile must be in (0, 1), got {q}")
-    if q < 0.5:
-        return -t_quantile(1.0 - q, df)
-    lo, hi = 0.0, 1.0
-    while t_cdf(hi, df) < q:
-        hi *= 2.0
-    for _ in range(200):
-        mid = (lo + hi) / 2.0
-        if t_cdf(mid, df) < q:
-            lo = mid
-        else:
-            hi = mid
-        if hi - lo < 1e-12:
-            break
-    return (lo + hi) / 2.0
+    return float(sps.t.ppf(q, df))
 
 
 def min_detectable_effect(sd: float, n: int, *, alpha: float = ALPHA, power: float = POWER) -> float:

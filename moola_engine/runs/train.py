@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -36,8 +37,9 @@ from moola_engine.core.plugins import (
 from moola_engine.errors import ConfigError, DataError, MoolaError
 from moola_engine.logs import Event, RunLog, bind, clear_contextvars
 from moola_engine.runs.checkpoint import ResumeState, open_resume, resume_strategy
-from moola_engine.runs.folders import create_run_dir, link_latest, new_run_id, write_json_atomic, write_metrics_csv
+from moola_engine.runs.folders import create_run_dir, link_latest, new_run_id, write_json_atomic
 from moola_engine.runs.observers import build_observers
+from moola_engine.runs.sinks import SinkRun, check_sinks, open_sinks
 
 
 @attrs.define
@@ -159,6 +161,7 @@ def train(
     # --- the pre-flight: refuse a schedule that cannot keep its promise before any data is loaded
     pre = preflight(cfg, pm=pm, named=named)
     strat, model, specs, groups = pre.strategy, pre.model, pre.specs, pre.groups
+    sinks = check_sinks(cfg, pm)  # [[sinks]]: unknown names, bad options, missing extras fail here
 
     start: ResumeState | None = None
     # torchrun: join the process group now; only rank 0 writes the run folder, rank k writes runs/.rank<k>/
@@ -171,8 +174,12 @@ def train(
     else:
         run_dir, start = open_resume(Path(resume))
     run_id = run_dir.name
+    if not dist_ctx.is_main:  # rank k keeps its own metrics.csv; dashboards get rank 0's run only
+        sinks = [(info, params) for info, params in sinks if info.name == "csv"]
+    fanout = open_sinks(sinks, SinkRun(run_dir=run_dir, run_id=run_id, strategy=named.name, resumed=resume is not None,
+                                       history=list(start.meta.get("history", [])) if start is not None else []))
     runlog = RunLog(run_dir / "events.jsonl", console=cfg.run.console, stream=stream or sys.stderr, capture=capture,
-                    console_level="info" if dist_ctx.is_main else "error")
+                    console_level="info" if dist_ctx.is_main else "error", sinks=fanout)
     log = runlog.logger
     clear_contextvars()
     bind(run_id=run_id, strategy=named.name)
@@ -180,10 +187,12 @@ def train(
         if on_run_dir is not None:
             on_run_dir(run_dir)
         if resume is None:
-            log.info(Event.RUN_STARTED, run_dir=str(run_dir), version=__version__, config_file=cfg.source)
+            log.info(Event.RUN_STARTED, run_dir=str(run_dir), version=__version__, config_file=cfg.source,
+                     pid=os.getpid(), host=socket.gethostname())  # `runs list` tells running from killed
         else:  # no checkpoint yet: the run starts over from its first step, in the same folder
             log.info(Event.RUN_RESUMED, run_dir=str(run_dir), version=__version__,
-                     checkpoint=str(start.path) if start else None, next_epoch=start.next_epoch if start else 0)
+                     checkpoint=str(start.path) if start else None, next_epoch=start.next_epoch if start else 0,
+                     pid=os.getpid(), host=socket.gethostname())
         log.debug(Event.CONFIG_LOADED, config=unstructure(cfg))
         pre.replay_overrides(log)
         log.info(Event.STRATEGY_SELECTED, plugin=named.plugin, params=unstructure(named.params),
@@ -216,7 +225,6 @@ def train(
         test_metrics = engine.evaluate(splits.test, prefix="test_") if splits.test is not None else {}
         if test_metrics:
             log.info(Event.EVALUATION_COMPLETED, split="test", **test_metrics)
-        write_metrics_csv(run_dir / "metrics.csv", fit.history)
         save_predictions(run_dir / "predictions.npz", engine, splits)
         write_json_atomic(run_dir / "result.json", {
             "run_id": run_id, "strategy": named.name, "epochs_run": fit.epochs_run, "best_epoch": fit.best_epoch,

@@ -13,11 +13,8 @@ asks for them (a run on other data loads no other module of this package; tests/
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
-
-import attrs
 
 from moola_engine import hookimpl
 from moola_engine.config import ExperimentConfig
@@ -89,6 +86,8 @@ class OhlcMultiTask:
         others = [read_ohlc(resolve_series(n, base_dir), name=n) for n in opts.pretrain if n != target.name]
         data = build_pretrain_data([target, *others], opts.spec, cut, stride=pcfg.stride,
                                    holdout_fraction=pcfg.holdout_fraction)
+        # the bar first: on a terminal, the log's console lines (sys.stderr) then print above it
+        bar = _Progress(pcfg.epochs) if console == "pretty" else None
         runlog = RunLog(out.with_suffix(".events.jsonl"), console=console)
         log = runlog.logger
         try:
@@ -97,7 +96,7 @@ class OhlcMultiTask:
                      skipped={i["name"]: i["skipped"] for i in data.instruments if "skipped" in i},
                      windows=int((~data.holdout).sum()), holdout_windows=int(data.holdout.sum()),
                      epochs=pcfg.epochs, samples_per_epoch=pcfg.samples_per_epoch)
-            result = pretrain(data, pcfg, log=log, progress=_Progress(sys.stderr) if console == "pretty" else None)
+            result = pretrain(data, pcfg, log=log, progress=bar, on_epoch=bar.epoch_done if bar else None)
             meta = sidecar(result, data, pcfg, opts.spec, cut_date=cut, target=target.name,
                            data_options={**unstructure(opts), "val_fraction": data_cfg.val_fraction,
                                          "folds": data_cfg.folds, "config": source})
@@ -109,23 +108,29 @@ class OhlcMultiTask:
                      **{k: round(v, 4) for k, v in last.items() if k.startswith("holdout_")})
         finally:
             runlog.close()
+            if bar is not None:
+                bar.bar.close()
         return {"encoder": path, "sidecar": meta_path, "summary": f"data up to {cut}"}
 
 
-@attrs.define
 class _Progress:
-    """A one-line progress bar on a terminal, erased before each epoch's event line; nothing when not a tty."""
+    """Pretraining progress (:class:`moola_engine.progress.Bar`): a rich bar moving per batch on a terminal,
+    one plain line per epoch (with its losses and ETA) otherwise."""
 
-    stream: Any
-    width: int = 30
+    def __init__(self, epochs: int) -> None:
+        from moola_engine.progress import Bar
+
+        self.bar = Bar(epochs, unit="epochs", label="pretrain")
+        self.bar.phase = "self-supervised, every layer"
 
     def __call__(self, epoch: int, epochs: int, step: int, steps: int) -> None:
-        if not getattr(self.stream, "isatty", lambda: False)():
-            return
-        filled = self.width * step // max(steps, 1)
-        line = f"epoch {epoch}/{epochs} [{'#' * filled}{'-' * (self.width - filled)}] {step}/{steps}"
-        self.stream.write("\r\033[K" if step == steps else f"\r{line}")
-        self.stream.flush()
+        if self.bar.tty:  # per batch: only a terminal redraws
+            self.bar.update(done=epoch - 1 + step / max(steps, 1), emit=False)
+
+    def epoch_done(self, epoch: int, epochs: int, row: dict[str, Any]) -> None:
+        loss = "  ".join(f"{k[len('batch_'):-len('_loss')]} {v:.4f}" for k, v in row.items()
+                         if k.startswith("batch_") and k.endswith("_loss") and isinstance(v, float))
+        self.bar.update(done=epoch, loss=loss or None)
 
 
 @hookimpl

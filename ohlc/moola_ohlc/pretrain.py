@@ -200,8 +200,12 @@ class PretrainResult:
 
 
 def pretrain(data: PretrainData, cfg: PretrainConfig, *, log: Any = None,
-             progress: Callable[[int, int, int, int], None] | None = None) -> PretrainResult:
-    """Train the multi-task model; ``history[0]`` is the state before training (epoch 0)."""
+             progress: Callable[[int, int, int, int], None] | None = None,
+             on_epoch: Callable[[int, int, dict[str, Any]], None] | None = None) -> PretrainResult:
+    """Train the multi-task model; ``history[0]`` is the state before training (epoch 0).
+
+    ``progress(epoch, epochs, step, steps)`` after every batch; ``on_epoch(epoch, epochs, row)`` after each
+    epoch's evaluation (``row``: that epoch's ``history`` entry)."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
@@ -261,6 +265,8 @@ def pretrain(data: PretrainData, cfg: PretrainConfig, *, log: Any = None,
                 progress(epoch, cfg.epochs, b + 1, steps)
         batch_means = dict(zip(weights, (sums / steps).cpu().tolist()))  # one host sync per epoch
         history.append(record(epoch, {f"{k}_loss": v for k, v in batch_means.items()}, time.perf_counter() - start))
+        if on_epoch is not None:
+            on_epoch(epoch, cfg.epochs, history[-1])
     return PretrainResult(model=model, history=history, seconds=time.perf_counter() - start)
 
 

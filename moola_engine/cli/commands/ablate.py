@@ -36,6 +36,16 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                                  "rerun with the same folder to resume")
     p.add_argument("--report-only", action="store_true", help="only (re)write the report from finished runs")
     p.add_argument("--no-figures", action="store_true", help="skip matplotlib figures")
+    p.add_argument("--backend", choices=["local", "ray"], default="local",
+                   help="where cells run: local worker processes (default) or Ray tasks (pip install 'moola-engine[ray]')")
+    p.add_argument("--address", help="--backend ray: the cluster to join (e.g. auto, ray://head:10001; default: "
+                                     "start a Ray instance on this machine)")
+    p.add_argument("--cpus-per-cell", type=float, default=1.0, metavar="N",
+                   help="--backend ray: CPUs each cell requests (and its torch threads; default: %(default)s)")
+    p.add_argument("--gpus-per-cell", type=float, default=0.0, metavar="N",
+                   help="--backend ray: GPUs each cell requests; 0.25 runs four cells per GPU (default: %(default)s)")
+    p.add_argument("--retries", type=int, default=0, metavar="N",
+                   help="--backend ray: rerun a cell whose worker died up to N times before failing (default: 0)")
     return p
 
 
@@ -73,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
     for w in grid.warnings:
         print(f"WARNING: {w}", file=sys.stderr)
     if not args.report_only:
-        run_grid(grid, jobs=args.jobs, threads=args.threads)
+        run_grid(grid, jobs=args.jobs, threads=args.threads, executor=ray_executor(args))
     elif not (grid.out / "grid.json").is_file():
         raise ConfigError("--report-only", f"{grid.out} holds no ablation (no grid.json)")
     records, missing = collect(grid)
@@ -85,6 +95,24 @@ def run(args: argparse.Namespace) -> int:
     print(console_summary(results))
     print(f"report: {paths['html']}  (also {paths['markdown'].name}, {paths['results'].name})")
     return 0
+
+
+def ray_executor(args: argparse.Namespace) -> object | None:
+    """``--backend ray``: a RayExecutor from the flags (None: the local pool)."""
+    ray_only = [f for f, v in (("--address", args.address), ("--cpus-per-cell", args.cpus_per_cell != 1.0),
+                               ("--gpus-per-cell", args.gpus_per_cell != 0.0), ("--retries", args.retries != 0)) if v]
+    if args.backend != "ray":
+        if ray_only:
+            raise ConfigError(", ".join(ray_only), "only with --backend ray")
+        return None
+    if args.cpus_per_cell <= 0 or args.gpus_per_cell < 0 or args.retries < 0:
+        raise ConfigError("--cpus-per-cell/--gpus-per-cell/--retries", "expected CPUs > 0, GPUs >= 0, retries >= 0")
+    if args.jobs is not None or args.threads is not None:
+        raise ConfigError("--jobs/--threads", "the local pool's; with --backend ray use --cpus-per-cell")
+    from moola_engine.experiments.ray_backend import RayExecutor
+
+    return RayExecutor(address=args.address, num_cpus=args.cpus_per_cell, num_gpus=args.gpus_per_cell,
+                       retries=args.retries)
 
 
 def rerun_command(grid: Grid, args: argparse.Namespace) -> str:
@@ -99,5 +127,7 @@ def rerun_command(grid: Grid, args: argparse.Namespace) -> str:
         parts += ["--epochs", str(args.epochs)]
     if args.strategies_file:
         parts += ["--strategies-file", args.strategies_file]
+    if getattr(args, "backend", "local") == "ray":
+        parts += ["--backend", "ray"] + (["--address", args.address] if args.address else [])
     parts += ["--out", str(grid.out)]
     return " ".join(shlex.quote(p) for p in parts)

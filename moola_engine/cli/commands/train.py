@@ -3,15 +3,31 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import attrs
 
 from moola_engine.cli.commands.argtypes import positive_int, seed_int, writable_output
-from moola_engine.config import load_config
+from moola_engine.config import ExperimentConfig, load_config
 from moola_engine.errors import ConfigError, MoolaError
+from moola_engine.progress import TrainProgress
 from moola_engine.runs.checkpoint import run_config
 from moola_engine.runs.train import resolve_run_dir, train
+
+
+@contextlib.contextmanager
+def progress(cfg: ExperimentConfig) -> Iterator[tuple[TrainProgress, ...]]:
+    """A progress bar over the epochs when the console is for people (``run.console = "pretty"``)."""
+    if cfg.run.console != "pretty":
+        yield ()
+        return
+    bar = TrainProgress(cfg.train.epochs)
+    try:
+        yield (bar,)
+    finally:
+        bar.close()
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -70,7 +86,9 @@ def run(args: argparse.Namespace) -> int:
     if args.console:
         run_cfg = attrs.evolve(run_cfg, console=args.console)
     cfg = attrs.evolve(cfg, train=train_cfg, run=run_cfg)
-    outcome = train(cfg, strategy=args.strategy, strategies_file=args.strategies, on_run_dir=_writer(args))
+    with progress(cfg) as plugins:
+        outcome = train(cfg, strategy=args.strategy, strategies_file=args.strategies, extra_plugins=plugins,
+                        on_run_dir=_writer(args))
     print(f"run folder: {outcome.run_dir}/  (events.jsonl, metrics.csv, result.json)")
     return 0
 
@@ -85,6 +103,7 @@ def resume(args: argparse.Namespace) -> int:
     cfg = run_config(run_dir)
     if args.console:
         cfg = attrs.evolve(cfg, run=attrs.evolve(cfg.run, console=args.console))
-    outcome = train(cfg, resume=run_dir, on_run_dir=_writer(args))
+    with progress(cfg) as plugins:
+        outcome = train(cfg, resume=run_dir, extra_plugins=plugins, on_run_dir=_writer(args))
     print(f"run folder: {outcome.run_dir}/  (resumed; events.jsonl, metrics.csv, result.json)")
     return 0
