@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+import random
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import attrs
+import numpy as np
 import pluggy
 import torch
 from torch import nn
@@ -220,8 +222,8 @@ class Engine:
         if start is None:
             self._fire("on_fit_start")
             first = 0
-        else:  # weights, optimizer, freezer, strategy, RNG, ...; observers get on_fit_start, the strategy does not
-            first = start.restore(self)
+        else:
+            first = self._resume(start)
 
         for epoch in range(first, cfg.epochs):
             self.epoch = self.freezer.epoch = epoch
@@ -253,6 +255,94 @@ class Engine:
         if self.best_state is not None:
             self.model.load_state_dict(self.best_state)
         return result
+
+    def _resume(self, start: ResumeState) -> int:
+        """Restore a checkpoint; returns the epoch to continue at (``epochs``: none left)."""
+        first = start.restore(self)  # weights and load_state_dict(): optimizer, freezer, scheduler, strategy, RNG
+        self.result.epochs_run = first
+        rng = self.rng_state()
+        # observers start as in any run; the strategy does not: its state was restored
+        self._fire("on_fit_start", skip=[self.strategy])
+        start.restore_plugins(self)  # after their on_fit_start, which resets them
+        self.set_rng_state(rng)  # last: whatever a plugin drew while starting, the batch order goes on unchanged
+        # the interrupted run's last epoch ended with early stopping's bookkeeping, after the save
+        if first > 0 and self._early_stopping(first - 1, self.history[-1]):
+            return self.epochs
+        return first
+
+    # ------------------------------------------------------------------ resumable state
+    def rng_state(self) -> dict[str, Any]:
+        """Every random stream the run draws from: the batch order's generator, torch (CPU, CUDA), numpy, random."""
+        state: dict[str, Any] = {
+            "torch": torch.get_rng_state(),
+            "engine": self._gen.get_state(),
+            "numpy": np.random.get_state(legacy=False),
+            "python": random.getstate(),
+        }
+        if torch.cuda.is_available():
+            state["cuda"] = list(torch.cuda.get_rng_state_all())
+        return state
+
+    def set_rng_state(self, state: Mapping[str, Any]) -> None:
+        torch.set_rng_state(state["torch"])
+        self._gen.set_state(state["engine"])
+        np.random.set_state(state["numpy"])
+        random.setstate(state["python"])
+        if "cuda" in state and torch.cuda.is_available():
+            cuda = state["cuda"]
+            if len(cuda) != torch.cuda.device_count():
+                raise MoolaError(f"the checkpoint holds RNG states of {len(cuda)} GPUs, this machine has "
+                                 f"{torch.cuda.device_count()}: the run cannot continue exactly")
+            torch.cuda.set_rng_state_all(cuda)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything but the model's weights that the run needs to continue bitwise equal from here.
+
+        Keys: ``step``, ``epoch``, ``history``, ``freezer``, ``optimizer``, ``scheduler`` (the lr schedule),
+        ``rng`` (:meth:`rng_state`), ``early_stopping`` (best value, best epoch and metric, epochs since the
+        last improvement, the best weights kept for ``restore_best``) and ``strategy`` (``state``: the
+        strategy's ``state_dict()`` or its JSON-safe attributes; ``unsaved``: attributes that could not be
+        kept).  Values hold live tensors: copy them before the run goes on (the checkpointer encodes them).
+        Taken at an epoch end (the checkpointer's ``on_epoch_end``).
+        """
+        from .checkpoint import strategy_state
+
+        strat, unsaved = strategy_state(self.strategy)
+        result = self.result
+        # transitions requested inside on_epoch_end are applied but their hooks (and the clock reset in
+        # _on_transition) come right after it: the saved clock must be the one the next epoch starts with
+        since_improved = 0 if self.freezer.pending else self._since_improved
+        return {
+            "step": self.step,
+            "epoch": self.epoch,
+            "history": [dict(h) for h in self.history],
+            "freezer": self.freezer.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.lr_schedule.state_dict(),
+            "rng": self.rng_state(),
+            "early_stopping": {"best": self.es_best, "best_epoch": result.best_epoch,
+                               "best_metric": result.best_metric, "since_improved": since_improved,
+                               "best_state": self.best_state},
+            "strategy": {"state": strat, "unsaved": unsaved},
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict` (the model's weights are the caller's).  Nothing is logged or fired."""
+        from .checkpoint import load_strategy_state
+
+        self.freezer.load_state_dict(state["freezer"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_schedule.load_state_dict(state["scheduler"])
+        load_strategy_state(self.strategy, state["strategy"]["state"])
+        self.step = int(state["step"])
+        self.epoch = self.freezer.epoch = int(state["epoch"])
+        self.history[:] = [dict(h) for h in state["history"]]
+        es = state["early_stopping"]
+        self.es_best, self._since_improved = es["best"], int(es["since_improved"])
+        self.result.best_epoch, self.result.best_metric = es["best_epoch"], es["best_metric"]
+        best = es["best_state"]
+        self.best_state = {k: v.to(self.device) for k, v in best.items()} if best is not None else None
+        self.set_rng_state(state["rng"])
 
     def _early_stopping(self, epoch: int, metrics: Mapping[str, float]) -> bool:
         """Update the early-stopping state with this epoch's metrics; True to stop.
