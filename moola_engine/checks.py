@@ -84,14 +84,39 @@ class _DeltaObserver(_Observer):
     def _groups(self, engine: Any) -> list[ParamGroup]:
         return [g for g in engine.groups if self._named(engine, g)]
 
+    def _compared(self, engine: Any, group: ParamGroup, snap: Any) -> list[tuple[str, torch.Tensor]]:
+        """The group's tensors to compare with ``snap``: the ones it was taken of.
+
+        The set :meth:`_named` gives can change between two snapshots (``freeze_params`` or
+        ``clear_param_mask`` mid-run): the interval is judged by what was checked when it began."""
+        names = list(snap.names) if hasattr(snap, "names") else list(snap)
+        pool = {**dict(group.params), **dict(self._named(engine, group))}
+        return [(n, pool[n]) for n in names if n in pool]
+
     def _start(self, engine: Any) -> None:
         self.store = make_store(self.cfg.snapshots)
+        self._take_refs(engine)
+        self.moved = dict.fromkeys(self.ref, False)
+
+        def mask_changed(group: str, when: str) -> None:
+            # a mask set or released mid-run ends an interval, like a transition: judge the steps before it
+            # by the old mask, start the next interval with the new one
+            if when == "before":
+                self._checkpoint(engine, reason=f"mask {group}")
+            else:
+                self._take_refs(engine)
+
+        listeners = engine.freezer.mask_listeners
+        listeners[:] = [fn for fn in listeners if getattr(fn, "observer", None) is not self]
+        mask_changed.observer = self  # type: ignore[attr-defined]
+        listeners.append(mask_changed)
+
+    def _take_refs(self, engine: Any) -> None:
         groups = self._groups(engine)
         self.ref = {g.name: self.store.take(self._named(engine, g)) for g in groups}
         self.ref_state = {g.name: engine.freezer.is_trainable(g.name) for g in groups}
         self.ref_lr = {g.name: self._opt_lr(engine, g.name) for g in groups}
         self.ref_step = engine.step
-        self.moved = dict.fromkeys(self.ref, False)
 
     @staticmethod
     def _opt_lr(engine: Any, group: str) -> float:
@@ -106,7 +131,10 @@ class _DeltaObserver(_Observer):
         by_name = {g.name: g for g in engine.groups}
         deltas = {}
         for n in names:
-            deltas[n], now = self.store.delta_and_take(snaps[n], self._named(engine, by_name[n]), engine.device)
+            compared = self._compared(engine, by_name[n], snaps[n])
+            if not compared:
+                continue  # nothing of the group is still checked here (a mask released: MaskedParamsCheck)
+            deltas[n], now = self.store.delta_and_take(snaps[n], compared, engine.device)
             if taken is not None:
                 taken[n] = now
         if not deltas:
@@ -125,7 +153,7 @@ class _DeltaObserver(_Observer):
             trainable = self.ref_state[name]
             expected = self._expected(engine, name, trainable, steps)
             moved = bool(changed)
-            self.moved[name] = self.moved[name] or moved
+            self.moved[name] = self.moved.get(name, False) or moved
             ok = expected == "any" or (expected == "zero") != moved
             if steps == 0 and ok:
                 continue  # nothing ran since the last snapshot and nothing changed: no event
@@ -136,8 +164,11 @@ class _DeltaObserver(_Observer):
             if not ok:
                 failures.append(self._message(engine, name, expected, trainable, max_abs, steps, "interval"))
         groups = self._groups(engine)
-        self.ref = {g.name: taken[g.name] if g.name in taken else self.store.take(self._named(engine, g))
-                    for g in groups}
+        self.ref = {}
+        for g in groups:  # reuse the comparison's copy unless the set of checked tensors changed meanwhile
+            named = self._named(engine, g)
+            same = g.name in taken and [n for n, _ in self._compared(engine, g, taken[g.name])] == [n for n, _ in named]
+            self.ref[g.name] = taken[g.name] if same else self.store.take(named)
         self.ref_state = {g.name: engine.freezer.is_trainable(g.name) for g in groups}
         self.ref_lr = {g.name: self._opt_lr(engine, g.name) for g in groups}
         self.ref_step = engine.step
@@ -249,7 +280,10 @@ class WeightDeltaCheck(_DeltaObserver):
         expected = self._expected(engine, group, trainable, steps)
         if expected == "any":
             return []
-        changed, max_abs, _norm, rel = self._measure(engine, {group: self.phase[group]}, [group])[group]
+        measured = self._measure(engine, {group: self.phase[group]}, [group])
+        if group not in measured:
+            return []
+        changed, max_abs, _norm, rel = measured[group]
         moved = bool(changed)
         ok = (expected == "zero") != moved
         if steps == 0 and ok:
@@ -343,6 +377,11 @@ class MaskedParamsCheck(_DeltaObserver):
     def _named(self, engine: Any, group: ParamGroup) -> list[tuple[str, torch.Tensor]]:
         masked = set(engine.freezer.frozen_params(group.name))
         return [(n, p) for n, p in group.params if n in masked]
+
+    def _compared(self, engine: Any, group: ParamGroup, snap: Any) -> list[tuple[str, torch.Tensor]]:
+        # a parameter released by clear_param_mask since the snapshot trains now: only what is still masked
+        masked = set(engine.freezer.frozen_params(group.name))
+        return [(n, p) for n, p in super()._compared(engine, group, snap) if n in masked]
 
     def _expected(self, engine: Any, group: str, trainable: bool, steps: int) -> str:
         return "zero"
