@@ -1,6 +1,6 @@
 """Verification observers: what should train trained, what should stay frozen stayed bitwise frozen.
 
-Three observer plugins, registered by :func:`moola_engine.observers.build_observers`
+Four observer plugins, registered by :func:`moola_engine.observers.build_observers`
 from ``[checks]``; their hook implementations are ``trylast`` so they see the
 state after the strategy acted.  They work with every strategy: they read the
 freezer's state, never a strategy's parameters.
@@ -25,6 +25,12 @@ freezer's state, never a strategy's parameters.
     BatchNorm running statistics of frozen groups must not change (unless
     ``train.train_bn = true`` asks them to).  One ``bn_stats.check`` per group
     that has BatchNorm, at the same points as the weight-delta check.
+
+:class:`LrMaskCheck` (``checks.lr_mask``)
+    At each epoch's validation end, before the strategy acts on it: every
+    group's live optimizer lr against the plan's lr x the lr schedule's
+    declared factor, and every parameter's ``requires_grad`` against the plan's
+    trainable mask.  One ``lr_mask.check`` event per group per epoch.
 
 Failures are logged at error level (``weight_delta.violation`` or
 ``check.failed``, with a one-line ``message``); with ``checks.strict`` (the
@@ -527,6 +533,70 @@ class GradFlowCheck(_Observer):
         return float(engine.optimizer.param_groups[engine.freezer.groups.index(g.name)]["lr"])
 
 
+# --------------------------------------------------------------------------- the live optimizer against the plan
+
+
+class LrMaskCheck(_Observer):
+    """Each epoch: every group's live optimizer lr and every parameter's ``requires_grad`` are what the plan says.
+
+    Runs in ``on_validation_end`` *before* the strategy's own implementation (``tryfirst``): the state the epoch
+    trained with, before any transition the strategy requests for the next epoch.  The plan is the strategy's
+    dry run replayed over the metrics the run really had (as ``resume.check`` does), so metric-driven
+    transitions are planned where they happened.  Expected lr of a trainable group = the plan's lr for it x the
+    lr schedule's factor (:meth:`~moola_engine.schedulers.LrSchedule.factors`): a plugin that rewrites group
+    lrs behind the engine's back fails the run, and so does a parameter of a trainable group whose
+    ``requires_grad`` was turned off (or one of a frozen group or mask turned on), whatever its neighbours did.
+    One ``lr_mask.check`` event per group per epoch.
+    """
+
+    check = "lr_mask"
+    rel_tol = 1e-6
+
+    @hookimpl(tryfirst=True)
+    def on_validation_end(self, engine: Any, epoch: int) -> None:
+        from .plan import compute_plan
+
+        plan = compute_plan(engine.strategy, engine.freezer.groups, engine.freezer.head_groups, engine.epochs,
+                            engine.config.lr, name=engine.strategy_name, model_groups=engine.groups,
+                            train=engine.config, history=engine.history[:epoch])
+        row = plan.epochs[epoch]
+        factors = engine.lr_schedule.factors()
+        failures: list[str] = []
+        for i, g in enumerate(engine.groups):
+            pg = engine.optimizer.param_groups[i]
+            trainable = row.trainable[g.name]
+            frozen = set(row.frozen_params.get(g.name, []))
+            expected_lr = row.lr[g.name] * factors[i]
+            lr = float(pg["lr"])
+            problems: list[str] = []
+            if trainable and not math.isclose(lr, expected_lr, rel_tol=self.rel_tol, abs_tol=0.0):
+                problems.append(
+                    f"group {g.name} trained at lr {lr:.6g} in epoch {epoch} but the plan says {expected_lr:.6g} "
+                    f"(plan lr {row.lr[g.name]:.6g} x {engine.lr_schedule.kind} schedule factor {factors[i]:.6g}): "
+                    "something rewrote the optimizer's lr behind the engine's back")
+            in_group = {id(p) for p in pg["params"]}
+            wrong = [n for n, p in g.params if p.requires_grad != (trainable and n not in frozen)]
+            if wrong:
+                state = "trainable" if trainable else "frozen"
+                problems.append(f"group {g.name} is {state} in epoch {epoch} by the plan, but requires_grad "
+                                f"disagrees for {', '.join(wrong[:5])}{', ...' if len(wrong) > 5 else ''}")
+            lost = [n for n, p in g.params if id(p) not in in_group]
+            if lost:
+                problems.append(f"parameters {', '.join(lost[:5])} of group {g.name} are not in its optimizer "
+                                "param group")
+            fields = {"group": g.name, "epoch": epoch, "trainable": trainable, "lr": lr, "planned_lr": row.lr[g.name],
+                      "factor": factors[i], "expected_lr": expected_lr, "params": len(g.params),
+                      "wrong_params": wrong, "ok": not problems, "problems": problems}
+            if problems:
+                engine.log.error(Event.LR_MASK_CHECK, **fields)
+                for msg in problems:
+                    engine.log.error(Event.CHECK_FAILED, check=self.check, group=g.name, message=msg)
+                failures += problems
+            else:
+                engine.log.info(Event.LR_MASK_CHECK, **fields)
+        self._fail(engine, failures)
+
+
 def build_checks(checks: ChecksConfig) -> list[tuple[str, Any]]:
     """The check observers ``[checks]`` turns on, as (name, plugin) pairs."""
     # Among trylast implementations pluggy calls the first registered first: grad flow reads its first-step
@@ -540,7 +610,10 @@ def build_checks(checks: ChecksConfig) -> list[tuple[str, Any]]:
         out.append(("check:masked_params", MaskedParamsCheck(checks)))
     if checks.bn_stats:
         out.append(("check:bn_stats", BnStatsCheck(checks)))
+    if checks.lr_mask:
+        out.append(("check:lr_mask", LrMaskCheck(checks)))
     return out
 
 
-__all__ = ["BnStatsCheck", "GradFlowCheck", "MaskedParamsCheck", "WeightDeltaCheck", "build_checks", "optimizer_membership"]
+__all__ = ["BnStatsCheck", "GradFlowCheck", "LrMaskCheck", "MaskedParamsCheck", "WeightDeltaCheck", "build_checks",
+           "optimizer_membership"]
