@@ -18,7 +18,7 @@ from torch import nn
 from . import distributed
 from .config import ChecksConfig, GroupSpec, TrainConfig
 from .data import TensorData
-from .errors import MoolaError, PluginError
+from .errors import CheckFailed, MoolaError, PluginError
 from .freezing import Freezer, ParamGroup, apply_module_modes, resolve_groups
 from .hostsync import sync_guard
 from .logs import Event, bind, get_logger
@@ -132,6 +132,7 @@ class Engine:
         self.best_state: dict[str, torch.Tensor] | None = None
         self.last_checkpoint: Path | None = None
         self._hooks_with_impls: set[str] = set()
+        self._proof_pending = False  # the load proof is re-taken right before the first training step
         self._model_fn: Callable[[torch.Tensor], torch.Tensor] = self.model
         if train.compile:
             self._model_fn = torch.compile(self.model)  # type: ignore[assignment]
@@ -221,6 +222,8 @@ class Engine:
         self._since_improved = 0
         if start is None:
             self._fire("on_fit_start")
+            self._proof_pending = self.pretrained is not None
+            self._prove_loaded(("on_fit_start",), final=False)
             first = 0
         else:
             first = self._resume(start)
@@ -379,6 +382,35 @@ class Engine:
         # DDP registers only parameters that required grad when built: rebuild before the next step.
         self._wrap_stale = self.dist.active
 
+    def _prove_loaded(self, hooks: Sequence[str], *, final: bool = True) -> None:
+        """Re-take the load proof: every pretrained tensor still bitwise the file's (``weights.reverified``).
+
+        Called after ``on_fit_start`` and right before the first training step (after every setup hook and
+        the DDP broadcast).  A tensor that changed stops the run, naming it and the plugins implementing the
+        hooks that ran since the load (observers excluded).  The file's tensors stay in ``pretrained`` for the
+        distance-from-pretrained figures of the weight-delta check."""
+        if not self._proof_pending or self.pretrained is None:
+            return
+        from .weights import changed_since_load
+
+        changed = changed_since_load(self.model, self.pretrained)
+        if not changed and not final:
+            return
+        self._proof_pending = False
+        suspects = sorted({impl.plugin_name for h in hooks for impl in getattr(self.pm.hook, h).get_hookimpls()
+                           if not impl.plugin_name.startswith("check:") and impl.plugin_name != "checkpointer"})
+        fields = {"ok": not changed, "tensors": len(self.pretrained), "changed": changed, "hooks": list(hooks),
+                  "suspects": suspects if changed else []}
+        if not changed:
+            self.log.info(Event.WEIGHTS_REVERIFIED, **fields)
+            return
+        self.log.error(Event.WEIGHTS_REVERIFIED, **fields)
+        where = f"plugin(s) {', '.join(suspects)}" if suspects else "no plugin (the engine's own setup?)"
+        raise CheckFailed(
+            f"{len(changed)} pretrained tensor(s) no longer equal the file before the first training step: "
+            f"{', '.join(changed[:8])}{', ...' if len(changed) > 8 else ''}; changed in {' / '.join(hooks)} by "
+            f"{where}: a setup hook re-initialised them (reset_parameters()/init_weights() after loading?)")
+
     def _rewrap(self) -> None:
         self._step_fn = None  # type: ignore[assignment]  # release the old wrapper first
         self._step_fn = self.dist.wrap(self.model, compile=self.config.compile) or self._model_fn
@@ -408,6 +440,8 @@ class Engine:
         bind(epoch=epoch, step=first_step)
         if self._wrap_stale:
             self._rewrap()
+        if self._proof_pending and not step_hooks:
+            self._prove_loaded(("on_fit_start", "on_epoch_start"))
         with sync_guard(self.device, self.sync_debug):
             for idx in perm.split(cfg.batch_size):
                 scale = 1.0
@@ -421,6 +455,8 @@ class Engine:
                     self._fire("before_step", epoch=epoch, step=self.step, batch=(xb, yb))
                     if self._wrap_stale:
                         self._rewrap()
+                    if self._proof_pending:
+                        self._prove_loaded(("on_fit_start", "on_epoch_start", "before_step"))
                 self.optimizer.zero_grad(set_to_none=True)
                 if bf16:
                     with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16):

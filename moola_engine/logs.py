@@ -77,6 +77,7 @@ class Event(enum.StrEnum):
     # grad_flow.check, bn_stats.check, check.failed and red_flag.raised are declared above
     WEIGHTS_CONTROL = "weights.control"
     LR_MASK_CHECK = "lr_mask.check"
+    WEIGHTS_REVERIFIED = "weights.reverified"
 
     # reliability: checkpoints, resume, guards (docs/events.md "# reliability")
     CHECKPOINT_LOADED = "checkpoint.loaded"
