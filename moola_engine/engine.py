@@ -61,6 +61,9 @@ class FitResult:
     stop_reason: str = "epochs"
     history: list[dict[str, float]] = attrs.Factory(list)
     seconds: float = 0.0
+    restored_before: list[dict[str, Any]] = attrs.Factory(list)
+    """``restore_best`` returned weights from before these transitions of non-head groups
+    (``{"group", "epoch", "to_state"}``): the delivered model never had them trained as scheduled."""
 
 
 class Engine:
@@ -257,7 +260,34 @@ class Engine:
         self._fire("on_fit_end", result=result)
         if self.best_state is not None:
             self.model.load_state_dict(self.best_state)
+            self._warn_restored_before_transition(result)
         return result
+
+    def _warn_restored_before_transition(self, result: FitResult) -> None:
+        """``restore_best`` can hand back weights from before an unfreeze: say so loudly (a warning event,
+        ``result.json``, and a ``verify`` failure under expectations that the group moves)."""
+        from .plan import compute_plan
+
+        replayed = compute_plan(self.strategy, self.freezer.groups, self.freezer.head_groups, self.epochs,
+                                self.config.lr, name=self.strategy_name, model_groups=self.groups, train=self.config,
+                                history=self.history)
+        seen: dict[tuple[str, int, str], dict[str, Any]] = {}
+        for t in [*self.plan.transitions, *replayed.transitions]:  # scheduled, and as the run's metrics made them
+            if t["group"] in self.freezer.head_groups or not 0 < t["epoch"] < result.epochs_run:
+                continue
+            if t["epoch"] > result.best_epoch:
+                seen.setdefault((t["group"], t["epoch"], t["to_state"]),
+                                {"group": t["group"], "epoch": t["epoch"], "to_state": t["to_state"]})
+        result.restored_before = sorted(seen.values(), key=lambda t: (t["epoch"], t["group"]))
+        if result.restored_before:
+            first = result.restored_before[0]
+            self.log.warning(
+                Event.RESTORE_BEST_BEFORE_TRANSITION, best_epoch=result.best_epoch, transitions=result.restored_before,
+                message=f"restore_best returned the weights of epoch {result.best_epoch}, from before "
+                        f"{len(result.restored_before)} transition(s) of encoder groups (first: {first['group']} "
+                        f"{'unfreezes' if first['to_state'] == 'trainable' else 'freezes'} at epoch {first['epoch']}): "
+                        "the delivered model does not have them trained as scheduled; set train.restore_best = "
+                        "false to keep the last epoch's weights")
 
     def _resume(self, start: ResumeState) -> int:
         """Restore a checkpoint; returns the epoch to continue at (``epochs``: none left)."""

@@ -78,6 +78,7 @@ class Event(enum.StrEnum):
     WEIGHTS_CONTROL = "weights.control"
     LR_MASK_CHECK = "lr_mask.check"
     WEIGHTS_REVERIFIED = "weights.reverified"
+    RESTORE_BEST_BEFORE_TRANSITION = "restore_best.before_transition"
 
     # reliability: checkpoints, resume, guards (docs/events.md "# reliability")
     CHECKPOINT_LOADED = "checkpoint.loaded"

@@ -202,6 +202,7 @@ def train(
         write_json_atomic(run_dir / "result.json", {
             "run_id": run_id, "strategy": named.name, "epochs_run": fit.epochs_run, "best_epoch": fit.best_epoch,
             "stopped_early": fit.stopped_early, "stop_reason": fit.stop_reason, "seconds": fit.seconds,
+            "restored_before_transitions": fit.restored_before,
             "final": fit.history[-1] if fit.history else {}, "test": test_metrics,
         })
         log.info(Event.RUN_FINISHED, epochs_run=fit.epochs_run, stop_reason=fit.stop_reason,
