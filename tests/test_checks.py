@@ -469,3 +469,37 @@ def test_lr_mask_check_can_be_switched_off() -> None:
     engine, log = run(named("immediate"), rogue=(RewritesEncoderLr(),), checks=ChecksConfig(lr_mask=False))
     engine.fit()
     assert not [e for e in log.events if e["event"] == "lr_mask.check"]
+
+
+def _builtin_cases() -> list[tuple[str, dict[str, Any]]]:
+    from conftest import ROOT
+
+    from moola_engine.config import unstructure
+    from moola_engine.plugins import load_strategies
+
+    _, registry = build_plugin_manager()
+    table = load_strategies(ROOT / "strategies.toml", registry)
+    return [(key, {"plugin": n.plugin, **unstructure(n.params)}) for key, n in table.items()]
+
+
+@pytest.mark.parametrize("scheduler", ["none", "onecycle", "plateau"])
+@pytest.mark.parametrize(("key", "spec"), _builtin_cases(), ids=[k for k, _ in _builtin_cases()])
+def test_no_false_alarm_from_lr_mask_for_any_strategy_of_strategies_toml(key: str, spec: dict[str, Any],
+                                                                         scheduler: str) -> None:
+    spec = dict(spec)
+    plugin = spec.pop("plugin")
+    for epochs in (4, 6, 8, 12):
+        strategy = named(plugin, **{k: v for k, v in spec.items() if v is not None})
+        plan = compute_plan(strategy, [g.name for g in TINY_GROUPS], ["head"], epochs, 0.01, name=key)
+        try:
+            validate_plan(plan, strategy, key)
+        except ScheduleError:
+            continue
+        break
+    else:
+        pytest.skip(f"{key}: no schedule within 12 epochs")
+    engine, log = run(named(plugin, **{k: v for k, v in spec.items() if v is not None}), epochs=epochs,
+                      checks=only(lr_mask=True), train_kwargs={"scheduler": scheduler, "plateau_patience": 0})
+    engine.fit()
+    events = [e for e in log.events if e["event"] == "lr_mask.check"]
+    assert events and all(e["ok"] for e in events), [e["problems"] for e in events if not e["ok"]]
