@@ -13,6 +13,10 @@ end of epoch NNNN (after ``on_epoch_end``, before early stopping looks at it):
                           per-group lr, optimizer param groups, lr scheduler,
                           the strategy's own state, early stopping, file hashes.
 
+Everything but the weights comes from :meth:`Engine.state_dict` and goes back
+through :meth:`Engine.load_state_dict`: this module only encodes, writes, reads
+and decodes it, and touches nothing private of the engine.
+
 It is written into a temporary folder, every file fsync'ed, renamed into
 place, and the parent fsync'ed: a kill at any moment leaves either the
 complete checkpoint or none.  Only the newest ``checkpoint.keep`` survive.
