@@ -192,6 +192,8 @@ class ChecksConfig:
     weight_delta: bool = True
     grad_flow: bool = True
     bn_stats: bool = True
+    lr_mask: bool = True
+    """Each epoch, every group's live optimizer lr and every parameter's ``requires_grad`` against the plan."""
     snapshots: Literal["exact", "fingerprint"] = "exact"
 
 

@@ -76,6 +76,9 @@ class Event(enum.StrEnum):
     # verification (weights.py, checks.py, redflags.py, verify.py); weights.loaded, weight_delta.*,
     # grad_flow.check, bn_stats.check, check.failed and red_flag.raised are declared above
     WEIGHTS_CONTROL = "weights.control"
+    LR_MASK_CHECK = "lr_mask.check"
+    WEIGHTS_REVERIFIED = "weights.reverified"
+    RESTORE_BEST_BEFORE_TRANSITION = "restore_best.before_transition"
 
     # reliability: checkpoints, resume, guards (docs/events.md "# reliability")
     CHECKPOINT_LOADED = "checkpoint.loaded"

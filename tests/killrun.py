@@ -5,6 +5,8 @@
 
 ``MOOLA_KILL_AT_STEP=N``: SIGKILL this process right before global step N
 (``before_step``), so the kill point is exact and repeatable.
+``MOOLA_SIGINT_AT_STEP=N``: send this process SIGINT (Ctrl-C) right before global step N instead: Python
+raises KeyboardInterrupt there, the run logs ``run.failed`` and exits.
 ``MOOLA_KILL_IN_SAVE=E``: SIGKILL it in the middle of writing the checkpoint of
 epoch E (after its files are written, before the rename that publishes it).
 """
@@ -44,6 +46,15 @@ class KillAt:
             die()
 
 
+class InterruptAt(KillAt):
+    """Test plugin: SIGINT (Ctrl-C) before global step ``step``."""
+
+    @hookimpl
+    def before_step(self, engine: Any, step: int) -> None:
+        if step == self.step:
+            os.kill(os.getpid(), signal.SIGINT)
+
+
 def kill_in_save(epoch: int) -> None:
     """Patch os.replace so publishing checkpoint ``epoch`` dies half way."""
     real = os.replace
@@ -68,6 +79,8 @@ def main() -> int:
     plugins: tuple[Any, ...] = ()
     if os.environ.get("MOOLA_KILL_AT_STEP"):
         plugins = (KillAt(int(os.environ["MOOLA_KILL_AT_STEP"])),)
+    if os.environ.get("MOOLA_SIGINT_AT_STEP"):
+        plugins = (InterruptAt(int(os.environ["MOOLA_SIGINT_AT_STEP"])),)
     if os.environ.get("MOOLA_KILL_IN_SAVE"):
         kill_in_save(int(os.environ["MOOLA_KILL_IN_SAVE"]))
     if args.resume:

@@ -292,3 +292,70 @@ def test_resume_refuses_other_settings_and_corrupt_files(tmp_path: Path) -> None
 def test_no_checkpoint_to_resume_from(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="no checkpoint to resume from"):
         ResumeState.latest(tmp_path)
+
+
+# --------------------------------------------------------------------------- lr schedulers and the engine's state
+
+
+@pytest.mark.parametrize("scheduler", ["onecycle", "cosine", "plateau"])
+@pytest.mark.parametrize("kill_step", [7, 9])  # unfreeze at epoch 2 = step 8: right before and after it
+def test_resume_with_a_scheduler_across_unfreeze_is_bitwise_equal(tmp_path: Path, scheduler: str,
+                                                                  kill_step: int) -> None:
+    # plateau: mode "max" on a falling val_loss halves the lr after every epoch but the first, so it acts before
+    # each kill point
+    sched = {"scheduler": scheduler, "plateau_patience": 0, "scheduler_mode": "max", "epochs": 5}
+
+    def make() -> Any:
+        return named("two-phase", unfreeze_after=2, lr_scale=0.5)
+
+    ref = build(make(), tmp_path / "ref", **sched)
+    ref.fit()
+    assert ref.optimizer.param_groups[-1]["lr"] < 0.05 * 0.9  # the schedule acted (head: base lr x scale 1)
+    resumed = interrupted_then_resumed(make, tmp_path / "run", kill_step, **sched)
+    assert_same(weights(ref), weights(resumed))
+    assert resumed.history == ref.history
+    assert resumed.lr_schedule.state_dict() == ref.lr_schedule.state_dict()
+    assert [pg["lr"] for pg in resumed.optimizer.param_groups] == [pg["lr"] for pg in ref.optimizer.param_groups]
+    meta = json.loads((list_checkpoints(tmp_path / "run")[-1] / "state.json").read_text())
+    assert meta["scheduler"]["kind"] == scheduler and meta["scheduler"]["scheduler"] is not None
+
+
+def test_old_checkpoint_without_scheduler_state_is_refused_when_a_scheduler_is_configured(tmp_path: Path) -> None:
+    first = build(named("immediate"), tmp_path, extra=(StopAt(9),), scheduler="cosine")
+    with pytest.raises(Killed):
+        first.fit()
+    last = list_checkpoints(tmp_path)[-1]
+    meta = json.loads((last / "state.json").read_text())
+    meta["scheduler"] = None  # what every checkpoint written before the fix holds
+    (last / "state.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="no lr scheduler state.*cosine"):
+        build(named("immediate"), tmp_path, scheduler="cosine").fit(start=ResumeState(last))
+    # without a scheduler, the same old checkpoint still resumes
+    plain = build(named("immediate"), tmp_path / "plain", extra=(StopAt(9),))
+    with pytest.raises(Killed):
+        plain.fit()
+    last = list_checkpoints(tmp_path / "plain")[-1]
+    meta = json.loads((last / "state.json").read_text())
+    meta["scheduler"] = None
+    (last / "state.json").write_text(json.dumps(meta))
+    build(named("immediate"), tmp_path / "plain").fit(start=ResumeState(last))
+
+
+def test_engine_state_dict_round_trips_without_a_checkpoint_file() -> None:
+    """The engine owns its resumable state: a second engine loaded from the first's state_dict continues alike."""
+    from conftest import make_engine
+
+    cfg = {"scheduler": "onecycle"}
+    a = make_engine(named("two-phase", unfreeze_after=1, lr_scale=0.5), epochs=4, train_kwargs=cfg)
+    a.fit()
+    state = a.state_dict()
+    assert {"step", "epoch", "history", "freezer", "optimizer", "scheduler", "rng", "early_stopping",
+            "strategy"} <= set(state)
+    assert state["scheduler"]["scheduler"]["_step_count"] == a.lr_schedule.scheduler._step_count
+    b = make_engine(named("two-phase", unfreeze_after=1, lr_scale=0.5), epochs=4, train_kwargs=cfg)
+    b.model.load_state_dict(a.model.state_dict())
+    b.load_state_dict(state)
+    assert b.step == a.step and b.history == a.history
+    assert b.lr_schedule.state_dict() == a.lr_schedule.state_dict()
+    assert torch.equal(b.rng_state()["engine"], a.rng_state()["engine"])
+    assert b.freezer.state() == a.freezer.state()

@@ -36,7 +36,7 @@ def failures(log: RunLog) -> list[str]:
 
 
 def only(**flags: bool) -> ChecksConfig:
-    base = {"weight_delta": False, "grad_flow": False, "bn_stats": False}
+    base = {"weight_delta": False, "grad_flow": False, "bn_stats": False, "lr_mask": False}
     return ChecksConfig(**{**base, **flags})
 
 
@@ -216,7 +216,7 @@ def test_zeroed_grads_caught_by_grad_flow_after_first_step() -> None:
 
 def test_fingerprint_snapshots_catch_the_same_movement() -> None:
     engine, log = run(ZeroGradFreeze(), checks=ChecksConfig(
-        grad_flow=False, bn_stats=False, snapshots="fingerprint"), train_kwargs={"weight_decay": 0.1})
+        grad_flow=False, bn_stats=False, lr_mask=False, snapshots="fingerprint"), train_kwargs={"weight_decay": 0.1})
     with pytest.raises(CheckFailed, match=r"frozen group encoder.layer0 changed in epoch 0:"):
         engine.fit()
     bad = [e for e in log.events if e["event"] == "weight_delta.check" and not e["ok"]]
@@ -404,3 +404,102 @@ def test_groups_declared_per_module_pattern_list() -> None:
     assert_run(log.events, {"require_finished": False,
                             "expect": [{"group": "encoder", "trainable_from_epoch": 1, "frozen_before": 1,
                                         "moves_after": 1}]})
+
+
+# --------------------------------------------------------------------------- (6) the live optimizer against the plan
+
+
+class RewritesEncoderLr:
+    """A plugin that sets the encoder's lr behind the engine's back, every step (planned 0.01, used 0.003)."""
+
+    @hookimpl
+    def after_step(self, engine: Any) -> None:
+        for pg in engine.optimizer.param_groups:
+            if pg["group"] == "encoder.layer0":
+                pg["lr"] = 0.003
+
+
+class DropsOneRequiresGrad:
+    """Turns requires_grad off on one tensor of a trainable group mid-run; the group's bias still moves."""
+
+    @hookimpl
+    def on_epoch_start(self, engine: Any, epoch: int) -> None:
+        if epoch == 1:
+            engine.model.enc0.weight.requires_grad_(False)
+
+
+def test_an_lr_rewritten_behind_the_engines_back_fails_the_run() -> None:
+    engine, log = run(named("immediate"), rogue=(RewritesEncoderLr(),), checks=only(lr_mask=True))
+    with pytest.raises(CheckFailed, match=r"lr_mask check failed: group encoder.layer0 trained at lr 0.003 in "
+                                          r"epoch 0 but the plan says 0.01 \(plan lr 0.01 x none schedule"):
+        engine.fit()
+    [bad] = [e for e in log.events if e["event"] == "lr_mask.check" and not e["ok"]]
+    assert (bad["group"], bad["lr"], bad["expected_lr"], bad["factor"]) == ("encoder.layer0", 0.003, 0.01, 1.0)
+
+
+def test_a_tensor_losing_requires_grad_in_a_trainable_group_fails_even_if_the_group_moved() -> None:
+    engine, log = run(named("immediate"), rogue=(DropsOneRequiresGrad(),),
+                      checks=only(lr_mask=True, weight_delta=True))
+    with pytest.raises(CheckFailed, match="group encoder.layer0 is trainable in epoch 1 by the plan, but "
+                                          "requires_grad disagrees for enc0.weight"):
+        engine.fit()
+    # without it, every other check passes: the group's bias moved, and grad flow looks at each phase's first step
+    engine, log = run(named("immediate"), rogue=(DropsOneRequiresGrad(),), checks=ChecksConfig(lr_mask=False))
+    engine.fit()
+    moved = [e for e in log.events if e["event"] == "weight_delta.check" and e["group"] == "encoder.layer0"
+             and e["epoch"] == 1]
+    assert moved and all(e["ok"] and e["moved"] for e in moved)
+
+
+@pytest.mark.parametrize("scheduler", ["none", "onecycle", "cosine", "plateau"])
+@pytest.mark.parametrize("strategy", [{"unfreeze_after": 1, "lr_scale": 0.3},
+                                      {"unfreeze_on": "plateau", "patience": 1, "max_epoch": 3, "lr_scale": 0.3}],
+                         ids=["epoch", "metric"])
+def test_lr_mask_check_passes_clean_runs_under_every_scheduler(scheduler: str, strategy: dict[str, Any]) -> None:
+    engine, log = run(named("two-phase", **strategy), epochs=4,
+                      train_kwargs={"scheduler": scheduler, "plateau_patience": 0, "scheduler_mode": "max"})
+    engine.fit()
+    events = [e for e in log.events if e["event"] == "lr_mask.check"]
+    assert len(events) == 4 * 3 and all(e["ok"] for e in events), [e["problems"] for e in events if not e["ok"]]
+    if scheduler != "none":
+        assert any(e["factor"] != 1.0 for e in events)  # the schedule really acted, and the check followed it
+
+
+def test_lr_mask_check_can_be_switched_off() -> None:
+    engine, log = run(named("immediate"), rogue=(RewritesEncoderLr(),), checks=ChecksConfig(lr_mask=False))
+    engine.fit()
+    assert not [e for e in log.events if e["event"] == "lr_mask.check"]
+
+
+def _builtin_cases() -> list[tuple[str, dict[str, Any]]]:
+    from conftest import ROOT
+
+    from moola_engine.config import unstructure
+    from moola_engine.core.plugins import load_strategies
+
+    _, registry = build_plugin_manager()
+    table = load_strategies(ROOT / "strategies.toml", registry)
+    return [(key, {"plugin": n.plugin, **unstructure(n.params)}) for key, n in table.items()]
+
+
+@pytest.mark.parametrize("scheduler", ["none", "onecycle", "plateau"])
+@pytest.mark.parametrize(("key", "spec"), _builtin_cases(), ids=[k for k, _ in _builtin_cases()])
+def test_no_false_alarm_from_lr_mask_for_any_strategy_of_strategies_toml(key: str, spec: dict[str, Any],
+                                                                         scheduler: str) -> None:
+    spec = dict(spec)
+    plugin = spec.pop("plugin")
+    for epochs in (4, 6, 8, 12):
+        strategy = named(plugin, **{k: v for k, v in spec.items() if v is not None})
+        plan = compute_plan(strategy, [g.name for g in TINY_GROUPS], ["head"], epochs, 0.01, name=key)
+        try:
+            validate_plan(plan, strategy, key)
+        except ScheduleError:
+            continue
+        break
+    else:
+        pytest.skip(f"{key}: no schedule within 12 epochs")
+    engine, log = run(named(plugin, **{k: v for k, v in spec.items() if v is not None}), epochs=epochs,
+                      checks=only(lr_mask=True), train_kwargs={"scheduler": scheduler, "plateau_patience": 0})
+    engine.fit()
+    events = [e for e in log.events if e["event"] == "lr_mask.check"]
+    assert events and all(e["ok"] for e in events), [e["problems"] for e in events if not e["ok"]]

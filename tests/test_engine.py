@@ -240,3 +240,50 @@ def test_bn_of_frozen_group_in_eval_mode() -> None:
     stats = engine.model.enc0[1].running_mean.clone()
     engine.fit()
     assert torch.equal(stats, engine.model.enc0[1].running_mean)
+
+
+# --------------------------------------------------------------------------- restore_best before an unfreeze
+
+
+def test_restore_best_from_before_the_unfreeze_warns_records_and_fails_verify() -> None:
+    from conftest import make_engine, named
+
+    from moola_engine.checks.delta import build_checks
+    from moola_engine.checks.verify import Expectations, GroupExpectation, verify_events
+    from moola_engine.config import ChecksConfig, EarlyStoppingConfig
+    from moola_engine.logs import RunLog
+
+    runlog = RunLog(None, console="none", capture=True)
+    # min_delta so large that only epoch 0 counts as an improvement: the flat-validation-loss case, best epoch 0
+    es = EarlyStoppingConfig(metric="val_loss", patience=10, min_delta=100.0)
+    engine = make_engine(named("two-phase", unfreeze_after=2, lr_scale=0.5), epochs=4, runlog=runlog,
+                         extra=tuple(p for _, p in build_checks(ChecksConfig())),
+                         train_kwargs={"early_stopping": es, "restore_best": True})
+    result = engine.fit()
+    assert result.best_epoch == 0
+    assert result.restored_before == [{"group": "encoder.layer0", "epoch": 2, "to_state": "trainable"},
+                                      {"group": "encoder.layer1", "epoch": 2, "to_state": "trainable"}]
+    [warn] = [e for e in runlog.events if e["event"] == "restore_best.before_transition"]
+    assert warn["level"] == "warning" and warn["best_epoch"] == 0 and "epoch 2" in warn["message"]
+    runlog.logger.info("run.finished")
+    events = list(runlog.events)
+    expect = Expectations(expect=[GroupExpectation(group="encoder.layer0", moves_after=2)])
+    failures = verify_events(events, expect).failures
+    assert failures == ["encoder.layer0: restore_best delivered the weights of epoch 0, from before its transition at "
+                        "epoch 2: the delivered model never had it fine-tuned (set train.restore_best = false)"]
+    assert verify_events(events).failures == []  # without an expectation that the group trains: a warning only
+
+
+def test_restore_best_after_the_unfreeze_says_nothing() -> None:
+    from conftest import make_engine, named
+
+    from moola_engine.config import EarlyStoppingConfig
+    from moola_engine.logs import RunLog
+
+    runlog = RunLog(None, console="none", capture=True)
+    es = EarlyStoppingConfig(metric="val_loss", patience=10)
+    engine = make_engine(named("two-phase", unfreeze_after=1, lr_scale=0.5), epochs=4, runlog=runlog,
+                         train_kwargs={"early_stopping": es, "restore_best": True})
+    result = engine.fit()
+    assert result.best_epoch >= 1 and result.restored_before == []
+    assert not [e for e in runlog.events if e["event"] == "restore_best.before_transition"]

@@ -23,6 +23,7 @@ import torch
 from conftest import ROOT
 from safetensors.torch import load_file
 
+from moola_engine.checks.verify import verify_file
 from moola_engine.config import structure, unstructure
 from moola_engine.core.plan import compute_plan, validate_plan
 from moola_engine.core.plugins import build_plugin_manager, load_strategies
@@ -44,6 +45,8 @@ epochs = {epochs}
 batch_size = 8
 lr = 0.01
 seed = 3
+scheduler = "{scheduler}"
+plateau_patience = 0
 device = "cpu"
 threads = 1
 early_stopping = {{metric = "val_loss", patience = 2}}
@@ -89,12 +92,12 @@ def run(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess[s
                           timeout=300, env={**os.environ, "PYTHONHASHSEED": "0", **env})
 
 
-def workspace(tmp: Path, plugin: str, params: dict[str, Any], epochs: int) -> Path:
+def workspace(tmp: Path, plugin: str, params: dict[str, Any], epochs: int, scheduler: str = "none") -> Path:
     tmp.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     x = rng.normal(size=(48, 8, 4)).astype("float32")
     np.savez(tmp / "tiny.npz", x=x, y=(x[:, :, 0].mean(1) > 0).astype("int64"))
-    (tmp / "exp.toml").write_text(CONFIG.format(epochs=epochs))
+    (tmp / "exp.toml").write_text(CONFIG.format(epochs=epochs, scheduler=scheduler))
     lines = [f'[strategy.s]\nplugin = "{plugin}"'] + [f"{k} = {json.dumps(v)}" for k, v in params.items() if v is not None]
     (tmp / "strategies.toml").write_text("\n".join(lines) + "\n")
     return tmp
@@ -217,3 +220,42 @@ def test_kill_while_publishing_a_checkpoint(tmp_path: Path) -> None:
     mixed = subprocess.run([sys.executable, "-m", "moola_engine.cli", "train", "--resume", str(run_dir),
                             "--epochs", "9"], cwd=ws, capture_output=True, text=True, timeout=300)
     assert mixed.returncode == 2 and "--epochs: cannot be combined with --resume" in mixed.stderr
+
+
+# --------------------------------------------------------------------------- every lr scheduler, kill -9 and Ctrl-C
+
+
+@pytest.mark.parametrize("how", ["kill-9", "sigint"])
+@pytest.mark.parametrize("scheduler", ["onecycle", "cosine", "plateau"])
+def test_interrupted_then_resumed_with_a_scheduler_is_bitwise_equal(scheduler: str, how: str,
+                                                                    tmp_path_factory: Any) -> None:
+    """The lr schedule is part of the checkpoint: it goes on where it stopped, across the unfreeze."""
+    plugin, params = "two-phase", TEST_PARAMS["two-phase"]
+    epochs, transitions = schedule(plugin, params)
+    key = f"{plugin}-{scheduler}"
+    if key not in _REFS:
+        ws = workspace(tmp_path_factory.mktemp(f"ref-{key}"), plugin, params, epochs, scheduler)
+        proc = start(ws, "runs")
+        assert proc.returncode == 0, proc.stderr
+        run_dir = only_run(ws, "runs")
+        first = json.loads(next((run_dir / "checkpoints").glob("epoch-*/state.json")).read_text())
+        assert first["scheduler"]["kind"] == scheduler and first["scheduler"]["scheduler"] is not None
+        _REFS[key] = (ws, final_state(run_dir), first["step"] // first["next_epoch"])
+    ws, ref, per_epoch = _REFS[key]
+    # kill -9 at the first step after the unfreeze, Ctrl-C one step later (each after a checkpoint)
+    step = transitions[0] * per_epoch + (0 if how == "kill-9" else 1)
+    runs = f"runs-{how}-{step}"
+    env = {"MOOLA_KILL_AT_STEP" if how == "kill-9" else "MOOLA_SIGINT_AT_STEP": str(step)}
+    stopped = start(ws, runs, **env)
+    if how == "kill-9":
+        assert stopped.returncode == -signal.SIGKILL, stopped.stderr
+    else:
+        assert stopped.returncode != 0 and "KeyboardInterrupt" in stopped.stderr, stopped.stderr
+    run_dir = only_run(ws, runs)
+    assert not (run_dir / "result.json").exists()
+    resumed = run(["--resume", str(run_dir)], ws)
+    assert resumed.returncode == 0, resumed.stderr
+    assert_bitwise_equal(ref, final_state(run_dir))
+    checks = [e for e in read_events(run_dir / "events.jsonl") if e["event"] == "resume.check"]
+    assert checks and checks[0]["status"] == "ok"
+    assert verify_file(run_dir).failures == []  # the interrupted attempt's run.failed was superseded: no false alarm

@@ -279,3 +279,26 @@ def test_head_flag_not_position_decides_the_head() -> None:
     plan = compute_plan(named("frozen"), [g.name for g in groups], ["head"], 2, 1e-3, model_groups=groups)
     assert [e.trainable for e in plan.epochs] == [{"head": True, "enc": False}] * 2
     assert torch.is_tensor(groups[1].tensors[0])
+
+
+class LateAndNeverTrains:
+    """Its own check says late-transition; it also never unfreezes encoder.layer0, which it promises to train."""
+
+    def validate_schedule(self, epochs: int, groups: list[str]) -> list[tuple[str, str]]:
+        return [("late-transition", "the last stage starts too late")]
+
+    @hookimpl
+    def on_fit_start(self, engine: Any) -> None:
+        engine.freezer.freeze("encoder.layer0", reason="never released")
+
+
+@pytest.mark.parametrize("strategy", [LateAndNeverTrains(), named("chain-thaw", stage_epochs=15)],
+                         ids=["own-check", "chain-thaw"])
+def test_allow_late_transition_does_not_lift_the_promise_check(strategy: Any) -> None:
+    plan = plan_of(strategy, epochs=30, key="s")  # chain-thaw: one encoder group from 15, the other from 30
+    [idle] = [g for g in NAMES if not plan.trains_ever(g)]
+    with pytest.raises(ScheduleError, match=rf"(?s)group {idle} never trains in 30 epochs.*--allow never-unfreeze"):
+        validate_plan(plan, strategy, "s", allow={"late-transition"})
+    validate_plan(plan, strategy, "s", allow={"late-transition", "never-unfreeze"})  # each allow names its own
+    with pytest.raises(ScheduleError, match="--allow late-transition"):
+        validate_plan(plan, strategy, "s", allow={"never-unfreeze"})

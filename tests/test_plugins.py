@@ -209,3 +209,37 @@ def test_shipped_strategies_file_loads() -> None:
     _, registry = build_plugin_manager()
     named = load_strategies(ROOT / "strategies.toml", registry)
     assert {"frozen", "immediate", "two_phase"} <= set(named)
+
+
+# --------------------------------------------------------------------------- which strategies.toml
+
+
+def test_strategies_file_lookup_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--strategies; run.strategies_file (relative to the config); beside the config; ./; the project's."""
+    from moola_engine.config import load_config
+    from moola_engine.runs.train import resolve_strategy, strategies_path
+
+    exp, cwd = tmp_path / "exp", tmp_path / "cwd"
+    exp.mkdir()
+    cwd.mkdir()
+    for folder, scale in ((exp, 0.25), (cwd, 0.5)):
+        (folder / "strategies.toml").write_text(
+            f'[strategy.tp]\nplugin = "two-phase"\nunfreeze_after = 1\nlr_scale = {scale}\n')
+    (exp / "exp.toml").write_text('[run]\nconsole = "none"\n')
+    monkeypatch.chdir(cwd)
+    cfg = load_config(exp / "exp.toml")
+    # beside the experiment file wins over the working directory (was: ./strategies.toml, silently)
+    assert strategies_path(cfg, None) == exp / "strategies.toml"
+    _, chosen = resolve_strategy(cfg, "tp", None)
+    assert chosen.params.lr_scale == 0.25 and chosen.source == str(exp / "strategies.toml")
+    # --strategies FILE first of all
+    assert strategies_path(cfg, "other.toml") == Path("other.toml")
+    # run.strategies_file, relative to the experiment file
+    (exp / "sub").mkdir()
+    (exp / "exp2.toml").write_text('[run]\nconsole = "none"\nstrategies_file = "sub/mine.toml"\n')
+    assert strategies_path(load_config(exp / "exp2.toml"), None) == exp / "sub" / "mine.toml"
+    # none beside the config: the working directory's, then the project's
+    (exp / "strategies.toml").unlink()
+    assert strategies_path(cfg, None) == cwd / "strategies.toml"
+    (cwd / "strategies.toml").unlink()
+    assert strategies_path(cfg, None) == ROOT / "strategies.toml"

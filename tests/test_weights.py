@@ -4,16 +4,25 @@ from __future__ import annotations
 
 import pickle
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from moola_engine.checks.loading import load_into, load_pretrained, map_keys, read_tensors
+from moola_engine import hookimpl
+from moola_engine.checks.loading import (
+    changed_since_load,
+    equals_loaded,
+    load_into,
+    load_pretrained,
+    map_keys,
+    read_tensors,
+)
 from moola_engine.config import PretrainedConfig, RenameRule
 from moola_engine.core.freezing import resolve_groups
-from moola_engine.errors import WeightsError
+from moola_engine.errors import CheckFailed, WeightsError
 from moola_engine.logs import RunLog
 from moola_ohlc.models import SimpleLSTM
 
@@ -215,3 +224,85 @@ def test_map_keys_renumbers_kept_layers_and_rejects_collisions() -> None:
         map_keys(["a.w", "b.w"], PretrainedConfig(path="x", rename=[RenameRule(pattern=r"^[ab]\.", replace="")]))
     with pytest.raises(WeightsError, match=r"rename\[0\].pattern"):
         map_keys(["a"], PretrainedConfig(path="x", rename=[RenameRule(pattern="(", replace="")]))
+
+
+# --------------------------------------------------------------------------- the proof re-taken before the first step
+
+
+class Reinit:
+    """A setup step that calls reset_parameters() after loading: the run would train a head on a random encoder."""
+
+    def __init__(self, hook: str = "on_fit_start") -> None:
+        self.hook = hook
+
+    def _reset(self, engine: Any) -> None:
+        torch.manual_seed(1234)  # the engine seeds 0, which would redraw the very tensors it loaded here
+        engine.model.enc0.reset_parameters()
+
+    @hookimpl
+    def on_fit_start(self, engine: Any) -> None:
+        if self.hook == "on_fit_start":
+            self._reset(engine)
+
+    @hookimpl
+    def before_step(self, engine: Any, step: int) -> None:
+        if self.hook == "before_step" and step == 0:
+            self._reset(engine)
+
+
+def _engine_with_pretrained(*extra: Any) -> tuple[Any, RunLog]:
+    from conftest import TINY_GROUPS, TinyNet, tiny_data
+
+    from moola_engine.config import TrainConfig
+    from moola_engine.core.engine import Engine
+    from moola_engine.core.plugins import build_plugin_manager, register_checked
+
+    torch.manual_seed(0)
+    model = TinyNet()
+    loaded = {k: v.detach().clone() for k, v in model.state_dict().items() if k.startswith("enc0.")}
+    pm, _ = build_plugin_manager()
+    for i, plugin in enumerate(extra):
+        register_checked(pm, plugin, name=f"setup-{i}")
+    strategy = _immediate()
+    register_checked(pm, strategy, name="strategy")
+    runlog = RunLog(None, console="none", capture=True)
+    engine = Engine(model, train=TrainConfig(epochs=2, batch_size=16, lr=0.01, seed=0, device="cpu"),
+                    groups=TINY_GROUPS, pm=pm, strategy=strategy, train_data=tiny_data(),
+                    val_data=tiny_data(n=32, seed=100), logger=runlog.logger, pretrained=loaded)
+    return engine, runlog
+
+
+def _immediate() -> Any:
+    from conftest import named
+
+    return named("immediate")
+
+
+def test_the_load_proof_is_retaken_before_the_first_step_and_passes_a_clean_run() -> None:
+    engine, runlog = _engine_with_pretrained()
+    engine.fit()
+    [proof] = [e for e in runlog.events if e["event"] == "weights.reverified"]
+    assert proof["ok"] is True and proof["tensors"] == 2 and proof["changed"] == []
+
+
+@pytest.mark.parametrize("hook", ["on_fit_start", "before_step"])
+def test_a_plugin_reinitialising_the_encoder_after_loading_is_caught(hook: str) -> None:
+    engine, runlog = _engine_with_pretrained(Reinit(hook))
+    with pytest.raises(CheckFailed, match=rf"2 pretrained tensor\(s\) no longer equal the file before the first "
+                                          rf"training step: enc0.weight, enc0.bias; changed in .*{hook}.* by "
+                                          r"plugin\(s\) setup-0"):
+        engine.fit()
+    [proof] = [e for e in runlog.events if e["event"] == "weights.reverified"]
+    assert proof["ok"] is False and proof["changed"] == ["enc0.weight", "enc0.bias"] and "setup-0" in proof["suspects"]
+    assert engine.step == 0  # stopped before any step trained on the random encoder
+
+
+def test_the_proof_reports_a_tensor_that_differs_from_the_file() -> None:
+    """Guards the proof itself: one that always said "exact" would pass every other test of a clean load."""
+    model = nn.Linear(3, 2)
+    same = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    assert changed_since_load(model, same) == []
+    other = {**same, "weight": same["weight"] + 1e-6}
+    assert changed_since_load(model, other) == ["weight"]
+    assert not equals_loaded(model.weight, other["weight"])
+    assert equals_loaded(model.weight, same["weight"].double())  # a file in float64: compared in the model's dtype

@@ -1,6 +1,6 @@
 """Verification observers: what should train trained, what should stay frozen stayed bitwise frozen.
 
-Three observer plugins, registered by :func:`moola_engine.runs.observers.build_observers`
+Four observer plugins, registered by :func:`moola_engine.runs.observers.build_observers`
 from ``[checks]``; their hook implementations are ``trylast`` so they see the
 state after the strategy acted.  They work with every strategy: they read the
 freezer's state, never a strategy's parameters.
@@ -25,6 +25,12 @@ freezer's state, never a strategy's parameters.
     BatchNorm running statistics of frozen groups must not change (unless
     ``train.train_bn = true`` asks them to).  One ``bn_stats.check`` per group
     that has BatchNorm, at the same points as the weight-delta check.
+
+:class:`LrMaskCheck` (``checks.lr_mask``)
+    At each epoch's validation end, before the strategy acts on it: every
+    group's live optimizer lr against the plan's lr x the lr schedule's
+    declared factor, and every parameter's ``requires_grad`` against the plan's
+    trainable mask.  One ``lr_mask.check`` event per group per epoch.
 
 Failures are logged at error level (``weight_delta.violation`` or
 ``check.failed``, with a one-line ``message``); with ``checks.strict`` (the
@@ -84,14 +90,39 @@ class _DeltaObserver(_Observer):
     def _groups(self, engine: Any) -> list[ParamGroup]:
         return [g for g in engine.groups if self._named(engine, g)]
 
+    def _compared(self, engine: Any, group: ParamGroup, snap: Any) -> list[tuple[str, torch.Tensor]]:
+        """The group's tensors to compare with ``snap``: the ones it was taken of.
+
+        The set :meth:`_named` gives can change between two snapshots (``freeze_params`` or
+        ``clear_param_mask`` mid-run): the interval is judged by what was checked when it began."""
+        names = list(snap.names) if hasattr(snap, "names") else list(snap)
+        pool = {**dict(group.params), **dict(self._named(engine, group))}
+        return [(n, pool[n]) for n in names if n in pool]
+
     def _start(self, engine: Any) -> None:
         self.store = make_store(self.cfg.snapshots)
+        self._take_refs(engine)
+        self.moved = dict.fromkeys(self.ref, False)
+
+        def mask_changed(group: str, when: str) -> None:
+            # a mask set or released mid-run ends an interval, like a transition: judge the steps before it
+            # by the old mask, start the next interval with the new one
+            if when == "before":
+                self._checkpoint(engine, reason=f"mask {group}")
+            else:
+                self._take_refs(engine)
+
+        listeners = engine.freezer.mask_listeners
+        listeners[:] = [fn for fn in listeners if getattr(fn, "observer", None) is not self]
+        mask_changed.observer = self  # type: ignore[attr-defined]
+        listeners.append(mask_changed)
+
+    def _take_refs(self, engine: Any) -> None:
         groups = self._groups(engine)
         self.ref = {g.name: self.store.take(self._named(engine, g)) for g in groups}
         self.ref_state = {g.name: engine.freezer.is_trainable(g.name) for g in groups}
         self.ref_lr = {g.name: self._opt_lr(engine, g.name) for g in groups}
         self.ref_step = engine.step
-        self.moved = dict.fromkeys(self.ref, False)
 
     @staticmethod
     def _opt_lr(engine: Any, group: str) -> float:
@@ -106,7 +137,10 @@ class _DeltaObserver(_Observer):
         by_name = {g.name: g for g in engine.groups}
         deltas = {}
         for n in names:
-            deltas[n], now = self.store.delta_and_take(snaps[n], self._named(engine, by_name[n]), engine.device)
+            compared = self._compared(engine, by_name[n], snaps[n])
+            if not compared:
+                continue  # nothing of the group is still checked here (a mask released: MaskedParamsCheck)
+            deltas[n], now = self.store.delta_and_take(snaps[n], compared, engine.device)
             if taken is not None:
                 taken[n] = now
         if not deltas:
@@ -125,7 +159,7 @@ class _DeltaObserver(_Observer):
             trainable = self.ref_state[name]
             expected = self._expected(engine, name, trainable, steps)
             moved = bool(changed)
-            self.moved[name] = self.moved[name] or moved
+            self.moved[name] = self.moved.get(name, False) or moved
             ok = expected == "any" or (expected == "zero") != moved
             if steps == 0 and ok:
                 continue  # nothing ran since the last snapshot and nothing changed: no event
@@ -136,8 +170,11 @@ class _DeltaObserver(_Observer):
             if not ok:
                 failures.append(self._message(engine, name, expected, trainable, max_abs, steps, "interval"))
         groups = self._groups(engine)
-        self.ref = {g.name: taken[g.name] if g.name in taken else self.store.take(self._named(engine, g))
-                    for g in groups}
+        self.ref = {}
+        for g in groups:  # reuse the comparison's copy unless the set of checked tensors changed meanwhile
+            named = self._named(engine, g)
+            same = g.name in taken and [n for n, _ in self._compared(engine, g, taken[g.name])] == [n for n, _ in named]
+            self.ref[g.name] = taken[g.name] if same else self.store.take(named)
         self.ref_state = {g.name: engine.freezer.is_trainable(g.name) for g in groups}
         self.ref_lr = {g.name: self._opt_lr(engine, g.name) for g in groups}
         self.ref_step = engine.step
@@ -249,7 +286,10 @@ class WeightDeltaCheck(_DeltaObserver):
         expected = self._expected(engine, group, trainable, steps)
         if expected == "any":
             return []
-        changed, max_abs, _norm, rel = self._measure(engine, {group: self.phase[group]}, [group])[group]
+        measured = self._measure(engine, {group: self.phase[group]}, [group])
+        if group not in measured:
+            return []
+        changed, max_abs, _norm, rel = measured[group]
         moved = bool(changed)
         ok = (expected == "zero") != moved
         if steps == 0 and ok:
@@ -343,6 +383,11 @@ class MaskedParamsCheck(_DeltaObserver):
     def _named(self, engine: Any, group: ParamGroup) -> list[tuple[str, torch.Tensor]]:
         masked = set(engine.freezer.frozen_params(group.name))
         return [(n, p) for n, p in group.params if n in masked]
+
+    def _compared(self, engine: Any, group: ParamGroup, snap: Any) -> list[tuple[str, torch.Tensor]]:
+        # a parameter released by clear_param_mask since the snapshot trains now: only what is still masked
+        masked = set(engine.freezer.frozen_params(group.name))
+        return [(n, p) for n, p in super()._compared(engine, group, snap) if n in masked]
 
     def _expected(self, engine: Any, group: str, trainable: bool, steps: int) -> str:
         return "zero"
@@ -488,6 +533,70 @@ class GradFlowCheck(_Observer):
         return float(engine.optimizer.param_groups[engine.freezer.groups.index(g.name)]["lr"])
 
 
+# --------------------------------------------------------------------------- the live optimizer against the plan
+
+
+class LrMaskCheck(_Observer):
+    """Each epoch: every group's live optimizer lr and every parameter's ``requires_grad`` are what the plan says.
+
+    Runs in ``on_validation_end`` *before* the strategy's own implementation (``tryfirst``): the state the epoch
+    trained with, before any transition the strategy requests for the next epoch.  The plan is the strategy's
+    dry run replayed over the metrics the run really had (as ``resume.check`` does), so metric-driven
+    transitions are planned where they happened.  Expected lr of a trainable group = the plan's lr for it x the
+    lr schedule's factor (:meth:`~moola_engine.schedulers.LrSchedule.factors`): a plugin that rewrites group
+    lrs behind the engine's back fails the run, and so does a parameter of a trainable group whose
+    ``requires_grad`` was turned off (or one of a frozen group or mask turned on), whatever its neighbours did.
+    One ``lr_mask.check`` event per group per epoch.
+    """
+
+    check = "lr_mask"
+    rel_tol = 1e-6
+
+    @hookimpl(tryfirst=True)
+    def on_validation_end(self, engine: Any, epoch: int) -> None:
+        from moola_engine.core.plan import compute_plan
+
+        plan = compute_plan(engine.strategy, engine.freezer.groups, engine.freezer.head_groups, engine.epochs,
+                            engine.config.lr, name=engine.strategy_name, model_groups=engine.groups,
+                            train=engine.config, history=engine.history[:epoch])
+        row = plan.epochs[epoch]
+        factors = engine.lr_schedule.factors()
+        failures: list[str] = []
+        for i, g in enumerate(engine.groups):
+            pg = engine.optimizer.param_groups[i]
+            trainable = row.trainable[g.name]
+            frozen = set(row.frozen_params.get(g.name, []))
+            expected_lr = row.lr[g.name] * factors[i]
+            lr = float(pg["lr"])
+            problems: list[str] = []
+            if trainable and not math.isclose(lr, expected_lr, rel_tol=self.rel_tol, abs_tol=0.0):
+                problems.append(
+                    f"group {g.name} trained at lr {lr:.6g} in epoch {epoch} but the plan says {expected_lr:.6g} "
+                    f"(plan lr {row.lr[g.name]:.6g} x {engine.lr_schedule.kind} schedule factor {factors[i]:.6g}): "
+                    "something rewrote the optimizer's lr behind the engine's back")
+            in_group = {id(p) for p in pg["params"]}
+            wrong = [n for n, p in g.params if p.requires_grad != (trainable and n not in frozen)]
+            if wrong:
+                state = "trainable" if trainable else "frozen"
+                problems.append(f"group {g.name} is {state} in epoch {epoch} by the plan, but requires_grad "
+                                f"disagrees for {', '.join(wrong[:5])}{', ...' if len(wrong) > 5 else ''}")
+            lost = [n for n, p in g.params if id(p) not in in_group]
+            if lost:
+                problems.append(f"parameters {', '.join(lost[:5])} of group {g.name} are not in its optimizer "
+                                "param group")
+            fields = {"group": g.name, "epoch": epoch, "trainable": trainable, "lr": lr, "planned_lr": row.lr[g.name],
+                      "factor": factors[i], "expected_lr": expected_lr, "params": len(g.params),
+                      "wrong_params": wrong, "ok": not problems, "problems": problems}
+            if problems:
+                engine.log.error(Event.LR_MASK_CHECK, **fields)
+                for msg in problems:
+                    engine.log.error(Event.CHECK_FAILED, check=self.check, group=g.name, message=msg)
+                failures += problems
+            else:
+                engine.log.info(Event.LR_MASK_CHECK, **fields)
+        self._fail(engine, failures)
+
+
 def build_checks(checks: ChecksConfig) -> list[tuple[str, Any]]:
     """The check observers ``[checks]`` turns on, as (name, plugin) pairs."""
     # Among trylast implementations pluggy calls the first registered first: grad flow reads its first-step
@@ -501,7 +610,10 @@ def build_checks(checks: ChecksConfig) -> list[tuple[str, Any]]:
         out.append(("check:masked_params", MaskedParamsCheck(checks)))
     if checks.bn_stats:
         out.append(("check:bn_stats", BnStatsCheck(checks)))
+    if checks.lr_mask:
+        out.append(("check:lr_mask", LrMaskCheck(checks)))
     return out
 
 
-__all__ = ["BnStatsCheck", "GradFlowCheck", "MaskedParamsCheck", "WeightDeltaCheck", "build_checks", "optimizer_membership"]
+__all__ = ["BnStatsCheck", "GradFlowCheck", "LrMaskCheck", "MaskedParamsCheck", "WeightDeltaCheck", "build_checks",
+           "optimizer_membership"]

@@ -13,7 +13,8 @@ that map its keys onto the model's:
 4. ``add_prefix`` is put in front of every key.
 
 After loading, every tensor is compared with ``torch.equal`` against the file
-(the exact-equality proof), and the report (loaded / missing / unexpected /
+(the exact-equality proof; the engine takes it again right before the first
+training step, :func:`changed_since_load`), and the report (loaded / missing / unexpected /
 shape-mismatched keys, and per tensor its std against the std the module's own
 default initialisation gives) is logged as ``weights.loaded``.
 
@@ -294,6 +295,21 @@ def fresh_stats(tensor: torch.Tensor, ref: torch.Tensor | None) -> tuple[float, 
 # --------------------------------------------------------------------------- loading
 
 
+def equals_loaded(now: torch.Tensor, src: torch.Tensor) -> bool:
+    """The load proof for one tensor: the model's tensor is bitwise the file's (cast to the model's dtype)."""
+    return bool(torch.equal(now.detach().cpu(), src.to(dtype=now.dtype)))
+
+
+def changed_since_load(model: nn.Module, loaded: Mapping[str, torch.Tensor]) -> list[str]:
+    """Keys of ``loaded`` (what :func:`load_pretrained` returned) whose tensor in ``model`` no longer equals it.
+
+    The engine re-takes the load proof with this right before the first training step, after every setup
+    hook and the DDP broadcast: a hook that re-initialises a loaded tensor is caught before it trains.
+    """
+    state = model.state_dict()
+    return [k for k, v in loaded.items() if k not in state or not equals_loaded(state[k], v)]
+
+
 def load_pretrained(
     model: nn.Module,
     cfg: PretrainedConfig | None,
@@ -380,7 +396,7 @@ def load_into(
     for key in matched:
         src = file_tensors[mapping[key]]
         now = after[key]
-        exact = bool(torch.equal(now.detach().cpu(), src.to(dtype=now.dtype)))
+        exact = equals_loaded(now, src)
         std, ref_std, ratio, fresh = fresh_stats(now, init_reference(model, key, cache))
         reports.append(TensorReport(key=key, source_key=mapping[key], shape=list(now.shape), std=std,
                                     init_std=ref_std, std_ratio=ratio, looks_fresh=fresh, exact=exact))

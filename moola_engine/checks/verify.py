@@ -20,6 +20,10 @@ A run fails verification when
     [weights]
     min_loaded = 8              # at least 8 tensors loaded from the pretrained file, each proven equal
 
+A group with ``trainable_from_epoch`` or ``moves_after`` also fails when
+``restore_best`` delivered weights from before its transition
+(``restore_best.before_transition``).
+
 Red flags (``red_flag.raised``) are listed as warnings; ``fail_on_red_flags =
 true`` makes them failures.  Epochs count from 0, as in the event log.
 """
@@ -160,6 +164,7 @@ def verify_events(events: Iterable[Mapping[str, Any]], expect: Expectations | No
             res.failures.append(f"expect: group {x.group!r} is not a group of this run (groups: {', '.join(groups)})")
             continue
         res.failures += _group_failures(x, epochs.get(x.group, {}), _last_epoch(events))
+        res.failures += _restored_before(x, by_name[Event.RESTORE_BEST_BEFORE_TRANSITION])
 
     # --- red flags
     for e in by_name[Event.RED_FLAG]:
@@ -214,6 +219,20 @@ def _epochs(checks: list[Mapping[str, Any]]) -> dict[str, dict[int, dict[str, bo
 
 def _list(epochs: list[int]) -> str:
     return ", ".join(map(str, epochs[:6])) + (", ..." if len(epochs) > 6 else "")
+
+
+def _restored_before(x: GroupExpectation, events: list[Mapping[str, Any]]) -> list[str]:
+    """A group expected to train, whose delivered weights ``restore_best`` took from before its transition."""
+    if x.moves_after is None and x.trainable_from_epoch is None:
+        return []
+    out = []
+    for e in events:
+        hits = [t for t in e.get("transitions", []) if t.get("group") == x.group]
+        if hits:
+            out.append(f"{x.group}: restore_best delivered the weights of epoch {e.get('best_epoch')}, from before its "
+                       f"transition at epoch {hits[0].get('epoch')}: the delivered model never had it fine-tuned "
+                       "(set train.restore_best = false)")
+    return out
 
 
 def _group_failures(x: GroupExpectation, rows: dict[int, dict[str, bool]], last: int | None) -> list[str]:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+import random
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import attrs
+import numpy as np
 import pluggy
 import torch
 from torch import nn
@@ -20,7 +22,7 @@ from moola_engine.core.freezing import Freezer, ParamGroup, apply_module_modes, 
 from moola_engine.core.hostsync import sync_guard
 from moola_engine.core.metrics import classification_metrics
 from moola_engine.core.schedulers import build_lr_schedule
-from moola_engine.errors import MoolaError, PluginError
+from moola_engine.errors import CheckFailed, MoolaError, PluginError
 from moola_engine.logs import Event, bind, get_logger
 
 if TYPE_CHECKING:
@@ -60,6 +62,9 @@ class FitResult:
     stop_reason: str = "epochs"
     history: list[dict[str, float]] = attrs.Factory(list)
     seconds: float = 0.0
+    restored_before: list[dict[str, Any]] = attrs.Factory(list)
+    """``restore_best`` returned weights from before these transitions of non-head groups
+    (``{"group", "epoch", "to_state"}``): the delivered model never had them trained as scheduled."""
 
 
 class Engine:
@@ -133,6 +138,7 @@ class Engine:
         self.best_state: dict[str, torch.Tensor] | None = None
         self.last_checkpoint: Path | None = None
         self._hooks_with_impls: set[str] = set()
+        self._proof_pending = False  # the load proof is re-taken right before the first training step
         self._model_fn: Callable[[torch.Tensor], torch.Tensor] = self.model
         if train.compile:
             self._model_fn = torch.compile(self.model)  # type: ignore[assignment]
@@ -222,9 +228,11 @@ class Engine:
         self._since_improved = 0
         if start is None:
             self._fire("on_fit_start")
+            self._proof_pending = self.pretrained is not None
+            self._prove_loaded(("on_fit_start",), final=False)
             first = 0
-        else:  # weights, optimizer, freezer, strategy, RNG, ...; observers get on_fit_start, the strategy does not
-            first = start.restore(self)
+        else:
+            first = self._resume(start)
 
         for epoch in range(first, cfg.epochs):
             self.epoch = self.freezer.epoch = epoch
@@ -256,7 +264,122 @@ class Engine:
         self._fire("on_fit_end", result=result)
         if self.best_state is not None:
             self.model.load_state_dict(self.best_state)
+            self._warn_restored_before_transition(result)
         return result
+
+    def _warn_restored_before_transition(self, result: FitResult) -> None:
+        """``restore_best`` can hand back weights from before an unfreeze: say so loudly (a warning event,
+        ``result.json``, and a ``verify`` failure under expectations that the group moves)."""
+        from moola_engine.core.plan import compute_plan
+
+        replayed = compute_plan(self.strategy, self.freezer.groups, self.freezer.head_groups, self.epochs,
+                                self.config.lr, name=self.strategy_name, model_groups=self.groups, train=self.config,
+                                history=self.history)
+        seen: dict[tuple[str, int, str], dict[str, Any]] = {}
+        for t in [*self.plan.transitions, *replayed.transitions]:  # scheduled, and as the run's metrics made them
+            if t["group"] in self.freezer.head_groups or not 0 < t["epoch"] < result.epochs_run:
+                continue
+            if t["epoch"] > result.best_epoch:
+                seen.setdefault((t["group"], t["epoch"], t["to_state"]),
+                                {"group": t["group"], "epoch": t["epoch"], "to_state": t["to_state"]})
+        result.restored_before = sorted(seen.values(), key=lambda t: (t["epoch"], t["group"]))
+        if result.restored_before:
+            first = result.restored_before[0]
+            self.log.warning(
+                Event.RESTORE_BEST_BEFORE_TRANSITION, best_epoch=result.best_epoch, transitions=result.restored_before,
+                message=f"restore_best returned the weights of epoch {result.best_epoch}, from before "
+                        f"{len(result.restored_before)} transition(s) of encoder groups (first: {first['group']} "
+                        f"{'unfreezes' if first['to_state'] == 'trainable' else 'freezes'} at epoch {first['epoch']}): "
+                        "the delivered model does not have them trained as scheduled; set train.restore_best = "
+                        "false to keep the last epoch's weights")
+
+    def _resume(self, start: ResumeState) -> int:
+        """Restore a checkpoint; returns the epoch to continue at (``epochs``: none left)."""
+        first = start.restore(self)  # weights and load_state_dict(): optimizer, freezer, scheduler, strategy, RNG
+        self.result.epochs_run = first
+        rng = self.rng_state()
+        # observers start as in any run; the strategy does not: its state was restored
+        self._fire("on_fit_start", skip=[self.strategy])
+        start.restore_plugins(self)  # after their on_fit_start, which resets them
+        self.set_rng_state(rng)  # last: whatever a plugin drew while starting, the batch order goes on unchanged
+        # the interrupted run's last epoch ended with early stopping's bookkeeping, after the save
+        if first > 0 and self._early_stopping(first - 1, self.history[-1]):
+            return self.epochs
+        return first
+
+    # ------------------------------------------------------------------ resumable state
+    def rng_state(self) -> dict[str, Any]:
+        """Every random stream the run draws from: the batch order's generator, torch (CPU, CUDA), numpy, random."""
+        state: dict[str, Any] = {
+            "torch": torch.get_rng_state(),
+            "engine": self._gen.get_state(),
+            "numpy": np.random.get_state(legacy=False),
+            "python": random.getstate(),
+        }
+        if torch.cuda.is_available():
+            state["cuda"] = list(torch.cuda.get_rng_state_all())
+        return state
+
+    def set_rng_state(self, state: Mapping[str, Any]) -> None:
+        torch.set_rng_state(state["torch"])
+        self._gen.set_state(state["engine"])
+        np.random.set_state(state["numpy"])
+        random.setstate(state["python"])
+        if "cuda" in state and torch.cuda.is_available():
+            cuda = state["cuda"]
+            if len(cuda) != torch.cuda.device_count():
+                raise MoolaError(f"the checkpoint holds RNG states of {len(cuda)} GPUs, this machine has "
+                                 f"{torch.cuda.device_count()}: the run cannot continue exactly")
+            torch.cuda.set_rng_state_all(cuda)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything but the model's weights that the run needs to continue bitwise equal from here.
+
+        Keys: ``step``, ``epoch``, ``history``, ``freezer``, ``optimizer``, ``scheduler`` (the lr schedule),
+        ``rng`` (:meth:`rng_state`), ``early_stopping`` (best value, best epoch and metric, epochs since the
+        last improvement, the best weights kept for ``restore_best``) and ``strategy`` (``state``: the
+        strategy's ``state_dict()`` or its JSON-safe attributes; ``unsaved``: attributes that could not be
+        kept).  Values hold live tensors: copy them before the run goes on (the checkpointer encodes them).
+        Taken at an epoch end (the checkpointer's ``on_epoch_end``).
+        """
+        from moola_engine.runs.checkpoint import strategy_state
+
+        strat, unsaved = strategy_state(self.strategy)
+        result = self.result
+        # transitions requested inside on_epoch_end are applied but their hooks (and the clock reset in
+        # _on_transition) come right after it: the saved clock must be the one the next epoch starts with
+        since_improved = 0 if self.freezer.pending else self._since_improved
+        return {
+            "step": self.step,
+            "epoch": self.epoch,
+            "history": [dict(h) for h in self.history],
+            "freezer": self.freezer.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.lr_schedule.state_dict(),
+            "rng": self.rng_state(),
+            "early_stopping": {"best": self.es_best, "best_epoch": result.best_epoch,
+                               "best_metric": result.best_metric, "since_improved": since_improved,
+                               "best_state": self.best_state},
+            "strategy": {"state": strat, "unsaved": unsaved},
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict` (the model's weights are the caller's).  Nothing is logged or fired."""
+        from moola_engine.runs.checkpoint import load_strategy_state
+
+        self.freezer.load_state_dict(state["freezer"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_schedule.load_state_dict(state["scheduler"])
+        load_strategy_state(self.strategy, state["strategy"]["state"])
+        self.step = int(state["step"])
+        self.epoch = self.freezer.epoch = int(state["epoch"])
+        self.history[:] = [dict(h) for h in state["history"]]
+        es = state["early_stopping"]
+        self.es_best, self._since_improved = es["best"], int(es["since_improved"])
+        self.result.best_epoch, self.result.best_metric = es["best_epoch"], es["best_metric"]
+        best = es["best_state"]
+        self.best_state = {k: v.to(self.device) for k, v in best.items()} if best is not None else None
+        self.set_rng_state(state["rng"])
 
     def _early_stopping(self, epoch: int, metrics: Mapping[str, float]) -> bool:
         """Update the early-stopping state with this epoch's metrics; True to stop.
@@ -293,6 +416,35 @@ class Engine:
         # DDP registers only parameters that required grad when built: rebuild before the next step.
         self._wrap_stale = self.dist.active
 
+    def _prove_loaded(self, hooks: Sequence[str], *, final: bool = True) -> None:
+        """Re-take the load proof: every pretrained tensor still bitwise the file's (``weights.reverified``).
+
+        Called after ``on_fit_start`` and right before the first training step (after every setup hook and
+        the DDP broadcast).  A tensor that changed stops the run, naming it and the plugins implementing the
+        hooks that ran since the load (observers excluded).  The file's tensors stay in ``pretrained`` for the
+        distance-from-pretrained figures of the weight-delta check."""
+        if not self._proof_pending or self.pretrained is None:
+            return
+        from moola_engine.checks.loading import changed_since_load
+
+        changed = changed_since_load(self.model, self.pretrained)
+        if not changed and not final:
+            return
+        self._proof_pending = False
+        suspects = sorted({impl.plugin_name for h in hooks for impl in getattr(self.pm.hook, h).get_hookimpls()
+                           if not impl.plugin_name.startswith("check:") and impl.plugin_name != "checkpointer"})
+        fields = {"ok": not changed, "tensors": len(self.pretrained), "changed": changed, "hooks": list(hooks),
+                  "suspects": suspects if changed else []}
+        if not changed:
+            self.log.info(Event.WEIGHTS_REVERIFIED, **fields)
+            return
+        self.log.error(Event.WEIGHTS_REVERIFIED, **fields)
+        where = f"plugin(s) {', '.join(suspects)}" if suspects else "no plugin (the engine's own setup?)"
+        raise CheckFailed(
+            f"{len(changed)} pretrained tensor(s) no longer equal the file before the first training step: "
+            f"{', '.join(changed[:8])}{', ...' if len(changed) > 8 else ''}; changed in {' / '.join(hooks)} by "
+            f"{where}: a setup hook re-initialised them (reset_parameters()/init_weights() after loading?)")
+
     def _rewrap(self) -> None:
         self._step_fn = None  # type: ignore[assignment]  # release the old wrapper first
         self._step_fn = self.dist.wrap(self.model, compile=self.config.compile) or self._model_fn
@@ -322,6 +474,8 @@ class Engine:
         bind(epoch=epoch, step=first_step)
         if self._wrap_stale:
             self._rewrap()
+        if self._proof_pending and not step_hooks:
+            self._prove_loaded(("on_fit_start", "on_epoch_start"))
         with sync_guard(self.device, self.sync_debug):
             for idx in perm.split(cfg.batch_size):
                 scale = 1.0
@@ -335,6 +489,8 @@ class Engine:
                     self._fire("before_step", epoch=epoch, step=self.step, batch=(xb, yb))
                     if self._wrap_stale:
                         self._rewrap()
+                    if self._proof_pending:
+                        self._prove_loaded(("on_fit_start", "on_epoch_start", "before_step"))
                 self.optimizer.zero_grad(set_to_none=True)
                 if bf16:
                     with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16):

@@ -208,6 +208,9 @@ class Freezer:
         self._masked: dict[str, set[str]] = {g: set() for g in self.groups}
         self._mask_label: dict[str, str] = {}
         self.lr_schedule: Any = None  # a moola_engine.core.schedulers.LrSchedule, attached by the engine
+        self.mask_listeners: list[Callable[[str, str], None]] = []
+        """Called as ``fn(group, "before")`` right before a parameter mask of ``group`` changes and
+        ``fn(group, "after")`` right after (the weight checks end an interval there, as at a transition)."""
         if optimizer is not None and len(optimizer.param_groups) != len(self.groups):
             raise ScheduleError(
                 f"optimizer has {len(optimizer.param_groups)} param groups, expected one per model group "
@@ -294,11 +297,13 @@ class Freezer:
         self._check(group)
         names = self.param_names(group)
         hit = [n for n in names if predicate(n)] if names is not None else []
+        self._notify_mask(group, "before")
         self._masked[group].update(hit)
         if label is not None:
             self._mask_label[group] = label
         if group in self._by_name:
             set_trainable([p for n, p in self._by_name[group].params if n in self._masked[group]], False)
+        self._notify_mask(group, "after")
         self.log.info(Event.FREEZE_PARAMS, group=group, frozen=hit, label=label, reason=reason, epoch=self.epoch)
         return hit
 
@@ -306,10 +311,12 @@ class Freezer:
         """Lift ``freeze_params`` from ``group``: its parameters follow the group's state again."""
         self._check(group)
         released = sorted(self._masked[group])
+        self._notify_mask(group, "before")
         self._masked[group].clear()
         self._mask_label.pop(group, None)
         if group in self._by_name and self._trainable[group]:
             set_trainable(self._by_name[group].tensors, True)
+        self._notify_mask(group, "after")
         self.log.info(Event.FREEZE_PARAMS, group=group, frozen=[], released=released, reason=reason, epoch=self.epoch)
 
     def set_lr_scale(self, group: str, lr_scale: float, *, reason: str) -> None:
@@ -321,6 +328,10 @@ class Freezer:
             self.log.info(Event.LR_CHANGED, group=group, lr=self.lr(group), lr_scale=lr_scale, reason=reason)
 
     # ------------------------------------------------------------------ internals
+    def _notify_mask(self, group: str, when: str) -> None:
+        for fn in list(self.mask_listeners):
+            fn(group, when)
+
     def _check(self, group: str) -> str:
         if group not in self._trainable:
             raise ScheduleError(f"unknown group {group!r}; groups are: {', '.join(self.groups)}")

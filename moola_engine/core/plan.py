@@ -16,7 +16,8 @@ parameter names (so ``freeze_params`` masks are planned exactly) and which
 groups hold BatchNorm (so the plan shows each group's BN mode).
 
 What :func:`validate_plan` refuses, each with a message naming the strategy
-key and an override name for ``--allow``:
+key and an override name for ``--allow`` (an override lifts exactly the check
+it names, and nothing else):
 
 * the strategy's own complaints (``validate_schedule``), e.g. a transition at or
   after the last epoch in its own terms (``never-unfreeze``, ``late-transition``, ``no-phase``);
@@ -236,10 +237,18 @@ def _own_problems(strategy: Any, plan: Plan) -> list[tuple[str, str]]:
 
 def schedule_problems(plan: Plan, strategy: Any, strategy_name: str) -> list[tuple[str, str]]:
     """Every reason the plan cannot keep the strategy's promise, as (override name, message)."""
-    n = len(plan.epochs)
     problems = [(o, f"strategy {strategy_name}: {m}") for o, m in _own_problems(strategy, plan)]
-    if problems:
-        return problems  # the strategy said it in its own terms; the generic checks would repeat it
+    generic = _generic_problems(plan, strategy, strategy_name)
+    # The strategy's own words come first; a generic problem it already named (same override) would repeat it.
+    # Every other generic problem stays: an allow lifts exactly the one check it names (--allow late-transition
+    # must not let a group the strategy promises to train go untrained).
+    said = {o for o, _ in problems}
+    return problems + [(o, m) for o, m in generic if o not in said]
+
+
+def _generic_problems(plan: Plan, strategy: Any, strategy_name: str) -> list[tuple[str, str]]:
+    n = len(plan.epochs)
+    problems: list[tuple[str, str]] = []
     for t in plan.transitions:
         if t["epoch"] >= n:
             verb = "start training" if t["to_state"] == "trainable" else "freeze"

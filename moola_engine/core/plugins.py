@@ -246,9 +246,12 @@ def build_plugin_manager(
 # --------------------------------------------------------------------------- strategies.toml
 
 
-def default_strategies_file() -> Path | None:
-    """``./strategies.toml``, else the one beside the project (source checkouts and editable installs)."""
-    for candidate in (Path.cwd() / "strategies.toml", Path(__file__).resolve().parents[2] / "strategies.toml"):
+def default_strategies_file(config_dir: str | Path | None = None) -> Path | None:
+    """``strategies.toml`` beside the experiment file (``config_dir``), else ``./strategies.toml``, else the one
+    beside the project (source checkouts and editable installs)."""
+    candidates = [Path(config_dir) / "strategies.toml"] if config_dir is not None else []
+    candidates += [Path.cwd() / "strategies.toml", Path(__file__).resolve().parents[2] / "strategies.toml"]
+    for candidate in candidates:
         if candidate.is_file():
             return candidate
     return None

@@ -27,6 +27,7 @@ across every transition, and no param group is ever added or removed.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -46,6 +47,7 @@ class LrSchedule:
         self.kind = kind
         self.scheduler = scheduler
         self.metric = metric
+        self._reduced = [1.0] * len(optimizer.param_groups)  # plateau: product of the reductions it made, per group
 
     @property
     def per_step(self) -> bool:
@@ -64,7 +66,32 @@ class LrSchedule:
         if value is None or math.isnan(value):
             raise MoolaError(f"train.scheduler = \"plateau\" needs metric {self.metric!r} (train.scheduler_metric), "
                              f"but this run's metrics are: {', '.join(sorted(k for k in metrics if k != 'epoch'))}")
+        before = [pg["lr"] for pg in self.optimizer.param_groups]
         self.scheduler.step(value)
+        for i, pg in enumerate(self.optimizer.param_groups):
+            if pg["lr"] != before[i] and before[i] > 0:
+                self._reduced[i] *= pg["lr"] / before[i]
+
+    def factors(self) -> list[float]:
+        """Per optimizer param group, the factor this schedule applies now on top of ``train.lr x scale``.
+
+        The schedule declares it from its own state, never from the optimizer's live lr: ``none`` 1.0;
+        ``cosine`` its lambda at the current step; ``onecycle`` its closed-form lr at the current step over
+        the group's ``max_lr``; ``plateau`` the product of the reductions it made.  ``check:lr_mask``
+        compares ``plan lr x factor`` with the live lr, so an lr rewritten behind the engine's back shows.
+        """
+        n = len(self.optimizer.param_groups)
+        s = self.scheduler
+        if s is None:
+            return [1.0] * n
+        if self.kind == "cosine":
+            return [float(s.lr_lambdas[0](s.last_epoch))] * n
+        if self.kind == "onecycle":
+            with warnings.catch_warnings():  # get_lr() outside step() warns; here it is a pure read
+                warnings.simplefilter("ignore")
+                lrs = s.get_lr()
+            return [lr / pg["max_lr"] for lr, pg in zip(lrs, self.optimizer.param_groups, strict=True)]
+        return list(self._reduced)
 
     def rescale(self, index: int, ratio: float) -> None:
         """Multiply param group ``index``'s lr and every scheduler reference lr of it by ``ratio``."""
@@ -82,13 +109,19 @@ class LrSchedule:
                 values[index] = values[index] * ratio
 
     def state_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None}
+        state: dict[str, Any] = {"kind": self.kind,
+                                 "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None}
+        if self.kind == "plateau":
+            state["reduced"] = list(self._reduced)
+        return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if state.get("kind") != self.kind:
             raise MoolaError(f"checkpoint scheduler is {state.get('kind')!r} but train.scheduler = {self.kind!r}")
         if self.scheduler is not None and state.get("scheduler") is not None:
             self.scheduler.load_state_dict(state["scheduler"])
+        if "reduced" in state:
+            self._reduced = [float(x) for x in state["reduced"]]
 
 
 def build_lr_schedule(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int) -> LrSchedule:

@@ -56,6 +56,8 @@ class RunRecord:
     overrides: list[str]
     failed_checks: list[str]
     distances: dict[str, list[tuple[int, float]]]
+    restored_before: list[dict[str, Any]] = attrs.Factory(list)
+    """restore_best delivered weights from before these encoder transitions (``restore_best.before_transition``)."""
 
 
 def _metrics(outputs: np.ndarray, y: np.ndarray) -> dict[str, float]:
@@ -91,6 +93,7 @@ def read_run(grid: Grid, cell: Cell, marker: dict[str, Any]) -> RunRecord:
     overrides: list[str] = []
     failed: list[str] = []
     distances: dict[str, list[tuple[int, float]]] = {}
+    restored_before: list[dict[str, Any]] = []
     for e in events:
         name = e.get("event")
         if name == Event.GROUPS_RESOLVED:
@@ -109,6 +112,8 @@ def read_run(grid: Grid, cell: Cell, marker: dict[str, Any]) -> RunRecord:
             transitions.append({k: e.get(k) for k in ("epoch", "group", "from_state", "to_state", "lr", "reason")})
         elif name == Event.CONFIG_OVERRIDE:
             overrides.append(str(e.get("allow")))
+        elif name == Event.RESTORE_BEST_BEFORE_TRANSITION:
+            restored_before += [dict(t, best_epoch=e.get("best_epoch")) for t in e.get("transitions", [])]
         elif name in (Event.CHECK_FAILED, Event.WEIGHT_DELTA_VIOLATION):
             failed.append(str(e.get("message") or e.get("check") or name))
         elif name == Event.WEIGHT_DELTA_CHECK:
@@ -120,7 +125,7 @@ def read_run(grid: Grid, cell: Cell, marker: dict[str, Any]) -> RunRecord:
         outputs=outputs, y=y, history=_read_history(run_dir / "metrics.csv"), groups=groups,
         encoder_groups=[g for g in groups if g not in head], trainable_by_epoch=trainable_by_epoch,
         plan_trainable=plan_trainable, transitions=transitions, overrides=overrides, failed_checks=failed,
-        distances=distances,
+        distances=distances, restored_before=restored_before,
     )
 
 
@@ -180,6 +185,13 @@ def _arm_flags(label: str, runs: list[RunRecord], control: bool, definition: dic
     if failed:
         flags.append(_flag("checks-failed", label, f"verification checks failed in {len(failed)} of {len(runs)} runs "
                                                    f"(first: {failed[0].failed_checks[0]}; {failed[0].run_dir})"))
+    early = [r for r in runs if r.restored_before]
+    if early:
+        t = early[0].restored_before[0]
+        flags.append(_flag("restored-before-transition", label,
+                           f"restore_best delivered weights from before an encoder transition in {len(early)} of "
+                           f"{len(runs)} runs (first: epoch {t.get('best_epoch')}, before {t.get('group')} at epoch "
+                           f"{t.get('epoch')}; {early[0].run_dir}): those encoders were never fine-tuned"))
     single = [r for r in runs if len(np.unique(r.outputs.argmax(axis=1))) <= 1 and len(np.unique(r.y)) > 1]
     if single:
         flags.append(_flag("single-class", label, f"predicts one class for every sample in {len(single)} of "

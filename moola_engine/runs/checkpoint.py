@@ -13,6 +13,10 @@ end of epoch NNNN (after ``on_epoch_end``, before early stopping looks at it):
                           per-group lr, optimizer param groups, lr scheduler,
                           the strategy's own state, early stopping, file hashes.
 
+Everything but the weights comes from :meth:`Engine.state_dict` and goes back
+through :meth:`Engine.load_state_dict`: this module only encodes, writes, reads
+and decodes it, and touches nothing private of the engine.
+
 It is written into a temporary folder, every file fsync'ed, renamed into
 place, and the parent fsync'ed: a kill at any moment leaves either the
 complete checkpoint or none.  Only the newest ``checkpoint.keep`` survive.
@@ -54,7 +58,7 @@ from safetensors.torch import save_file
 from moola_engine import hookimpl, jsonsafe
 from moola_engine.config import CheckpointConfig, ExperimentConfig, structure
 from moola_engine.core.freezing import apply_module_modes
-from moola_engine.errors import CheckFailed, CheckpointError, ConfigError, WeightsError
+from moola_engine.errors import CheckFailed, CheckpointError, ConfigError, MoolaError, WeightsError
 from moola_engine.logs import Event
 from moola_engine.runs.folders import ensure_writable
 from moola_engine.safeio import fsync_dir, fsync_file, load_safetensors, sha256
@@ -132,7 +136,7 @@ def strategy_state(strategy: Any) -> tuple[Any, list[str]]:
     for k, v in getattr(strategy, "__dict__", {}).items():
         if k in _SKIP_ATTRS:
             continue
-        if _has_state(v):  # a helper object (e.g. a PlateauWatcher) that saves itself
+        if _has_state(v) and not _is_engine(v):  # a helper object (e.g. a PlateauWatcher) that saves itself
             v = {_NESTED: v.state_dict()}
         try:
             encode(v, k, {})
@@ -144,6 +148,13 @@ def strategy_state(strategy: Any) -> tuple[Any, list[str]]:
 
 
 _NESTED = "__state_dict__"
+
+
+def _is_engine(obj: Any) -> bool:
+    """The engine has state_dict() too, but a strategy holding it holds the run, not state of its own."""
+    from moola_engine.core.engine import Engine
+
+    return isinstance(obj, Engine)
 
 
 def _has_state(obj: Any) -> bool:
@@ -180,28 +191,12 @@ def seed_everything(seed: int) -> None:
 
 
 def rng_state(engine: Any) -> dict[str, Any]:
-    state: dict[str, Any] = {
-        "torch": torch.get_rng_state(),
-        "engine": engine._gen.get_state(),
-        "numpy": np.random.get_state(legacy=False),
-        "python": random.getstate(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = list(torch.cuda.get_rng_state_all())
-    return state
+    """The engine's random streams (:meth:`~moola_engine.engine.Engine.rng_state`)."""
+    return engine.rng_state()
 
 
 def set_rng_state(engine: Any, state: Mapping[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    engine._gen.set_state(state["engine"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        cuda = state["cuda"]
-        if len(cuda) != torch.cuda.device_count():
-            raise CheckpointError(f"the checkpoint holds RNG states of {len(cuda)} GPUs, this machine has "
-                                  f"{torch.cuda.device_count()}: the run cannot continue exactly")
-        torch.cuda.set_rng_state_all(cuda)
+    engine.set_rng_state(state)
 
 
 def bn_modes(engine: Any) -> dict[str, str]:
@@ -225,7 +220,8 @@ def _train_fingerprint(engine: Any) -> dict[str, Any]:
 def capture(engine: Any, epoch: int, reasons: list[str]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """The state of ``engine`` at the end of ``epoch``: (state.json content, tensors for state.safetensors)."""
     tensors: dict[str, torch.Tensor] = {}
-    strat, unsaved = strategy_state(engine.strategy)
+    state = engine.state_dict()
+    strat, unsaved = state["strategy"]["state"], state["strategy"]["unsaved"]
     try:
         strat_json = encode(strat, "strategy", tensors)
     except Unencodable as exc:
@@ -237,17 +233,13 @@ def capture(engine: Any, epoch: int, reasons: list[str]) -> tuple[dict[str, Any]
             plugins[name] = encode(plugin.state_dict(), f"plugin/{name}", tensors)
         except Unencodable as exc:
             raise CheckpointError(f'plugin "{name}": state_dict() returned something that cannot be saved ({exc})') from exc
-    scheduler = getattr(engine, "scheduler", None)
-    best = engine.best_state
-    result = engine.result
-    # transitions requested inside on_epoch_end are applied but their hooks (and the engine's clock reset) come
-    # right after it: the saved clock must be the one the next epoch starts with
-    since_improved = 0 if engine.freezer.pending else engine._since_improved
+    es = state["early_stopping"]
+    best = es["best_state"]
     meta = {
         "format": FORMAT,
         "epoch": epoch,
         "next_epoch": epoch + 1,
-        "step": engine.step,
+        "step": state["step"],
         "reasons": reasons,
         "saved_at": dt.datetime.now(dt.UTC).isoformat(),
         "device": engine.device.type,
@@ -256,18 +248,18 @@ def capture(engine: Any, epoch: int, reasons: list[str]) -> tuple[dict[str, Any]
         "plugins": plugins,
         "train": _train_fingerprint(engine),
         "groups": [{"name": g.name, "head": g.head, "params": [n for n, _ in g.params]} for g in engine.groups],
-        "freezer": engine.freezer.state_dict(),
+        "freezer": state["freezer"],
         "trainable_params": {n: bool(p.requires_grad) for g in engine.groups for n, p in g.params},
         "bn_modes": bn_modes(engine),
         "lr": {g: {"lr": pg["lr"], "lr_scale": engine.freezer.lr_scale(g)}
                for g, pg in zip(engine.freezer.groups, engine.optimizer.param_groups, strict=True)},
-        "optimizer": encode(engine.optimizer.state_dict(), "optimizer", tensors),
-        "scheduler": encode(scheduler.state_dict(), "scheduler", tensors) if scheduler is not None else None,
-        "rng": encode(rng_state(engine), "rng", tensors),
-        "early_stopping": {"best": engine.es_best, "best_epoch": result.best_epoch,
-                           "best_metric": result.best_metric, "since_improved": since_improved,
+        "optimizer": encode(state["optimizer"], "optimizer", tensors),
+        "scheduler": encode(state["scheduler"], "scheduler", tensors),
+        "rng": encode(state["rng"], "rng", tensors),
+        "early_stopping": {"best": es["best"], "best_epoch": es["best_epoch"],
+                           "best_metric": es["best_metric"], "since_improved": es["since_improved"],
                            "best_state": encode(best, "best", tensors) if best is not None else None},
-        "history": engine.history,
+        "history": state["history"],
     }
     return meta, tensors
 
@@ -449,7 +441,10 @@ class ResumeState:
 
     # ------------------------------------------------------------------ restore
     def restore(self, engine: Any) -> int:
-        """Restore everything into ``engine``; returns the epoch to continue at (``engine.epochs``: none left)."""
+        """Restore the weights and :meth:`Engine.load_state_dict` into ``engine``; returns the next epoch.
+
+        The engine then starts its observers and calls :meth:`restore_plugins` (see ``Engine.fit``).
+        """
         from moola_engine.core.plan import compute_plan
 
         meta = self.meta
@@ -463,46 +458,47 @@ class ResumeState:
         if missing or unexpected:
             raise CheckpointError(f"{self.path}/model.safetensors does not fit the model: missing "
                                   f"{sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
-        engine.freezer.load_state_dict(meta["freezer"])
+        scheduler = meta["scheduler"]
+        if scheduler is None:  # written before the engine saved its lr schedule (it always held "scheduler": null)
+            if engine.lr_schedule.scheduler is not None:
+                raise CheckpointError(
+                    f"{self.path}: this checkpoint has no lr scheduler state (written by an older moola-engine, "
+                    f'which never saved it), but this run uses train.scheduler = "{engine.lr_schedule.kind}": '
+                    "it cannot continue the schedule exactly; start the run again")
+            scheduler = {"kind": engine.lr_schedule.kind, "scheduler": None}
+        else:
+            scheduler = decode(scheduler, self.tensors)
+        es = meta["early_stopping"]
+        state = {
+            "step": meta["step"], "epoch": self.next_epoch, "history": meta["history"], "freezer": meta["freezer"],
+            "optimizer": decode(meta["optimizer"], self.tensors), "scheduler": scheduler,
+            "rng": decode(meta["rng"], self.tensors),
+            "early_stopping": {**es, "best_state": decode(es["best_state"], self.tensors)
+                               if es["best_state"] is not None else None},
+            "strategy": {"state": decode(meta["strategy"]["state"], self.tensors),
+                         "unsaved": meta["strategy"]["unsaved"]},
+        }
+        try:
+            engine.load_state_dict(state)
+        except MoolaError as exc:
+            raise CheckpointError(f"cannot resume from {self.path}: {exc}") from exc
         wrong = [n for g in engine.groups for n, p in g.params if p.requires_grad != meta["trainable_params"][n]]
         if wrong:
             raise CheckpointError(f"{self.path}: trainable mask differs after restoring the freezer: {wrong[:5]}")
-        engine.optimizer.load_state_dict(decode(meta["optimizer"], self.tensors))
-        scheduler = getattr(engine, "scheduler", None)
-        if (scheduler is None) != (meta["scheduler"] is None):
-            raise CheckpointError(f"{self.path}: the checkpoint {'has' if meta['scheduler'] else 'has no'} lr "
-                                  f"scheduler state but this run {'has' if scheduler is not None else 'has no'} "
-                                  "scheduler")
-        if scheduler is not None:
-            scheduler.load_state_dict(decode(meta["scheduler"], self.tensors))
-        load_strategy_state(engine.strategy, decode(meta["strategy"]["state"], self.tensors))
-        engine.step = int(meta["step"])
-        engine.epoch = engine.freezer.epoch = self.next_epoch
-        engine.history[:] = [dict(h) for h in meta["history"]]
-        es = meta["early_stopping"]
-        engine.es_best, engine._since_improved = es["best"], es["since_improved"]
-        engine.result.best_epoch, engine.result.best_metric = es["best_epoch"], es["best_metric"]
-        engine.result.epochs_run = self.next_epoch
-        if es["best_state"] is not None:
-            engine.best_state = {k: v.to(engine.device) for k, v in decode(es["best_state"], self.tensors).items()}
         engine.last_checkpoint = self.path
         engine.log.info(Event.CHECKPOINT_LOADED, path=str(self.path), epoch=meta["epoch"], at_step=engine.step,
                         next_epoch=self.next_epoch, trainable=engine.freezer.trainable_groups())
+        return self.next_epoch
 
-        # observers start as in any run; the strategy does not: its state was restored above
-        engine._fire("on_fit_start", skip=[engine.strategy])
+    def restore_plugins(self, engine: Any) -> None:
+        """The state of the other plugins that keep one (after their ``on_fit_start``, which resets them)."""
+        meta = self.meta
         plugins = stateful_plugins(engine)
         if sorted(plugins) != sorted(meta["plugins"]):
             raise CheckpointError(f"{self.path}: plugins with state differ: checkpoint has "
                                   f"{sorted(meta['plugins']) or 'none'}, this run has {sorted(plugins) or 'none'}")
         for name, plugin in plugins.items():
             plugin.load_state_dict(decode(meta["plugins"][name], self.tensors))
-        set_rng_state(engine, decode(meta["rng"], self.tensors))  # last: nothing may draw after this
-
-        # the interrupted run's last epoch ended with early stopping's bookkeeping, after the save
-        if self.next_epoch > 0 and engine._early_stopping(meta["epoch"], engine.history[-1]):
-            return engine.epochs
-        return self.next_epoch
 
     def _compatible(self, engine: Any) -> None:
         meta = self.meta

@@ -70,15 +70,19 @@ def resolve_run_dir(path: str | Path) -> Path:
 
 
 def strategies_path(cfg: ExperimentConfig, override: str | None) -> Path:
-    """--strategies FILE, else run.strategies_file (relative to the config), else ./strategies.toml."""
+    """The strategies file, first found of: --strategies FILE; run.strategies_file (relative to the config);
+    strategies.toml beside the config; ./strategies.toml; the project's.  ``strategy.selected`` names it."""
     if override:
         return Path(override)
+    config_dir = Path(cfg.source).parent if cfg.source != "<defaults>" else None
     if cfg.run.strategies_file:
         p = Path(cfg.run.strategies_file)
-        return p if p.is_absolute() else Path(cfg.source).parent / p
-    found = default_strategies_file()
+        return p if p.is_absolute() or config_dir is None else config_dir / p
+    found = default_strategies_file(config_dir)
     if found is None:
-        raise ConfigError("--strategies", "no strategies.toml here or beside the project; pass --strategies FILE")
+        where = f"beside {cfg.source}, " if config_dir is not None else ""
+        raise ConfigError("--strategies", f"no strategies.toml {where}in the working directory or beside the project; "
+                          "pass --strategies FILE")
     return found
 
 
@@ -229,6 +233,7 @@ def train(
         write_json_atomic(run_dir / "result.json", {
             "run_id": run_id, "strategy": named.name, "epochs_run": fit.epochs_run, "best_epoch": fit.best_epoch,
             "stopped_early": fit.stopped_early, "stop_reason": fit.stop_reason, "seconds": fit.seconds,
+            "restored_before_transitions": fit.restored_before,
             "final": fit.history[-1] if fit.history else {}, "test": test_metrics,
         })
         log.info(Event.RUN_FINISHED, epochs_run=fit.epochs_run, stop_reason=fit.stop_reason,
