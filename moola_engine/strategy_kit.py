@@ -128,24 +128,39 @@ def log_plateau(engine: Any, who: str, watcher: PlateauWatcher, action: str) -> 
 
 
 
+@attrs.frozen(kw_only=True)
+class TransitionWords:
+    """How a :class:`OneTransition` strategy names its transition in messages and events."""
+
+    label: str
+    """The strategy's key in messages when it has no name (``"two-phase"``)."""
+    epoch_key: str
+    """The parameter holding the fixed epoch (``"unfreeze_after"``)."""
+    outcome: str
+    """What phase 2 is (``"the encoder"``, ``"full fine-tuning"``)."""
+    never: str
+    """``<outcome> would never <never>`` (``"train"``, ``"start"``)."""
+    note_what: str
+    """Plan note: ``... <note_what> once <metric> ...`` (``"the encoder unfreezes"``)."""
+    plateau_action: str
+    """The ``action`` field of ``strategy.plateau`` events."""
+    epoch_reason: str
+    """The ``reason`` of the ``freeze.transition`` events when the fixed epoch fires."""
+    max_epoch_reason: str = "max_epoch"
+    """The ``reason`` when a plateau-driven transition reaches ``max_epoch``."""
+
+
 class OneTransition:
     """The shape two-phase and lp-ft share: phase 1, then one transition at a fixed epoch or on a plateau.
 
-    ``params`` is a :class:`MetricTrigger`.  A subclass sets the words its messages use and implements
-    :meth:`transition_epoch` (the fixed epoch), :meth:`_begin` (phase 1, at fit start) and
+    ``params`` is a :class:`MetricTrigger`.  A subclass sets :attr:`words` (a :class:`TransitionWords`) and
+    implements :meth:`transition_epoch` (the fixed epoch), :meth:`_begin` (phase 1, at fit start) and
     :meth:`_transition` (phase 2); this class owns when the transition fires, the plateau watcher, the plan
     notes and the schedule validation.
     """
 
     name: str | None = None
-    label = "?"                      # the strategy's key in messages when it has no name
-    epoch_key = "?"                  # the parameter holding the fixed epoch
-    outcome = "the transition"       # what phase 2 is, in messages ("the encoder", "full fine-tuning")
-    never = "happen"                 # "the encoder would never <train>"
-    note_what = "the transition happens"
-    plateau_action = "transition"    # action field of strategy.plateau
-    epoch_reason = "?"               # reason of the freeze.transition events, per trigger
-    max_epoch_reason = "max_epoch"
+    words: TransitionWords
 
     def __init__(self, params: Any) -> None:
         self.params = params
@@ -154,7 +169,7 @@ class OneTransition:
 
     @property
     def who(self) -> str:
-        return self.name or self.label
+        return self.name or self.words.label
 
     def transition_epoch(self) -> int:
         raise NotImplementedError
@@ -173,20 +188,20 @@ class OneTransition:
         self._transition(engine, reason)
         self._done = True
 
-    def validate_schedule(self, epochs: int, groups: list[str]) -> list[tuple[str, str]]:
+    def validate_schedule(self, epochs: int, groups: list[str], head_groups: list[str]) -> list[tuple[str, str]]:
         p = self.params
         if p.unfreeze_on == "plateau":
             if p.max_epoch is not None and p.max_epoch >= epochs:
                 return [("never-unfreeze", f"max_epoch = {p.max_epoch} but training runs {epochs} epochs: "
-                                           f"{self.outcome} might never {self.never}")]
+                                           f"{self.words.outcome} might never {self.words.never}")]
         elif self.transition_epoch() >= epochs:
-            return [("never-unfreeze", f"{self.epoch_key} = {self.transition_epoch()} but training runs {epochs} "
-                                       f"epochs: {self.outcome} would never {self.never}")]
+            return [("never-unfreeze", f"{self.words.epoch_key} = {self.transition_epoch()} but training runs "
+                                       f"{epochs} epochs: {self.words.outcome} would never {self.words.never}")]
         return []
 
     def plan_notes(self) -> list[str]:
         if self.params.unfreeze_on == "plateau":
-            return [self.params.plateau_note(self.who, self.note_what)]
+            return [self.params.plateau_note(self.who, self.words.note_what)]
         return []
 
     @hookimpl
@@ -198,7 +213,7 @@ class OneTransition:
     @hookimpl
     def on_epoch_start(self, engine: Any, epoch: int) -> None:
         if self.params.unfreeze_on == "epoch" and not self._done and epoch == self.transition_epoch():
-            self._fire(engine, self.epoch_reason)
+            self._fire(engine, self.words.epoch_reason)
 
     @hookimpl
     def on_validation_end(self, engine: Any, epoch: int, metrics: Any) -> None:
@@ -206,7 +221,7 @@ class OneTransition:
         if p.unfreeze_on != "plateau" or self._done:
             return
         if not engine.dry_run and self._watch.update(metrics, who=self.who):
-            log_plateau(engine, self.who, self._watch, self.plateau_action)
+            log_plateau(engine, self.who, self._watch, self.words.plateau_action)
             self._fire(engine, self.plateau_reason())
         elif epoch + 1 >= (p.max_epoch or 0):
-            self._fire(engine, self.max_epoch_reason)
+            self._fire(engine, self.words.max_epoch_reason)

@@ -46,9 +46,9 @@ class ChainThaw:
             return list(self.params.groups)
         return list(encoder_groups) if self.params.direction == "bottom_up" else list(reversed(encoder_groups))
 
-    def validate_schedule(self, epochs: int, groups: list[str], head_groups: list[str] | None = None) -> list[tuple[str, str]]:
+    def validate_schedule(self, epochs: int, groups: list[str], head_groups: list[str]) -> list[tuple[str, str]]:
         p = self.params
-        head = set(head_groups if head_groups is not None else groups[-1:])
+        head = set(head_groups)
         encoder = [g for g in groups if g not in head]
         problems: list[tuple[str, str]] = []
         if p.groups is not None:

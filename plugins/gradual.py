@@ -62,14 +62,14 @@ class Gradual:
         top_down = list(reversed(encoder_groups))
         return [(g, self.params.first + k * self.params.step) for k, g in enumerate(top_down)]
 
-    def validate_schedule(self, epochs: int, groups: list[str], head_groups: list[str] | None = None) -> list[tuple[str, str]]:
+    def validate_schedule(self, epochs: int, groups: list[str], head_groups: list[str]) -> list[tuple[str, str]]:
         p = self.params
         if p.unfreeze_on == "plateau":
             if p.max_epoch is not None and p.max_epoch >= epochs:
                 return [("never-unfreeze", f"max_epoch = {p.max_epoch} but training runs {epochs} epochs: "
                                            "encoder groups might never train")]
             return []
-        head = set(head_groups if head_groups is not None else groups[-1:])
+        head = set(head_groups)
         late = [(g, e) for g, e in self._schedule([g for g in groups if g not in head]) if e >= epochs]
         if late:
             g, e = late[0]

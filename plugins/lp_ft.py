@@ -17,7 +17,7 @@ import attrs
 
 from moola_engine import hookimpl
 from moola_engine.config import positive
-from moola_engine.strategy_kit import MetricTrigger, OneTransition, decay_factor, decayed_scale
+from moola_engine.strategy_kit import MetricTrigger, OneTransition, TransitionWords, decay_factor, decayed_scale
 
 
 @attrs.frozen(kw_only=True)
@@ -40,14 +40,9 @@ class LpFtParams(MetricTrigger):
 class LpFt(OneTransition):
     """linear probe, then full fine-tuning of everything at a lower lr"""
 
-    label = "lp-ft"
-    epoch_key = "probe_epochs"
-    outcome = "full fine-tuning"
-    never = "start"
-    note_what = "full fine-tuning starts"
-    plateau_action = "full fine-tuning"
-    epoch_reason = "lp-ft: probe_epochs done"
-    max_epoch_reason = "lp-ft: max_epoch"
+    words = TransitionWords(label="lp-ft", epoch_key="probe_epochs", outcome="full fine-tuning", never="start",
+                            note_what="full fine-tuning starts", plateau_action="full fine-tuning",
+                            epoch_reason="lp-ft: probe_epochs done", max_epoch_reason="lp-ft: max_epoch")
 
     def transition_epoch(self) -> int:
         return self.params.probe

@@ -17,7 +17,7 @@ import attrs
 
 from moola_engine import hookimpl
 from moola_engine.config import non_negative, positive
-from moola_engine.strategy_kit import MetricTrigger, OneTransition, decay_factor, decayed_scale
+from moola_engine.strategy_kit import MetricTrigger, OneTransition, TransitionWords, decay_factor, decayed_scale
 
 
 @attrs.frozen(kw_only=True)
@@ -40,13 +40,9 @@ class TwoPhaseParams(MetricTrigger):
 class TwoPhase(OneTransition):
     """head first, then the encoder at a lower lr"""
 
-    label = "two-phase"
-    epoch_key = "unfreeze_after"
-    outcome = "the encoder"
-    never = "train"
-    note_what = "the encoder unfreezes"
-    plateau_action = "unfreeze encoder"
-    epoch_reason = "unfreeze_after"
+    words = TransitionWords(label="two-phase", epoch_key="unfreeze_after", outcome="the encoder", never="train",
+                            note_what="the encoder unfreezes", plateau_action="unfreeze encoder",
+                            epoch_reason="unfreeze_after")
 
     def transition_epoch(self) -> int:
         return self.params.after

@@ -284,7 +284,7 @@ def test_head_flag_not_position_decides_the_head() -> None:
 class LateAndNeverTrains:
     """Its own check says late-transition; it also never unfreezes encoder.layer0, which it promises to train."""
 
-    def validate_schedule(self, epochs: int, groups: list[str]) -> list[tuple[str, str]]:
+    def validate_schedule(self, epochs: int, groups: list[str], head_groups: list[str]) -> list[tuple[str, str]]:
         return [("late-transition", "the last stage starts too late")]
 
     @hookimpl

@@ -243,3 +243,76 @@ def test_strategies_file_lookup_order(tmp_path: Path, monkeypatch: pytest.Monkey
     assert strategies_path(cfg, None) == cwd / "strategies.toml"
     (cwd / "strategies.toml").unlink()
     assert strategies_path(cfg, None) == ROOT / "strategies.toml"
+
+
+# --------------------------------------------------------------------------- the strategy protocol
+
+
+PROTOCOL_PLUGIN = '''
+from moola_engine import hookimpl
+
+
+class Strategy:
+    """test strategy"""
+
+    def __init__(self, params):
+        self.params = params
+
+{body}
+
+    @hookimpl
+    def on_fit_start(self, engine):
+        pass
+
+
+@hookimpl
+def register_strategies(register):
+    register("proto", Strategy)
+'''
+
+
+@pytest.mark.parametrize(("body", "message"), [
+    ("    def promised_group(self, groups, head_groups):\n        return groups",
+     "method 'promised_group' is not part of the strategy protocol; did you mean \"promised_groups\"?"),
+    ("    def validate_schedul(self, epochs, groups, head_groups):\n        return []",
+     "did you mean \"validate_schedule\"?"),
+    ("    def validate_schedule(self, epochs, groups):\n        return []",
+     "validate_schedule(self, epochs, groups) must take (self, epochs, groups, head_groups)"),
+    ("    def on_epoch_strat(self, engine, epoch):\n        pass",
+     "did you mean \"on_epoch_start\"?"),
+    ("    overrides = 'late-transition'", "overrides must be a list of names"),
+], ids=["misspelled-promise", "misspelled-validate", "misshaped-validate", "undecorated-hook-typo", "overrides"])
+def test_a_strategy_with_a_misspelled_or_misshaped_protocol_method_is_refused_at_registration(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, body: str, message: str) -> None:
+    mod = f"proto_mod_{abs(hash(body))}"  # a module name per case: sys.modules keeps the first import
+    write_dist(tmp_path, "proto-plugin", "proto", mod, {mod: PROTOCOL_PLUGIN.format(body=body)})
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(PluginError) as err:
+        build_plugin_manager()
+    assert str(err.value).startswith('strategy "proto" from proto-plugin 1.0: ')
+    assert message in str(err.value)
+
+
+def test_a_well_formed_strategy_protocol_is_accepted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    body = ("    overrides = ('late-transition',)\n\n"
+            "    def validate_schedule(self, epochs, groups, head_groups):\n        return []\n\n"
+            "    def promised_groups(self, groups, head_groups):\n        return groups\n\n"
+            "    def plan_notes(self):\n        return ['ok']\n\n"
+            "    def helper_for_my_own_use(self):\n        return 1")
+    write_dist(tmp_path, "proto-plugin", "proto", "proto_ok_mod", {"proto_ok_mod": PROTOCOL_PLUGIN.format(body=body)})
+    monkeypatch.syspath_prepend(str(tmp_path))
+    _, registry = build_plugin_manager()
+    assert registry["proto"].source == "proto-plugin 1.0"
+
+
+def test_a_factory_function_is_checked_when_the_strategy_is_built() -> None:
+    from moola_engine.core.plugins import NamedStrategy, NoParams, StrategyInfo
+
+    class Bad:
+        def plan_note(self) -> list[str]:
+            return []
+
+    info = StrategyInfo(plugin="fn", factory=lambda params: Bad(), params=NoParams, description="", source="test")
+    named = NamedStrategy(name="fn", plugin="fn", params=NoParams(), description="", info=info, source="x")
+    with pytest.raises(PluginError, match='strategy "fn" from test: .*did you mean "plan_notes"'):
+        named.build()

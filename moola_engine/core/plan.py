@@ -33,7 +33,6 @@ transition, and the plan says so in its notes.
 from __future__ import annotations
 
 import copy
-import inspect
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -229,10 +228,7 @@ def _own_problems(strategy: Any, plan: Plan) -> list[tuple[str, str]]:
     own = getattr(strategy, "validate_schedule", None)
     if own is None:
         return []
-    params = inspect.signature(own).parameters
-    if "head_groups" in params:
-        return list(own(len(plan.epochs), plan.groups, head_groups=plan.head_groups))
-    return list(own(len(plan.epochs), plan.groups))
+    return list(own(len(plan.epochs), list(plan.groups), list(plan.head_groups)))
 
 
 def schedule_problems(plan: Plan, strategy: Any, strategy_name: str) -> list[tuple[str, str]]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import importlib.metadata as md
+import inspect
 import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -27,6 +28,7 @@ import pluggy
 
 from moola_engine.config import ConfigError, closest, read_toml, structure
 from moola_engine.core import hookspecs
+from moola_engine.core.protocol import check_strategy
 from moola_engine.errors import PluginError
 
 ENTRY_POINT_GROUP = "moola_engine"
@@ -63,6 +65,7 @@ class NamedStrategy:
     def build(self) -> Any:
         """A fresh strategy object (hook implementations) for one run."""
         obj = self.info.factory(self.params)
+        check_strategy(obj, self.plugin, self.info.source)
         if getattr(obj, "name", None) is None:
             with contextlib.suppress(AttributeError):
                 obj.name = self.name
@@ -209,6 +212,8 @@ def collect_strategies(pm: pluggy.PluginManager, sources: dict[str, str] | None 
             if description is None:
                 lines = (factory.__doc__ or "").strip().splitlines()
                 description = lines[0] if lines else ""
+            if inspect.isclass(factory):  # a factory function's object is checked when built
+                check_strategy(factory, name, _source)
             registry.add(
                 StrategyInfo(
                     plugin=name,
