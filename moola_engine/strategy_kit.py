@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 import attrs
 
+from moola_engine import EngineView
 from moola_engine.config import FieldValueError, non_negative, positive
 from moola_engine.core.hookspecs import hookimpl
 from moola_engine.errors import ScheduleError
@@ -122,7 +123,7 @@ class PlateauWatcher:
         return self.bad_epochs >= self.patience
 
 
-def log_plateau(engine: Any, who: str, watcher: PlateauWatcher, action: str) -> None:
+def log_plateau(engine: EngineView, who: str, watcher: PlateauWatcher, action: str) -> None:
     engine.log.info(Event.STRATEGY_PLATEAU, metric=watcher.metric, best=watcher.best, patience=watcher.patience,
                     action=action, strategy_key=who)
 
@@ -174,17 +175,17 @@ class OneTransition:
     def transition_epoch(self) -> int:
         raise NotImplementedError
 
-    def _begin(self, engine: Any) -> None:
+    def _begin(self, engine: EngineView) -> None:
         raise NotImplementedError
 
-    def _transition(self, engine: Any, reason: str) -> None:
+    def _transition(self, engine: EngineView, reason: str) -> None:
         raise NotImplementedError
 
     def plateau_reason(self) -> str:
         p = self.params
         return f"plateau: {p.metric} did not improve for {p.plateau_patience} epochs"
 
-    def _fire(self, engine: Any, reason: str) -> None:
+    def _fire(self, engine: EngineView, reason: str) -> None:
         self._transition(engine, reason)
         self._done = True
 
@@ -205,18 +206,18 @@ class OneTransition:
         return []
 
     @hookimpl
-    def on_fit_start(self, engine: Any) -> None:
+    def on_fit_start(self, engine: EngineView) -> None:
         self._done = False
         self._watch = self.params.watcher()
         self._begin(engine)
 
     @hookimpl
-    def on_epoch_start(self, engine: Any, epoch: int) -> None:
+    def on_epoch_start(self, engine: EngineView, epoch: int) -> None:
         if self.params.unfreeze_on == "epoch" and not self._done and epoch == self.transition_epoch():
             self._fire(engine, self.words.epoch_reason)
 
     @hookimpl
-    def on_validation_end(self, engine: Any, epoch: int, metrics: Any) -> None:
+    def on_validation_end(self, engine: EngineView, epoch: int, metrics: Any) -> None:
         p = self.params
         if p.unfreeze_on != "plateau" or self._done:
             return

@@ -13,7 +13,7 @@ from typing import Any
 
 import attrs
 
-from moola_engine import hookimpl
+from moola_engine import EngineView, hookimpl
 from moola_engine.config import positive
 
 
@@ -39,7 +39,7 @@ class BitFit:
         return list(names) if group in head_groups else [n for n in names if is_bias(n)]
 
     @hookimpl
-    def on_fit_start(self, engine: Any) -> None:
+    def on_fit_start(self, engine: EngineView) -> None:
         fz = engine.freezer
         for g in fz.encoder_groups:
             fz.freeze_params(g, lambda n: not is_bias(n), reason="bitfit: biases only", label="biases")

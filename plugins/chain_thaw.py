@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import attrs
 
-from moola_engine import hookimpl
+from moola_engine import EngineView, hookimpl
 from moola_engine.config import positive
 from moola_engine.errors import ScheduleError
 
@@ -65,7 +65,7 @@ class ChainThaw:
         return problems
 
     @hookimpl
-    def on_fit_start(self, engine: Any) -> None:
+    def on_fit_start(self, engine: EngineView) -> None:
         fz = engine.freezer
         encoder = fz.encoder_groups
         order = self._order(encoder)
@@ -83,7 +83,7 @@ class ChainThaw:
             fz.unfreeze(g, reason="chain-thaw: head stage")
 
     @hookimpl
-    def on_epoch_start(self, engine: Any, epoch: int) -> None:
+    def on_epoch_start(self, engine: EngineView, epoch: int) -> None:
         n = self.params.stage_epochs
         if epoch == 0 or epoch % n:
             return

@@ -13,7 +13,7 @@ from typing import Any
 
 import attrs
 
-from moola_engine import hookimpl
+from moola_engine import EngineView, hookimpl
 from moola_engine.strategy_kit import decay_factor, decayed_scale
 
 
@@ -32,7 +32,7 @@ class Discriminative:
         self.params = params
 
     @hookimpl
-    def on_fit_start(self, engine: Any) -> None:
+    def on_fit_start(self, engine: EngineView) -> None:
         fz = engine.freezer
         for g in fz.groups:
             fz.unfreeze(g, lr_scale=decayed_scale(fz, g, self.params.decay), reason="discriminative")

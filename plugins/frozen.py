@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from moola_engine import hookimpl
+from moola_engine import EngineView, hookimpl
 
 
 class Frozen:
@@ -23,7 +23,7 @@ class Frozen:
         return list(head_groups)
 
     @hookimpl
-    def on_fit_start(self, engine: Any) -> None:
+    def on_fit_start(self, engine: EngineView) -> None:
         for g in engine.freezer.encoder_groups:
             engine.freezer.freeze(g, reason="frozen")
 

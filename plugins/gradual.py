@@ -19,7 +19,7 @@ from typing import Any
 
 import attrs
 
-from moola_engine import hookimpl
+from moola_engine import EngineView, hookimpl
 from moola_engine.config import non_negative, positive
 from moola_engine.strategy_kit import MetricTrigger, decay_factor, decayed_scale, log_plateau
 
@@ -83,12 +83,12 @@ class Gradual:
             return [self.params.plateau_note(self.name or "gradual", "the next encoder group unfreezes")]
         return []
 
-    def _unfreeze(self, engine: Any, group: str, reason: str) -> None:
+    def _unfreeze(self, engine: EngineView, group: str, reason: str) -> None:
         fz = engine.freezer
         fz.unfreeze(group, lr_scale=decayed_scale(fz, group, self.params.lr_decay, self.params.lr_scale), reason=reason)
 
     @hookimpl
-    def on_fit_start(self, engine: Any) -> None:
+    def on_fit_start(self, engine: EngineView) -> None:
         fz = engine.freezer
         self._queue = list(reversed(fz.encoder_groups))
         self._watch = self.params.watcher()
@@ -98,7 +98,7 @@ class Gradual:
             self.on_epoch_start(engine, 0)  # start = 0: the top group trains from the first step
 
     @hookimpl
-    def on_epoch_start(self, engine: Any, epoch: int) -> None:
+    def on_epoch_start(self, engine: EngineView, epoch: int) -> None:
         if self.params.unfreeze_on != "epoch":
             return
         for g, e in self._schedule(engine.freezer.encoder_groups):
@@ -107,7 +107,7 @@ class Gradual:
                 self._unfreeze(engine, g, f"gradual: epoch {e}")
 
     @hookimpl
-    def on_validation_end(self, engine: Any, epoch: int, metrics: Any) -> None:
+    def on_validation_end(self, engine: EngineView, epoch: int, metrics: Any) -> None:
         p = self.params
         if p.unfreeze_on != "plateau" or not self._queue:
             return

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from moola_engine import hookimpl
+from moola_engine import EngineView, hookimpl
 
 
 class Immediate:
@@ -16,7 +16,7 @@ class Immediate:
         self.params = params
 
     @hookimpl
-    def on_fit_start(self, engine: Any) -> None:
+    def on_fit_start(self, engine: EngineView) -> None:
         for g in engine.freezer.groups:
             engine.freezer.unfreeze(g, reason="immediate")
 

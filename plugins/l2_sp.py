@@ -28,7 +28,7 @@ from typing import Any
 import attrs
 import torch
 
-from moola_engine import hookimpl
+from moola_engine import EngineView, hookimpl
 from moola_engine.config import non_negative, positive
 
 
@@ -64,7 +64,7 @@ class L2SP:
                 + (f", and beta/2 * ||w||^2 (beta = {p.beta}) to the head" if p.beta else "")]
 
     @hookimpl
-    def on_fit_start(self, engine: Any) -> None:
+    def on_fit_start(self, engine: EngineView) -> None:
         fz = engine.freezer
         for g in fz.groups:
             fz.unfreeze(g, reason="l2-sp")
@@ -77,13 +77,13 @@ class L2SP:
         self._install(engine)
 
     @hookimpl
-    def on_epoch_start(self, engine: Any) -> None:
+    def on_epoch_start(self, engine: EngineView) -> None:
         # A resumed run restores ``reference`` through load_state_dict and does not re-fire on_fit_start:
         # the hooks are installed here, before the first step, so the penalty never silently disappears.
         if not engine.dry_run and not self._handles:
             self._install(engine)
 
-    def _install(self, engine: Any) -> None:
+    def _install(self, engine: EngineView) -> None:
         heads = set(engine.freezer.head_groups)
         for group in engine.groups:
             for pname, param in group.params:
@@ -103,7 +103,7 @@ class L2SP:
         self.reference = dict(state["reference"])
 
     @hookimpl
-    def on_fit_end(self, engine: Any, result: Any) -> None:
+    def on_fit_end(self, engine: EngineView, result: Any) -> None:
         self._remove()
 
     def _remove(self) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 
 import attrs
 
-from moola_engine import hookimpl
+from moola_engine import EngineView, hookimpl
 from moola_engine.config import positive
 from moola_engine.strategy_kit import MetricTrigger, OneTransition, TransitionWords, decay_factor, decayed_scale
 
@@ -51,11 +51,11 @@ class LpFt(OneTransition):
         p = self.params
         return f"lp-ft: probe plateaued ({p.metric}, patience {p.plateau_patience})"
 
-    def _begin(self, engine: Any) -> None:
+    def _begin(self, engine: EngineView) -> None:
         for g in engine.freezer.encoder_groups:
             engine.freezer.freeze(g, reason="lp-ft: linear probe")
 
-    def _transition(self, engine: Any, reason: str) -> None:
+    def _transition(self, engine: EngineView, reason: str) -> None:
         fz = engine.freezer
         p = self.params
         for g in fz.head_groups:

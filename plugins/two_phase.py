@@ -15,7 +15,7 @@ from typing import Any
 
 import attrs
 
-from moola_engine import hookimpl
+from moola_engine import EngineView, hookimpl
 from moola_engine.config import non_negative, positive
 from moola_engine.strategy_kit import MetricTrigger, OneTransition, TransitionWords, decay_factor, decayed_scale
 
@@ -47,14 +47,14 @@ class TwoPhase(OneTransition):
     def transition_epoch(self) -> int:
         return self.params.after
 
-    def _begin(self, engine: Any) -> None:
+    def _begin(self, engine: EngineView) -> None:
         if self.params.unfreeze_on == "epoch" and self.params.after == 0:
             self._fire(engine, "unfreeze_after=0")
             return
         for g in engine.freezer.encoder_groups:
             engine.freezer.freeze(g, reason="phase 1: head only")
 
-    def _transition(self, engine: Any, reason: str) -> None:
+    def _transition(self, engine: EngineView, reason: str) -> None:
         fz = engine.freezer
         for g in fz.encoder_groups:
             fz.unfreeze(g, lr_scale=decayed_scale(fz, g, self.params.lr_decay, self.params.lr_scale), reason=reason)

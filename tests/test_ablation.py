@@ -20,7 +20,7 @@ from moola_engine.errors import ConfigError, MoolaError
 from moola_engine.experiments.ablation import Arm, Cell, Grid, _write_marker, build_grid, prepare, run_grid, run_order
 from moola_engine.experiments.report import console_summary, write_report
 from moola_engine.experiments.summary import collect, summarize
-from moola_engine.progress import Bar
+from moola_engine.runs.progress import Bar
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -287,3 +287,35 @@ def test_restore_best_after_the_unfreeze_says_nothing() -> None:
     result = engine.fit()
     assert result.best_epoch >= 1 and result.restored_before == []
     assert not [e for e in runlog.events if e["event"] == "restore_best.before_transition"]
+
+
+def test_the_engine_and_the_planner_both_provide_the_engine_view() -> None:
+    """Hooks get one typed contract: the training engine and the dry-run planner both satisfy EngineView,
+    and a strategy sees the real groups in a plan as in training."""
+    from moola_engine import EngineView
+    from moola_engine.core.plan import compute_plan
+
+    seen: list[tuple[bool, list[str]]] = []
+
+    class Looks:
+        @hookimpl
+        def on_fit_start(self, engine: EngineView) -> None:
+            assert isinstance(engine, EngineView)
+            seen.append((engine.dry_run, [g.name for g in engine.groups]))
+
+    eng = make_engine(Looks(), epochs=1)
+    eng.fit()
+    compute_plan(Looks(), [g.name for g in eng.groups], ["head"], 1, 1e-3, model_groups=eng.groups)
+    names = [g.name for g in eng.groups]
+    # fit() dry-runs its own plan first (no pre-flight here), then trains; compute_plan dry-runs once more
+    assert seen == [(True, names), (False, names), (True, names)]
+
+
+def test_engine_view_refuses_an_object_missing_its_members() -> None:
+    from moola_engine import EngineView
+
+    class Half:
+        dry_run = False
+        freezer = None
+
+    assert not isinstance(Half(), EngineView)

@@ -1,4 +1,4 @@
-"""Progress (moola_engine.progress): plain lines without a terminal, a rich bar on one."""
+"""Progress (moola_engine.runs.progress): plain lines without a terminal, a rich bar on one."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from test_verify import project
 
 from moola_engine.cli import main
-from moola_engine.progress import Bar
+from moola_engine.runs.progress import Bar
 from moola_ohlc.plugin import _Progress
 
 LINE = re.compile(r"^train (\d)/3 epochs  phase (.+)  loss \d\.\d{4} \(val \d\.\d{4}\)  elapsed \d+s(  eta \d+s)?$")

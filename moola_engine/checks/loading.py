@@ -45,6 +45,7 @@ from torch import nn
 
 from moola_engine.config import PretrainedConfig
 from moola_engine.core.freezing import ParamGroup
+from moola_engine.core.state import changed_since_load, equals_loaded  # noqa: F401  (re-exported: the proof)
 from moola_engine.errors import WeightsError
 from moola_engine.logs import Event, get_logger
 
@@ -293,21 +294,6 @@ def fresh_stats(tensor: torch.Tensor, ref: torch.Tensor | None) -> tuple[float, 
 
 
 # --------------------------------------------------------------------------- loading
-
-
-def equals_loaded(now: torch.Tensor, src: torch.Tensor) -> bool:
-    """The load proof for one tensor: the model's tensor is bitwise the file's (cast to the model's dtype)."""
-    return bool(torch.equal(now.detach().cpu(), src.to(dtype=now.dtype)))
-
-
-def changed_since_load(model: nn.Module, loaded: Mapping[str, torch.Tensor]) -> list[str]:
-    """Keys of ``loaded`` (what :func:`load_pretrained` returned) whose tensor in ``model`` no longer equals it.
-
-    The engine re-takes the load proof with this right before the first training step, after every setup
-    hook and the DDP broadcast: a hook that re-initialises a loaded tensor is caught before it trains.
-    """
-    state = model.state_dict()
-    return [k for k, v in loaded.items() if k not in state or not equals_loaded(state[k], v)]
 
 
 def load_pretrained(

@@ -19,8 +19,8 @@ import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
-from moola_engine import __version__
 from moola_engine.errors import ExitCode, MoolaError
+from moola_engine.version import __version__
 
 # Each module defines add_parser(subparsers) and run(args) -> int.
 COMMANDS = ["strategies", "components", "plan", "train", "verify", "runs", "pretrain", "baseline", "ablate", "demo"]

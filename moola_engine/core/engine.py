@@ -9,7 +9,6 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import attrs
 import numpy as np
 import pluggy
 import torch
@@ -17,6 +16,7 @@ from torch import nn
 
 from moola_engine.config import ChecksConfig, GroupSpec, TrainConfig
 from moola_engine.core import distributed
+from moola_engine.core.context import FitResult, Resumable
 from moola_engine.core.data import TensorData
 from moola_engine.core.freezing import Freezer, ParamGroup, apply_module_modes, resolve_groups
 from moola_engine.core.hostsync import sync_guard
@@ -27,7 +27,6 @@ from moola_engine.logs import Event, bind, get_logger
 
 if TYPE_CHECKING:
     from moola_engine.core.plan import Plan
-    from moola_engine.runs.checkpoint import ResumeState
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 EvalFn = Callable[[torch.Tensor, torch.Tensor], dict[str, float]]
@@ -51,20 +50,6 @@ def build_optimizer(groups: Sequence[ParamGroup], cfg: TrainConfig) -> torch.opt
     if cfg.optimizer == "adam":
         return torch.optim.Adam(param_groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     return torch.optim.AdamW(param_groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
-
-
-@attrs.define
-class FitResult:
-    epochs_run: int = 0
-    best_epoch: int = -1
-    best_metric: float = math.nan
-    stopped_early: bool = False
-    stop_reason: str = "epochs"
-    history: list[dict[str, float]] = attrs.Factory(list)
-    seconds: float = 0.0
-    restored_before: list[dict[str, Any]] = attrs.Factory(list)
-    """``restore_best`` returned weights from before these transitions of non-head groups
-    (``{"group", "epoch", "to_state"}``): the delivered model never had them trained as scheduled."""
 
 
 class Engine:
@@ -199,7 +184,7 @@ class Engine:
         return "?"
 
     # ------------------------------------------------------------------ the loop
-    def fit(self, start: ResumeState | None = None) -> FitResult:
+    def fit(self, start: Resumable | None = None) -> FitResult:
         """Train from epoch 0, or continue an interrupted run from a checkpoint (``start``)."""
         from moola_engine.core.plan import compute_plan, validate_plan
 
@@ -293,7 +278,7 @@ class Engine:
                         "the delivered model does not have them trained as scheduled; set train.restore_best = "
                         "false to keep the last epoch's weights")
 
-    def _resume(self, start: ResumeState) -> int:
+    def _resume(self, start: Resumable) -> int:
         """Restore a checkpoint; returns the epoch to continue at (``epochs``: none left)."""
         first = start.restore(self)  # weights and load_state_dict(): optimizer, freezer, scheduler, strategy, RNG
         self.result.epochs_run = first
@@ -342,7 +327,7 @@ class Engine:
         kept).  Values hold live tensors: copy them before the run goes on (the checkpointer encodes them).
         Taken at an epoch end (the checkpointer's ``on_epoch_end``).
         """
-        from moola_engine.runs.checkpoint import strategy_state
+        from moola_engine.core.state import strategy_state
 
         strat, unsaved = strategy_state(self.strategy)
         result = self.result
@@ -365,7 +350,7 @@ class Engine:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict` (the model's weights are the caller's).  Nothing is logged or fired."""
-        from moola_engine.runs.checkpoint import load_strategy_state
+        from moola_engine.core.state import load_strategy_state
 
         self.freezer.load_state_dict(state["freezer"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -425,7 +410,7 @@ class Engine:
         distance-from-pretrained figures of the weight-delta check."""
         if not self._proof_pending or self.pretrained is None:
             return
-        from moola_engine.checks.loading import changed_since_load
+        from moola_engine.core.state import changed_since_load
 
         changed = changed_since_load(self.model, self.pretrained)
         if not changed and not final:

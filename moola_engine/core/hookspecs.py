@@ -44,7 +44,7 @@ import pluggy
 if TYPE_CHECKING:
     import torch
 
-    from moola_engine.core.engine import Engine, FitResult
+    from moola_engine.core.context import EngineView, FitResult
 
 PROJECT = "moola_engine"
 
@@ -145,7 +145,7 @@ def register_sinks(register: Callable[..., None]) -> None:
 
 
 @hookspec
-def on_fit_start(engine: Engine) -> None:
+def on_fit_start(engine: EngineView) -> None:
     """Fires once, before the first epoch, after the model, groups and optimizer exist.
 
     Strategies set the initial freeze state here through ``engine.freezer``.
@@ -154,7 +154,7 @@ def on_fit_start(engine: Engine) -> None:
 
 
 @hookspec
-def on_fit_end(engine: Engine, result: FitResult) -> None:
+def on_fit_end(engine: EngineView, result: FitResult) -> None:
     """Fires once after the last epoch (or early stop), before best weights are restored.
 
     ``result`` holds the history and why training stopped.  The return value is ignored.
@@ -165,7 +165,7 @@ def on_fit_end(engine: Engine, result: FitResult) -> None:
 
 
 @hookspec
-def on_epoch_start(engine: Engine, epoch: int) -> None:
+def on_epoch_start(engine: EngineView, epoch: int) -> None:
     """Fires at the start of every epoch (``epoch`` counts from 0), before its first step.
 
     Epoch-count schedules request transitions here; they take effect for this
@@ -174,7 +174,7 @@ def on_epoch_start(engine: Engine, epoch: int) -> None:
 
 
 @hookspec
-def on_epoch_end(engine: Engine, epoch: int, metrics: Mapping[str, float]) -> None:
+def on_epoch_end(engine: EngineView, epoch: int, metrics: Mapping[str, float]) -> None:
     """Fires at the end of every epoch, after validation and ``on_validation_end``.
 
     ``metrics`` holds host floats (``train_loss``, ``val_loss``, ``val_accuracy``, ...).
@@ -183,7 +183,7 @@ def on_epoch_end(engine: Engine, epoch: int, metrics: Mapping[str, float]) -> No
 
 
 @hookspec
-def on_validation_end(engine: Engine, epoch: int, metrics: Mapping[str, float]) -> None:
+def on_validation_end(engine: EngineView, epoch: int, metrics: Mapping[str, float]) -> None:
     """Fires after each epoch's validation pass with its metrics (host floats).
 
     Metric-driven schedules (unfreeze on plateau) decide here; a transition
@@ -196,7 +196,7 @@ def on_validation_end(engine: Engine, epoch: int, metrics: Mapping[str, float]) 
 
 
 @hookspec
-def before_step(engine: Engine, epoch: int, step: int, batch: tuple[torch.Tensor, ...]) -> None:
+def before_step(engine: EngineView, epoch: int, step: int, batch: tuple[torch.Tensor, ...]) -> None:
     """Fires before the forward pass of every training step.
 
     ``step`` counts optimizer steps since the fit started.  Must not force a
@@ -206,7 +206,7 @@ def before_step(engine: Engine, epoch: int, step: int, batch: tuple[torch.Tensor
 
 
 @hookspec
-def after_step(engine: Engine, epoch: int, step: int, loss: torch.Tensor) -> None:
+def after_step(engine: EngineView, epoch: int, step: int, loss: torch.Tensor) -> None:
     """Fires after ``optimizer.step()`` of every training step.
 
     ``loss`` is the detached loss as a device tensor: reading it with ``.item()``
@@ -219,7 +219,7 @@ def after_step(engine: Engine, epoch: int, step: int, loss: torch.Tensor) -> Non
 
 
 @hookspec
-def on_freeze(engine: Engine, group: str, epoch: int, reason: str) -> None:
+def on_freeze(engine: EngineView, group: str, epoch: int, reason: str) -> None:
     """Fires after the freezer froze ``group``: ``requires_grad`` is False and grads are None.
 
     ``epoch`` is the epoch from whose next step the group is frozen (a freeze at
@@ -230,7 +230,7 @@ def on_freeze(engine: Engine, group: str, epoch: int, reason: str) -> None:
 
 
 @hookspec
-def on_unfreeze(engine: Engine, group: str, epoch: int, lr: float, reason: str) -> None:
+def on_unfreeze(engine: EngineView, group: str, epoch: int, lr: float, reason: str) -> None:
     """Fires after the freezer made ``group`` trainable with learning rate ``lr``.
 
     ``epoch`` is the epoch from whose next step the group trains.

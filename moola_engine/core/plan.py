@@ -34,10 +34,14 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import attrs
+import torch
+from torch import nn
 
+from moola_engine.config import TrainConfig
 from moola_engine.core.freezing import _BN_TYPES, Freezer, ParamGroup
 from moola_engine.core.hookspecs import hookimpl  # noqa: F401 - re-exported for strategy authors reading this module
 from moola_engine.core.plugins import new_plugin_manager
@@ -101,19 +105,27 @@ class Plan:
 
 
 class PlanEngine:
-    """What a strategy sees during a dry run: the engine's attributes that need no model."""
+    """The dry-run side of :class:`~moola_engine.core.context.EngineView`: what a strategy sees in a plan.
+
+    The same attributes as in training (the real groups when the model is known), ``dry_run = True``,
+    no steps and no metrics."""
 
     dry_run = True
 
-    def __init__(self, freezer: Freezer, epochs: int, base_lr: float) -> None:
+    def __init__(self, freezer: Freezer, epochs: int, base_lr: float, *, groups: Sequence[ParamGroup] = (),
+                 config: TrainConfig | None = None) -> None:
         self.freezer = freezer
         self.epochs = epochs
         self.base_lr = base_lr
         self.epoch = 0
+        self.step = 0
         self.history: list[dict[str, float]] = []
         self.log = freezer.log
-        self.groups: list[ParamGroup] = []
-        self.model = None
+        self.groups: list[ParamGroup] = list(groups)
+        self.model: nn.Module | None = None
+        self.config = config if config is not None else TrainConfig(epochs=max(epochs, 1), lr=base_lr)
+        self.device = torch.device("cpu")
+        self.run_dir: Path | None = None
 
 
 def _has_bn(group: ParamGroup) -> bool:
@@ -140,7 +152,8 @@ def compute_plan(
     train_bn = bool(getattr(train, "train_bn", False))
     freezer = Freezer(list(groups), base_lr=base_lr, head_groups=list(head_groups), logger=get_logger(),
                       param_names=param_names)
-    engine = PlanEngine(freezer, epochs, base_lr)
+    engine = PlanEngine(freezer, epochs, base_lr, groups=model_groups or (),
+                         config=train if isinstance(train, TrainConfig) else None)
     pm = new_plugin_manager()
     pm.register(strat, name="strategy")
     pm.check_pending()

@@ -42,8 +42,8 @@ import attrs
 from moola_engine import jsonsafe
 from moola_engine.config import ExperimentConfig, load_config, unstructure
 from moola_engine.errors import ConfigError, MoolaError
-from moola_engine.progress import Bar
 from moola_engine.runs.folders import safe_name, write_json_atomic
+from moola_engine.runs.progress import Bar
 from moola_engine.safeio import sha256
 
 CONTROL = "control"
@@ -457,7 +457,7 @@ def run_cell(task: Task) -> dict[str, Any]:
 # --------------------------------------------------------------------------- progress
 
 
-# One overall bar over the grid's runs: moola_engine.progress.Bar (rich on a terminal, plain lines otherwise).
+# One overall bar over the grid's runs: moola_engine.runs.progress.Bar (rich on a terminal, plain lines otherwise).
 
 
 def describe(cell: Cell) -> str:

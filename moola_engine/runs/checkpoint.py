@@ -55,9 +55,12 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from moola_engine import hookimpl, jsonsafe
+from moola_engine import jsonsafe
+from moola_engine.core.hookspecs import hookimpl
 from moola_engine.config import CheckpointConfig, ExperimentConfig, structure
 from moola_engine.core.freezing import apply_module_modes
+from moola_engine.core.preflight import seed_everything
+from moola_engine.core.state import Unencodable, decode, encode, load_strategy_state, strategy_state
 from moola_engine.errors import CheckFailed, CheckpointError, ConfigError, MoolaError, WeightsError
 from moola_engine.logs import Event
 from moola_engine.runs.folders import ensure_writable
@@ -66,110 +69,12 @@ from moola_engine.safeio import fsync_dir, fsync_file, load_safetensors, sha256
 FORMAT = 1
 DIRNAME = "checkpoints"
 _NAME = re.compile(r"^epoch-(\d{4,})$")
-_SKIP_ATTRS = {"params", "name"}
 
 
 # --------------------------------------------------------------------------- codec: nested state <-> JSON + tensors
 
 
-class Unencodable(TypeError):
-    def __init__(self, where: str, obj: Any) -> None:
-        super().__init__(f"{where}: {type(obj).__name__} cannot be saved in a checkpoint")
-        self.where = where
-
-
-def encode(obj: Any, key: str, tensors: dict[str, torch.Tensor]) -> Any:
-    """JSON-safe form of ``obj``; tensors go to ``tensors[key/...]`` and leave a reference behind."""
-    if isinstance(obj, torch.Tensor):
-        tensors[key] = obj.detach().cpu().contiguous().clone()
-        return {"__tensor__": key}
-    if obj is None or isinstance(obj, (bool, int, float, str)):
-        return obj
-    if isinstance(obj, np.ndarray):
-        if obj.dtype == object:
-            raise Unencodable(key, obj)
-        return {"__ndarray__": obj.tolist(), "dtype": str(obj.dtype)}
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, tuple):
-        return {"__tuple__": [encode(v, f"{key}/{i}", tensors) for i, v in enumerate(obj)]}
-    if isinstance(obj, list):
-        return [encode(v, f"{key}/{i}", tensors) for i, v in enumerate(obj)]
-    if isinstance(obj, Mapping):
-        if all(isinstance(k, str) and not k.startswith("__") for k in obj):
-            return {k: encode(v, f"{key}/{k}", tensors) for k, v in obj.items()}
-        return {"__items__": [[encode(k, f"{key}/k{i}", tensors), encode(v, f"{key}/{i}", tensors)]
-                              for i, (k, v) in enumerate(obj.items())]}
-    raise Unencodable(key, obj)
-
-
-def decode(obj: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
-    if isinstance(obj, list):
-        return [decode(v, tensors) for v in obj]
-    if not isinstance(obj, dict):
-        return obj
-    if "__tensor__" in obj:
-        key = obj["__tensor__"]
-        if key not in tensors:
-            raise CheckpointError(f"state.json refers to tensor {key!r}, which state.safetensors lacks")
-        return tensors[key]
-    if "__ndarray__" in obj:
-        return np.asarray(obj["__ndarray__"], dtype=obj["dtype"])
-    if "__tuple__" in obj:
-        return tuple(decode(v, tensors) for v in obj["__tuple__"])
-    if "__items__" in obj:
-        return {decode(k, tensors): decode(v, tensors) for k, v in obj["__items__"]}
-    return {k: decode(v, tensors) for k, v in obj.items()}
-
-
 # --------------------------------------------------------------------------- what a run's state is
-
-
-def strategy_state(strategy: Any) -> tuple[Any, list[str]]:
-    """(state, unsaved attributes): ``state_dict()`` if defined, else the JSON-safe attributes."""
-    if callable(getattr(strategy, "state_dict", None)) and callable(getattr(strategy, "load_state_dict", None)):
-        return strategy.state_dict(), []
-    if isinstance(strategy, types.ModuleType):
-        return {}, []
-    state: dict[str, Any] = {}
-    unsaved: list[str] = []
-    for k, v in getattr(strategy, "__dict__", {}).items():
-        if k in _SKIP_ATTRS:
-            continue
-        if _has_state(v) and not _is_engine(v):  # a helper object (e.g. a PlateauWatcher) that saves itself
-            v = {_NESTED: v.state_dict()}
-        try:
-            encode(v, k, {})
-        except Unencodable:
-            unsaved.append(f"{k} ({type(v).__name__})")
-            continue
-        state[k] = v
-    return state, unsaved
-
-
-_NESTED = "__state_dict__"
-
-
-def _is_engine(obj: Any) -> bool:
-    """The engine has state_dict() too, but a strategy holding it holds the run, not state of its own."""
-    from moola_engine.core.engine import Engine
-
-    return isinstance(obj, Engine)
-
-
-def _has_state(obj: Any) -> bool:
-    return callable(getattr(obj, "state_dict", None)) and callable(getattr(obj, "load_state_dict", None))
-
-
-def load_strategy_state(strategy: Any, state: Any) -> None:
-    if _has_state(strategy):
-        strategy.load_state_dict(state)
-        return
-    for k, v in state.items():
-        if isinstance(v, dict) and set(v) == {_NESTED}:
-            getattr(strategy, k).load_state_dict(v[_NESTED])
-        else:
-            setattr(strategy, k, v)
 
 
 def stateful_plugins(engine: Any) -> dict[str, Any]:
@@ -181,13 +86,6 @@ def stateful_plugins(engine: Any) -> dict[str, Any]:
         if callable(getattr(plugin, "state_dict", None)) and callable(getattr(plugin, "load_state_dict", None)):
             out[name] = plugin
     return out
-
-
-def seed_everything(seed: int) -> None:
-    """Seed torch, numpy and random from ``seed``: every process draws at random otherwise."""
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2**32)
-    random.seed(seed)
 
 
 def rng_state(engine: Any) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from typing import IO, Any
 import attrs
 import numpy as np
 
-from moola_engine import __version__
+from moola_engine.version import __version__
 from moola_engine.checks.loading import load_pretrained
 from moola_engine.config import ExperimentConfig, unstructure
 from moola_engine.core import distributed

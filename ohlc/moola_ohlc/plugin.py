@@ -114,11 +114,11 @@ class OhlcMultiTask:
 
 
 class _Progress:
-    """Pretraining progress (:class:`moola_engine.progress.Bar`): a rich bar moving per batch on a terminal,
+    """Pretraining progress (:class:`moola_engine.runs.progress.Bar`): a rich bar moving per batch on a terminal,
     one plain line per epoch (with its losses and ETA) otherwise."""
 
     def __init__(self, epochs: int) -> None:
-        from moola_engine.progress import Bar
+        from moola_engine.runs.progress import Bar
 
         self.bar = Bar(epochs, unit="epochs", label="pretrain")
         self.bar.phase = "self-supervised, every layer"

@@ -6,7 +6,7 @@ from typing import Any
 
 import attrs
 
-from moola_engine import hookimpl
+from moola_engine import EngineView, hookimpl
 
 
 @attrs.frozen(kw_only=True)
@@ -23,12 +23,12 @@ class PlateauThaw:
         self.bad = 0
 
     @hookimpl
-    def on_fit_start(self, engine: Any) -> None:
+    def on_fit_start(self, engine: EngineView) -> None:
         for g in engine.freezer.encoder_groups:
             engine.freezer.freeze(g, reason="plateau-thaw: start with the head")
 
     @hookimpl
-    def on_validation_end(self, engine: Any, metrics: dict[str, float]) -> None:
+    def on_validation_end(self, engine: EngineView, metrics: dict[str, float]) -> None:
         loss = metrics.get("val_loss")
         if loss is None:  # dry run: no metrics, nothing to decide
             return
