@@ -80,6 +80,7 @@ class Engine:
         allow: Sequence[str] = (),
         pretrained: Mapping[str, torch.Tensor] | None = None,
         plan: Plan | None = None,
+        dist: distributed.DistContext | None = None,
     ) -> None:
         self.config = train
         self.checks = checks or ChecksConfig()
@@ -92,7 +93,7 @@ class Engine:
         self.epochs = train.epochs
         self.dry_run = False
         # torchrun (WORLD_SIZE > 1): join the process group; on CUDA each rank takes cuda:LOCAL_RANK
-        self.dist = distributed.setup(select_device(train.device))
+        self.dist = dist if dist is not None else distributed.setup(select_device(train.device))
         self.device = self.dist.device
         self.history: list[dict[str, float]] = []
         self.pretrained = pretrained  # name -> tensor as loaded (for distance-from-pretrained checks)

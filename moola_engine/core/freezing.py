@@ -132,33 +132,6 @@ def apply_module_modes(groups: Sequence[ParamGroup], trainable: dict[str, bool],
     return modes
 
 
-@torch.no_grad()
-def snapshot(params: Iterable[tuple[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Exact copies (same device) of the given named tensors."""
-    return {n: p.detach().clone() for n, p in params}
-
-
-@torch.no_grad()
-def weight_delta(before: dict[str, torch.Tensor], params: Iterable[tuple[str, torch.Tensor]]) -> tuple[
-        torch.Tensor, torch.Tensor]:
-    """Max |w - w0| and ||w - w0|| / ||w0|| over the tensors, as device scalars (no host sync)."""
-    max_abs = torch.zeros((), dtype=torch.float64)
-    diff_sq = torch.zeros((), dtype=torch.float64)
-    ref_sq = torch.zeros((), dtype=torch.float64)
-    first = True
-    for n, p in params:
-        b = before[n]
-        d = (p.detach() - b).double()
-        if first:
-            max_abs, diff_sq, ref_sq = (t.to(p.device) for t in (max_abs, diff_sq, ref_sq))
-            first = False
-        max_abs = torch.maximum(max_abs, d.abs().max() if d.numel() else max_abs)
-        diff_sq = diff_sq + (d * d).sum()
-        ref_sq = ref_sq + (b.double() ** 2).sum()
-    rel = diff_sq.sqrt() / ref_sq.sqrt().clamp_min(1e-30)
-    return max_abs, rel
-
-
 @attrs.frozen
 class Transition:
     group: str

@@ -284,15 +284,15 @@ def _generic_problems(plan: Plan, strategy: Any, strategy_name: str) -> list[tup
 
 
 def validate_plan(plan: Plan, strategy: Any, strategy_name: str, *, allow: set[str] | Sequence[str] = (),
-                  log: Any = None, early_stopping: Any = None) -> None:
+                  log: Any = None) -> None:
     """Refuse a plan that cannot keep the strategy's promise, unless explicitly allowed.
 
-    The strategy's own ``validate_schedule(epochs, groups[, head_groups=])`` (if it
+    The strategy's own ``validate_schedule(epochs, groups, head_groups)`` (if it
     has one) speaks first, in its own terms (``two_phase: unfreeze_after = 40 but
     training runs 30 epochs``); otherwise the generic checks listed in the module
     docstring run.  Each allowed problem is logged as ``config.override``.
-    ``early_stopping`` is accepted for callers' symmetry: the engine holds early
-    stopping until the last scheduled transition, so it is never a problem here.
+    Early stopping is never a problem here: the engine holds it until the last
+    scheduled transition.
     """
     log = log or get_logger()
     allow = set(allow)

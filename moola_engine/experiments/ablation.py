@@ -185,9 +185,7 @@ def build_grid(
     strategies_file: str | None = None,
 ) -> Grid:
     """Resolve every strategy and dry-run its plan now, so a typo fails in a second, not after an hour."""
-    from moola_engine.core.freezing import resolve_groups
-    from moola_engine.core.models import build_model, group_specs
-    from moola_engine.core.plan import compute_plan, validate_plan
+    from moola_engine.core.preflight import preflight
     from moola_engine.runs.train import resolve_strategy, strategies_path
 
     if not strategies:
@@ -218,21 +216,19 @@ def build_grid(
                         "test cannot reach p < 0.05 with fewer than 6 pairs")
 
     sfile = strategies_path(cfg, strategies_file).resolve()
-    model = build_model(cfg.model, cfg.source)
-    groups = resolve_groups(model, group_specs(model, cfg.model))
-    names, head = [g.name for g in groups], [g.name for g in groups if g.head]
+    model = None  # built once by the first arm's pre-flight, reused by the others
     arms: list[Arm] = []
-    numel = {g.name: g.numel() for g in groups}
     for label, name, is_control in [(CONTROL, control, True), *[(s, s, False) for s in strategies]]:
         try:
-            _, named = resolve_strategy(cfg, name, str(sfile))
+            pm, named = resolve_strategy(cfg, name, str(sfile))
         except ConfigError as exc:  # name the flag of this command, not train's --strategy
             if exc.source != "--strategy":
                 raise
             raise ConfigError("--control" if is_control else "--strategies", exc.problems) from None
-        strat = named.build()
-        plan = compute_plan(strat, names, head, cfg.train.epochs, cfg.train.lr, name=named.name)
-        validate_plan(plan, strat, named.name, allow=set(cfg.run.allow), early_stopping=cfg.train.early_stopping)
+        pre = preflight(cfg, pm=pm, named=named, model=model)  # the same pre-flight as train and plan
+        model, plan = pre.model, pre.plan
+        head = {g.name for g in pre.groups if g.head}
+        numel = {g.name: g.numel() for g in pre.groups}
         work = sum(numel[g] for e in plan.epochs for g, on in e.trainable.items() if on and g not in head)
         arms.append(Arm(label=label, strategy=named.name, control=is_control,
                         definition={"plugin": named.plugin, "params": unstructure(named.params)}, work=work))

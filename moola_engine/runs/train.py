@@ -223,7 +223,7 @@ def train(
             model, train=cfg.train, groups=specs, pm=pm, strategy=strat, train_data=splits.train,
             val_data=splits.val, checks=cfg.checks, logger=log, run_dir=run_dir, strategy_name=named.name,
             allow=sorted(allow), pretrained=pretrained, plan=pre.plan, loss_fn=pre.task.loss,
-            eval_fn=pre.task.metrics,
+            eval_fn=pre.task.metrics, dist=dist_ctx,
         )
         fit = engine.fit(start=start)
         test_metrics = engine.evaluate(splits.test, prefix="test_") if splits.test is not None else {}

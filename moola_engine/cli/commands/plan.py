@@ -9,9 +9,8 @@ import attrs
 
 from moola_engine.cli.commands.argtypes import positive_int
 from moola_engine.config import ExperimentConfig, load_config
-from moola_engine.core.freezing import resolve_groups
-from moola_engine.core.models import build_model, group_specs
-from moola_engine.core.plan import Plan, compute_plan, validate_plan
+from moola_engine.core.plan import Plan
+from moola_engine.core.preflight import preflight
 from moola_engine.runs.train import resolve_strategy
 
 
@@ -30,15 +29,10 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config) if args.config else ExperimentConfig()
-    _, named = resolve_strategy(cfg, args.strategy, args.strategies)
-    strat = named.build()
-    model = build_model(cfg.model, cfg.source)
-    groups = resolve_groups(model, group_specs(model, cfg.model))
-    epochs = args.epochs or cfg.train.epochs
-    train = attrs.evolve(cfg.train, epochs=epochs)
-    plan = compute_plan(strat, [g.name for g in groups], [g.name for g in groups if g.head], epochs, cfg.train.lr,
-                        name=named.name, model_groups=groups, train=train)
-    validate_plan(plan, strat, named.name, allow=set(args.allow) | set(cfg.run.allow))
+    if args.epochs:
+        cfg = attrs.evolve(cfg, train=attrs.evolve(cfg.train, epochs=args.epochs))
+    pm, named = resolve_strategy(cfg, args.strategy, args.strategies)
+    plan = preflight(cfg, pm=pm, named=named, allow=[*cfg.run.allow, *args.allow]).plan  # the one pre-flight
     if args.json:
         print(json.dumps(plan.to_json(), indent=2))
     else:
