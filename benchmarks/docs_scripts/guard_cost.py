@@ -1,6 +1,6 @@
 """Per-step cost of the non-finite gradient guard on CPU (SimpleLSTM at seed size, batch 16, window 105).
 
-    .venv/bin/python docs/guard_cost.py
+    .venv/bin/python benchmarks/docs_scripts/guard_cost.py
 """
 
 import math
