@@ -497,8 +497,7 @@ def test_data_md_figures_are_recomputed(capsys: pytest.CaptureFixture[str]) -> N
     from moola_engine.config import load_config
     from moola_ohlc.options import PretrainConfig
     from moola_ohlc.pretrain import build_pretrain_data
-    from moola_ohlc.series import (build_dataset, parse_options, pretrain_cut_date, read_ohlc, resolve_series,
-                                   target_series)
+    from moola_ohlc.series import build_dataset, parse_options, pretrain_cut_date, read_ohlc, resolve_series, target_series
 
     text = (DOCS / "data.md").read_text(encoding="utf-8")
     cfg = load_config(ROOT / "examples" / "seed.toml")
