@@ -1,6 +1,7 @@
 # Two commands for a new user on a fresh machine:
 #   make demo   sets up .venv, pretrains on the bundled real data and compares strategies
 #   make test   sets up .venv and runs the whole test suite (what CI runs)
+#   make docs   builds the docs site into site/ (mkdocs --strict)
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -9,7 +10,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast lint clean
+.PHONY: setup demo test test-fast lint docs clean
 
 $(STAMP): pyproject.toml ohlc/pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -34,5 +35,9 @@ test-fast: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check moola_engine ohlc plugins tests
 
+# the docs site (mkdocs.yml): a broken link or anchor fails the build; the test suite runs the same build
+docs: $(STAMP)
+	$(BIN)/mkdocs build --strict
+
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs site .pytest_cache

@@ -228,7 +228,7 @@ def test_plan_with_batchnorm_shows_modes() -> None:
 
 def test_cli_plan_table(capsys: Any, monkeypatch: Any) -> None:
     monkeypatch.chdir(ROOT)
-    assert main(["plan", "--strategy", "ulmfit", "--epochs", "30", "--config", "docs/plan-example.toml"]) == 0
+    assert main(["plan", "--strategy", "ulmfit", "--epochs", "30", "--config", "examples/plan-example.toml"]) == 0
     assert capsys.readouterr().out == (
         "strategy ulmfit: 30 epochs, base lr 0.001\n"
         "epochs  encoder.layer0  encoder.layer1  encoder.layer2  head\n"
@@ -263,12 +263,12 @@ def test_cli_plan_refusal_exits_2(capsys: Any, monkeypatch: Any) -> None:
 def test_docs_strategies_md_is_generated() -> None:
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("gen_strategies", ROOT / "docs" / "gen_strategies.py")
+    spec = importlib.util.spec_from_file_location("gen_strategies", ROOT / "benchmarks" / "docs_scripts" / "gen_strategies.py")
     assert spec is not None and spec.loader is not None
     gen = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gen)
     committed = (ROOT / "docs" / "strategies.md").read_text(encoding="utf-8")
-    assert committed == gen.render(committed), "docs/strategies.md is stale: run python docs/gen_strategies.py"
+    assert committed == gen.render(committed), "docs/strategies.md is stale: run python benchmarks/docs_scripts/gen_strategies.py"
 
 
 def test_head_flag_not_position_decides_the_head() -> None:

@@ -1,9 +1,9 @@
-"""Regenerate the generated blocks of docs/strategies.md: ``python docs/gen_strategies.py``.
+"""Regenerate the generated blocks of docs/strategies.md: ``python benchmarks/docs_scripts/gen_strategies.py``.
 
 Two kinds of block, each between an opening marker and ``<!-- end -->``:
 
 * ``<!-- plan: NAME -->``: the output of
-  ``moola-engine plan --strategy NAME --epochs 30 --config docs/plan-example.toml``
+  ``moola-engine plan --strategy NAME --epochs 30 --config examples/plan-example.toml``
   (a 3-layer SimpleLSTM, so layer-wise strategies have something to show);
 * ``<!-- params: PLUGIN -->``: the plugin's parameter class, read from the code
   (name, type, default, and the docstring under each field).
@@ -26,10 +26,10 @@ from pathlib import Path
 
 import attrs
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DOC = ROOT / "docs" / "strategies.md"
 EPOCHS = 30
-CONFIG = "docs/plan-example.toml"
+CONFIG = "examples/plan-example.toml"
 BLOCK = re.compile(r"(<!-- (plan|params): ([\w-]+) -->\n)(.*?)(<!-- end -->)", re.S)
 
 

@@ -1,6 +1,6 @@
 """Figures for docs/verification.md: cost of the checks, and the fresh-init detector at the seed's size.
 
-    .venv/bin/python docs/scripts/measure_verification.py [/work/shared/data/ohlc/SPX.csv]
+    .venv/bin/python benchmarks/docs_scripts/measure_verification.py [SPX.csv[.gz]]
 
 CPU, one thread.  Real data: 64-bar OHLC windows of the S&P 500 (normalised by each window's first close).
 """
@@ -28,6 +28,8 @@ from moola_ohlc.models import SimpleLSTM
 from moola_engine.core.plugins import build_plugin_manager, register_checked
 
 torch.set_num_threads(1)
+# the S&P 500 bars bundled with the moola-ohlc package (provenance: ohlc/moola_ohlc/datasets/NOTICE.md)
+BUNDLED_SPX = Path(__file__).resolve().parents[2] / "ohlc" / "moola_ohlc" / "datasets" / "ohlc" / "SPX.csv.gz"
 
 
 def windows(csv: Path, n: int, length: int = 64, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,7 +59,7 @@ def fit_seconds(x: torch.Tensor, y: torch.Tensor, checks: ChecksConfig | None) -
 
 
 def main() -> None:
-    csv = Path(sys.argv[1] if len(sys.argv) > 1 else "/work/shared/data/ohlc/SPX.csv")
+    csv = Path(sys.argv[1]) if len(sys.argv) > 1 else BUNDLED_SPX
     x, y = windows(csv, 89 + 13)
     print("check overhead: SimpleLSTM (hidden 128), 89 train / 13 val windows, 30 epochs, two-phase, CPU 1 thread")
     for label, checks in [("no checks", None), ("checks, exact", ChecksConfig()),
