@@ -24,8 +24,8 @@ from moola_engine.config import ExperimentConfig, unstructure
 from moola_engine.core import distributed
 from moola_engine.core.components import registries
 from moola_engine.core.data import build_splits
-from moola_engine.core.preflight import preflight
 from moola_engine.core.engine import Engine, FitResult, select_device
+from moola_engine.core.export import save_weights
 from moola_engine.core.plugins import (
     NamedStrategy,
     build_plugin_manager,
@@ -34,6 +34,7 @@ from moola_engine.core.plugins import (
     register_checked,
     select_strategy,
 )
+from moola_engine.core.preflight import preflight
 from moola_engine.errors import ConfigError, DataError, MoolaError
 from moola_engine.logs import Event, RunLog, bind, clear_contextvars
 from moola_engine.runs.checkpoint import ResumeState, open_resume, resume_strategy
@@ -49,6 +50,9 @@ class RunOutcome:
     fit: FitResult
     test_metrics: dict[str, float]
     strategy: str
+    model: Any = None
+    """The trained model (the weights ``fit`` ended with: the best epoch's when ``train.restore_best``), on the
+    training device; also saved as ``model.safetensors`` in the run folder (``moola-engine export``)."""
 
 
 def resolve_run_dir(path: str | Path) -> Path:
@@ -226,6 +230,9 @@ def train(
         if test_metrics:
             log.info(Event.EVALUATION_COMPLETED, split="test", **test_metrics)
         save_predictions(run_dir / "predictions.npz", engine, splits)
+        if dist_ctx.is_main:  # the final weights, for `moola-engine export` and [model.pretrained] of a next run
+            save_weights({k: v.detach().cpu().contiguous().clone() for k, v in engine.model.state_dict().items()},
+                         run_dir / "model.safetensors", {"run_id": run_id, "strategy": named.name})
         write_json_atomic(run_dir / "result.json", {
             "run_id": run_id, "strategy": named.name, "epochs_run": fit.epochs_run, "best_epoch": fit.best_epoch,
             "stopped_early": fit.stopped_early, "stop_reason": fit.stop_reason, "seconds": fit.seconds,
@@ -233,7 +240,8 @@ def train(
         })
         log.info(Event.RUN_FINISHED, epochs_run=fit.epochs_run, stop_reason=fit.stop_reason,
                  seconds=round(fit.seconds, 3), **test_metrics)
-        return RunOutcome(run_id=run_id, run_dir=run_dir, fit=fit, test_metrics=test_metrics, strategy=named.name)
+        return RunOutcome(run_id=run_id, run_dir=run_dir, fit=fit, test_metrics=test_metrics, strategy=named.name,
+                          model=engine.model)
     except MoolaError as exc:
         log.error(Event.RUN_FAILED, error=str(exc), error_type=type(exc).__name__)
         raise
