@@ -107,14 +107,21 @@ class Cell:
     control: bool
     seed: int
     fold: int
+    labels: int | None = None
+    """The label budget of this cell (``data.labels``; ``ablate --labels``), None: the config's."""
 
     @property
     def key(self) -> str:
-        return f"{self.label}__s{self.seed}__f{self.fold}"
+        return f"{self.label}__s{self.seed}__f{self.fold}" + (f"__n{self.labels}" if self.labels is not None else "")
 
     @property
     def run_name(self) -> str:
-        return f"{self.label}-f{self.fold}"
+        return f"{self.label}-f{self.fold}" + (f"-n{self.labels}" if self.labels is not None else "")
+
+    @property
+    def pair(self) -> tuple[int, int, int | None]:
+        """What a paired comparison matches on: the same seed, fold and label budget."""
+        return (self.seed, self.fold, self.labels)
 
 
 @attrs.frozen(kw_only=True)
@@ -126,12 +133,19 @@ class Grid:
     out: Path
     strategies_file: Path
     warnings: list[str] = attrs.Factory(list)
+    labels: list[int | None] = attrs.Factory(lambda: [None])
+    """The label-budget axis (``ablate --labels 10,25,50``): every arm x seed x fold runs at each budget."""
 
     def cells(self) -> list[Cell]:
         """Seed-major order (the order of the manifest and the report); :func:`run_order` is the order runs
         start in.  Either way a partly finished grid has whole seeds done, so its results already pair."""
-        return [Cell(label=a.label, strategy=a.strategy, control=a.control, seed=s, fold=f)
-                for s in self.seeds for f in range(self.folds) for a in self.arms]
+        return [Cell(label=a.label, strategy=a.strategy, control=a.control, seed=s, fold=f, labels=n)
+                for s in self.seeds for n in self.labels for f in range(self.folds) for a in self.arms]
+
+    @property
+    def budgets(self) -> bool:
+        """Whether this grid has a label-budget axis."""
+        return self.labels != [None]
 
     @property
     def cells_dir(self) -> Path:
@@ -165,12 +179,14 @@ def cell_config(grid: Grid, cell: Cell, threads: int | None) -> ExperimentConfig
     reruns an interrupted cell from its start, so per-epoch checkpoints would be written and never read (on the
     fine-tuning-size task they cost about 15% of a run); the last one keeps each cell's final weights."""
     cfg = control_config(grid.cfg) if cell.control else grid.cfg
+    epochs = max(cfg.train.epochs, int(grid.arm(cell.label).definition.get("train", {}).get("epochs") or 0))
     return attrs.evolve(
         cfg,
-        checkpoint=attrs.evolve(cfg.checkpoint, every=max(cfg.checkpoint.every, cfg.train.epochs)),
+        checkpoint=attrs.evolve(cfg.checkpoint, every=max(cfg.checkpoint.every, epochs)),
         run=attrs.evolve(cfg.run, runs_dir=str(grid.runs_dir), name=cell.run_name, console="none", strategy=None),
         train=attrs.evolve(cfg.train, seed=cell.seed, threads=threads if threads is not None else cfg.train.threads),
-        data=attrs.evolve(cfg.data, folds=grid.folds, fold=cell.fold),
+        data=attrs.evolve(cfg.data, folds=grid.folds, fold=cell.fold,
+                          labels=cell.labels if cell.labels is not None else cfg.data.labels),
     )
 
 
@@ -183,6 +199,7 @@ def build_grid(
     folds: int | None = None,
     out: Path,
     strategies_file: str | None = None,
+    labels: Sequence[int] | None = None,
 ) -> Grid:
     """Resolve every strategy and dry-run its plan now, so a typo fails in a second, not after an hour."""
     from moola_engine.core.freezing import resolve_groups
@@ -200,6 +217,13 @@ def build_grid(
     seed_list = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
     if not seed_list:
         raise ConfigError("--seeds", "expected at least one seed")
+    budgets: list[int | None] = [None]
+    if labels:
+        if any(not isinstance(n, int) or isinstance(n, bool) or n < 1 for n in labels):
+            raise ConfigError("--labels", f"expected positive whole numbers, got {list(labels)}")
+        if len(set(labels)) != len(labels):
+            raise ConfigError("--labels", f"a budget is listed twice: {list(labels)}")
+        budgets = sorted(labels)
     n_folds = folds if folds is not None else cfg.data.folds
     if n_folds < 1:
         raise ConfigError("--folds", f"expected a value >= 1, got {n_folds}")
@@ -231,13 +255,15 @@ def build_grid(
                 raise
             raise ConfigError("--control" if is_control else "--strategies", exc.problems) from None
         strat = named.build()
-        plan = compute_plan(strat, names, head, cfg.train.epochs, cfg.train.lr, name=named.name)
-        validate_plan(plan, strat, named.name, allow=set(cfg.run.allow), early_stopping=cfg.train.early_stopping)
+        arm_train = named.configure(cfg).train  # the arm's own [strategy.NAME.train] values
+        plan = compute_plan(strat, names, head, arm_train.epochs, arm_train.lr, name=named.name)
+        validate_plan(plan, strat, named.name, allow=set(cfg.run.allow), early_stopping=arm_train.early_stopping)
         work = sum(numel[g] for e in plan.epochs for g, on in e.trainable.items() if on and g not in head)
         arms.append(Arm(label=label, strategy=named.name, control=is_control,
-                        definition={"plugin": named.plugin, "params": unstructure(named.params)}, work=work))
+                        definition={"plugin": named.plugin, "params": unstructure(named.params),
+                                    **({"train": unstructure(named.train)} if named.train else {})}, work=work))
     return Grid(cfg=cfg, arms=arms, seeds=seed_list, folds=n_folds, out=out.resolve(), strategies_file=sfile,
-                warnings=warnings)
+                warnings=warnings, labels=budgets)
 
 
 # --------------------------------------------------------------------------- manifest and markers
@@ -251,6 +277,8 @@ def fingerprint(grid: Grid) -> dict[str, Any]:
     cfg["data"].pop("fold", None)
     cfg["data"]["folds"] = grid.folds
     cfg["train"].pop("threads", None)
+    if grid.budgets:  # each cell sets its own data.labels; budgets may be added later, like seeds
+        cfg["data"].pop("labels", None)
     pretrained = None
     if grid.cfg.model.pretrained is not None:
         p = Path(grid.cfg.model.pretrained.path)
@@ -267,8 +295,8 @@ def _diff(old: Any, new: Any, path: str = "") -> list[str]:
         for k in sorted(set(old) | set(new)):
             if k in old and k in new:
                 out += _diff(old[k], new[k], f"{path}.{k}" if path else str(k))
-            elif path.startswith("arms") or path == "arms":
-                continue  # arms may be added or dropped between invocations
+            elif path == "arms":
+                continue  # arms may be added or dropped between invocations (a changed arm may not)
             else:
                 out.append(f"{path}.{k}" if path else str(k))
         return out
@@ -294,6 +322,7 @@ def prepare(grid: Grid) -> None:
     write_json_atomic(manifest, {
         "version": GRID_VERSION, "fingerprint": fp, "config_file": grid.cfg.source,
         "strategies_file": str(grid.strategies_file), "seeds": grid.seeds, "folds": grid.folds,
+        "labels": grid.labels,
         "arms": [attrs.asdict(a) for a in grid.arms], "cells": [c.key for c in grid.cells()],
     })
 
@@ -324,7 +353,7 @@ def read_marker(grid: Grid, cell: Cell) -> dict[str, Any] | None:
 def _write_marker(grid: Grid, cell: Cell, run_dir: Path, seconds: float, adopted: bool = False) -> None:
     write_json_atomic(grid.marker(cell), {
         "key": cell.key, "label": cell.label, "strategy": cell.strategy, "control": cell.control,
-        "seed": cell.seed, "fold": cell.fold, "run_dir": os.path.relpath(run_dir, grid.out),
+        "seed": cell.seed, "fold": cell.fold, "labels": cell.labels, "run_dir": os.path.relpath(run_dir, grid.out),
         "seconds": round(seconds, 3), "adopted": adopted,
     })
 
@@ -351,10 +380,14 @@ def _run_folders_of(grid: Grid) -> dict[str, list[Path]]:
         try:
             cfg = json.loads((d / "config.json").read_text(encoding="utf-8"))["config"]
             name, seed, fold = cfg["run"]["name"], cfg["train"]["seed"], cfg["data"]["fold"]
+            labels = cfg["data"].get("labels") if grid.budgets else None
         except (OSError, KeyError, TypeError, json.JSONDecodeError):
             continue
+        if labels is not None:
+            name = name.removesuffix(f"-n{labels}")
         label = name.rsplit("-f", 1)[0]
-        found.setdefault(f"{label}__s{seed}__f{fold}", []).append(d)
+        found.setdefault(Cell(label=label, strategy="", control=False, seed=seed, fold=fold, labels=labels).key,
+                         []).append(d)
     return found
 
 
@@ -448,7 +481,8 @@ def run_cell(task: Task) -> dict[str, Any]:
     seconds = time.perf_counter() - t0
     write_json_atomic(Path(task.marker), {
         "key": cell.key, "label": cell.label, "strategy": cell.strategy, "control": cell.control,
-        "seed": cell.seed, "fold": cell.fold, "run_dir": os.path.relpath(outcome.run_dir, task.out),
+        "seed": cell.seed, "fold": cell.fold, "labels": cell.labels,
+        "run_dir": os.path.relpath(outcome.run_dir, task.out),
         "seconds": round(seconds, 3), "adopted": False, "pid": os.getpid(),
     })
     return {"key": cell.key, "ok": True, "run_dir": str(outcome.run_dir), "seconds": seconds}
@@ -461,7 +495,7 @@ def run_cell(task: Task) -> dict[str, Any]:
 
 
 def describe(cell: Cell) -> str:
-    return f"{cell.label} seed {cell.seed} fold {cell.fold}"
+    return f"{cell.label} seed {cell.seed} fold {cell.fold}" + (f" {cell.labels} labels" if cell.labels else "")
 
 
 # --------------------------------------------------------------------------- the runner

@@ -159,6 +159,7 @@ def train(
         pm, named = resolve_strategy(cfg, strategy, strategies_file, extra_plugins)
     else:
         pm, named = resume_strategy(Path(resume), extra_plugins)
+    cfg = named.configure(cfg)  # [strategy.NAME.train]: the strategy's own lr, epochs, optimizer, ...
     base_dir = cfg.base_dir
     allow = set(cfg.run.allow)
 
@@ -200,7 +201,8 @@ def train(
         log.debug(Event.CONFIG_LOADED, config=unstructure(cfg))
         pre.replay_overrides(log)
         log.info(Event.STRATEGY_SELECTED, plugin=named.plugin, params=unstructure(named.params),
-                 source=named.info.source, strategies_file=named.source)
+                 source=named.info.source, strategies_file=named.source,
+                 **({"train_overrides": unstructure(named.train)} if named.train else {}))
         if resume is None:
             write_json_atomic(run_dir / "config.json", {"config": unstructure(cfg), "strategy": named.name,
                                                         "plugin": named.plugin, "params": unstructure(named.params),

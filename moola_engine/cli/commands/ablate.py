@@ -28,6 +28,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                                                                 "./strategies.toml)")
     p.add_argument("--control", help="strategy of the random-encoder control (default: immediate)")
     p.add_argument("--seeds", type=positive_int, help="seeds 0..N-1 (default: 5, or the preset's)")
+    p.add_argument("--labels", metavar="N,N,...",
+                   help="label budgets: every arm x seed x fold runs with data.labels = N training labels (stratified, "
+                        "drawn per seed), and the report gains a curve of every arm against the control per budget")
     p.add_argument("--folds", type=positive_int, help="folds per seed (default: data.folds of the config)")
     p.add_argument("--epochs", type=positive_int, help="override train.epochs (a different grid: use a different --out)")
     p.add_argument("--jobs", type=positive_int, help=f"worker processes (default: cores = {default_jobs()})")
@@ -79,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.report_only:
         writable_output(out, flag="--out" if args.out else "run.runs_dir", is_dir=True)  # before any work starts
     grid = build_grid(cfg, strategies=strategies, control=control, seeds=seeds, folds=folds, out=out,
-                      strategies_file=args.strategies_file)
+                      strategies_file=args.strategies_file, labels=parse_labels(args.labels))
     for w in grid.warnings:
         print(f"WARNING: {w}", file=sys.stderr)
     if not args.report_only:
@@ -95,6 +98,20 @@ def run(args: argparse.Namespace) -> int:
     print(console_summary(results))
     print(f"report: {paths['html']}  (also {paths['markdown'].name}, {paths['results'].name})")
     return 0
+
+
+def parse_labels(text: str | None) -> list[int] | None:
+    """``--labels 10,25,50`` -> [10, 25, 50]; a word, a zero or a duplicate is a usage error naming the flag."""
+    if text is None:
+        return None
+    out: list[int] = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part.isdigit() or int(part) < 1:
+            raise ConfigError("--labels", f"expected comma-separated positive whole numbers like 10,25,50, got {text!r}")
+        out.append(int(part))
+    if not out:
+        raise ConfigError("--labels", "expected at least one budget")
+    return out
 
 
 def ray_executor(args: argparse.Namespace) -> object | None:
@@ -123,6 +140,8 @@ def rerun_command(grid: Grid, args: argparse.Namespace) -> str:
     parts += ["--config", grid.cfg.source, "--strategies", ",".join(a.label for a in grid.arms if not a.control),
               "--control", next(a.strategy for a in grid.arms if a.control), "--seeds", str(len(grid.seeds)),
               "--folds", str(grid.folds)]
+    if grid.budgets:
+        parts += ["--labels", ",".join(str(n) for n in grid.labels)]
     if args.epochs is not None:
         parts += ["--epochs", str(args.epochs)]
     if args.strategies_file:

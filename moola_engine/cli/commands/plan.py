@@ -31,6 +31,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config) if args.config else ExperimentConfig()
     _, named = resolve_strategy(cfg, args.strategy, args.strategies)
+    cfg = named.configure(cfg)  # [strategy.NAME.train]
     strat = named.build()
     model = build_model(cfg.model, cfg.source)
     groups = resolve_groups(model, group_specs(model, cfg.model))
