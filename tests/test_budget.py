@@ -157,6 +157,9 @@ def test_a_strategy_sets_its_own_lr_epochs_and_optimizer(tmp_path: Path) -> None
     config = json.loads((out.run_dir / "config.json").read_text())["config"]
     assert config["train"]["lr"] == 0.05 and config["train"]["optimizer"] == "sgd"
     assert train(load_config(cfg), strategy="immediate").fit.epochs_run == 3  # other arms keep [train]
+    # the command line wins over the strategy's own values (a quick smoke run stays quick)
+    assert main(["train", "--config", str(cfg), "--strategy", "probe", "--epochs", "1", "--console", "none"]) == 0
+    assert json.loads((tmp_path / "runs" / "latest" / "result.json").read_text())["epochs_run"] == 1
 
 
 def test_a_bad_strategy_train_table_names_the_key(tmp_path: Path) -> None:
@@ -215,3 +218,20 @@ def test_a_regression_grid_reports_the_tasks_metrics_and_no_majority_rate(tmp_pa
     assert not [f for f in res["red_flags"] if f["code"] in ("near-majority", "single-class")]
     md = (tmp_path / "g" / "report.md").read_text()
     assert "## rmse (lower is better)" in md and "Majority-class" not in md and "## accuracy" not in md
+
+
+def test_export_of_time_ordered_data_dates_the_encoder_by_what_chose_its_weights(tmp_path: Path,
+                                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run whose validation rows chose its best epoch saw the validation period: the sidecar's cut_date is its end."""
+    cfg = workspace(tmp_path)
+    out = train(load_config(cfg), strategy="immediate")
+    (out.run_dir / "data.json").write_text(json.dumps({
+        "train_cut_date": "2011-07-20", "splits": {"val": {"last_bar": "2013-01-04"}}}))
+    monkeypatch.chdir(tmp_path)
+    assert main(["export", out.run_dir.name, "--out", "e.safetensors"]) == 0
+    side = json.loads((tmp_path / "e.json").read_text())
+    assert side["cut_date"] == "2013-01-04" and side["data_seen"]["train_cut_date"] == "2011-07-20"
+    (out.run_dir / "data.json").write_text(json.dumps({"train_cut_date": "2011-07-20"}))
+    assert main(["export", out.run_dir.name, "--out", "f.safetensors"]) == 0
+    side = json.loads((tmp_path / "f.json").read_text())
+    assert "cut_date" not in side and "cut_date_unknown" in side["data_seen"]

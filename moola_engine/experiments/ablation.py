@@ -135,6 +135,8 @@ class Grid:
     warnings: list[str] = attrs.Factory(list)
     labels: list[int | None] = attrs.Factory(lambda: [None])
     """The label-budget axis (``ablate --labels 10,25,50``): every arm x seed x fold runs at each budget."""
+    pinned: dict[str, Any] = attrs.Factory(dict)
+    """``[train]`` values from the command line (``ablate --epochs``): they win over an arm's own values."""
 
     def cells(self) -> list[Cell]:
         """Seed-major order (the order of the manifest and the report); :func:`run_order` is the order runs
@@ -179,7 +181,8 @@ def cell_config(grid: Grid, cell: Cell, threads: int | None) -> ExperimentConfig
     reruns an interrupted cell from its start, so per-epoch checkpoints would be written and never read (on the
     fine-tuning-size task they cost about 15% of a run); the last one keeps each cell's final weights."""
     cfg = control_config(grid.cfg) if cell.control else grid.cfg
-    epochs = max(cfg.train.epochs, int(grid.arm(cell.label).definition.get("train", {}).get("epochs") or 0))
+    epochs = int(grid.pinned.get("epochs") or max(cfg.train.epochs,
+                                                  grid.arm(cell.label).definition.get("train", {}).get("epochs") or 0))
     return attrs.evolve(
         cfg,
         checkpoint=attrs.evolve(cfg.checkpoint, every=max(cfg.checkpoint.every, epochs)),
@@ -200,6 +203,7 @@ def build_grid(
     out: Path,
     strategies_file: str | None = None,
     labels: Sequence[int] | None = None,
+    pinned: dict[str, Any] | None = None,
 ) -> Grid:
     """Resolve every strategy and dry-run its plan now, so a typo fails in a second, not after an hour."""
     from moola_engine.core.freezing import resolve_groups
@@ -255,7 +259,7 @@ def build_grid(
                 raise
             raise ConfigError("--control" if is_control else "--strategies", exc.problems) from None
         strat = named.build()
-        arm_train = named.configure(cfg).train  # the arm's own [strategy.NAME.train] values
+        arm_train = attrs.evolve(named.configure(cfg).train, **(pinned or {}))  # its own values, then the flags
         plan = compute_plan(strat, names, head, arm_train.epochs, arm_train.lr, name=named.name)
         validate_plan(plan, strat, named.name, allow=set(cfg.run.allow), early_stopping=arm_train.early_stopping)
         work = sum(numel[g] for e in plan.epochs for g, on in e.trainable.items() if on and g not in head)
@@ -263,7 +267,7 @@ def build_grid(
                         definition={"plugin": named.plugin, "params": unstructure(named.params),
                                     **({"train": unstructure(named.train)} if named.train else {})}, work=work))
     return Grid(cfg=cfg, arms=arms, seeds=seed_list, folds=n_folds, out=out.resolve(), strategies_file=sfile,
-                warnings=warnings, labels=budgets)
+                warnings=warnings, labels=budgets, pinned=dict(pinned or {}))
 
 
 # --------------------------------------------------------------------------- manifest and markers
@@ -286,7 +290,8 @@ def fingerprint(grid: Grid) -> dict[str, Any]:
             p = Path(grid.cfg.source).parent / p
         pretrained = sha256(p) if p.is_file() else None
     return {"experiment": cfg, "pretrained_sha256": pretrained,
-            "arms": {a.label: {"strategy": a.strategy, **a.definition} for a in grid.arms}}
+            "arms": {a.label: {"strategy": a.strategy, **a.definition} for a in grid.arms},
+            **({"pinned": grid.pinned} if grid.pinned else {})}
 
 
 def _diff(old: Any, new: Any, path: str = "") -> list[str]:
@@ -424,6 +429,7 @@ class Task:
     strategies_file: str
     out: str
     marker: str
+    pinned: dict[str, Any] = attrs.Factory(dict)
 
 
 def _worker_main(conn: Any, threads: int) -> None:
@@ -472,7 +478,8 @@ def run_cell(task: Task) -> dict[str, Any]:
         random.seed(cell.seed)
         np.random.seed(cell.seed)
         torch.manual_seed(cell.seed)
-        outcome = train(task.cfg, strategy=cell.strategy, strategies_file=task.strategies_file)
+        outcome = train(task.cfg, strategy=cell.strategy, strategies_file=task.strategies_file,
+                        pinned=task.pinned or None)
     except MoolaError as exc:
         return {"key": cell.key, "ok": False, "error": str(exc)}
     except Exception as exc:  # a bug: keep the traceback for the user's report
@@ -543,7 +550,7 @@ def run_grid(grid: Grid, *, jobs: int | None = None, threads: int | None = None,
         print(f"ablate: {len(todo)} runs, {workers}, {threads} thread(s) each; "
               f"run folders in {grid.runs_dir}", file=stream)
     tasks = [Task(cfg=cell_config(grid, c, threads), cell=c, strategies_file=str(grid.strategies_file),
-                  out=str(grid.out), marker=str(grid.marker(c))) for c in todo]
+                  out=str(grid.out), marker=str(grid.marker(c)), pinned=grid.pinned) for c in todo]
     by_key = {c.key: c for c in todo}
     progress = Bar(len(cells), done=done, unit="runs", label="ablate", stream=stream)  # after our own prints
     progress.show(f"starting {describe(todo[0])}")

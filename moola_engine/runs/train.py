@@ -144,6 +144,7 @@ def train(
     capture: bool = False,
     resume: str | Path | None = None,
     on_run_dir: Callable[[Path], None] | None = None,
+    pinned: dict[str, Any] | None = None,
 ) -> RunOutcome:
     """Run one training as ``cfg`` describes; raises :class:`MoolaError` subclasses for user errors.
 
@@ -152,6 +153,8 @@ def train(
     A symlink (``runs/latest``) is resolved to its real folder before anything is read or written.
     ``on_run_dir``: called with the run folder as soon as it exists (before any training), e.g. to write its
     path to a file (``train --run-dir-file``): the race-free way to learn which folder this run writes.
+    ``pinned``: ``[train]`` values set on the command line (``--epochs``): they win over the strategy's own
+    ``[strategy.NAME.train]`` values, which win over the experiment's ``[train]``.
     """
     if resume is not None:
         resume = resolve_run_dir(resume)
@@ -160,6 +163,8 @@ def train(
     else:
         pm, named = resume_strategy(Path(resume), extra_plugins)
     cfg = named.configure(cfg)  # [strategy.NAME.train]: the strategy's own lr, epochs, optimizer, ...
+    if pinned:
+        cfg = attrs.evolve(cfg, train=attrs.evolve(cfg.train, **pinned))
     base_dir = cfg.base_dir
     allow = set(cfg.run.allow)
 

@@ -32,7 +32,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="label budgets: every arm x seed x fold runs with data.labels = N training labels (stratified, "
                         "drawn per seed), and the report gains a curve of every arm against the control per budget")
     p.add_argument("--folds", type=positive_int, help="folds per seed (default: data.folds of the config)")
-    p.add_argument("--epochs", type=positive_int, help="override train.epochs (a different grid: use a different --out)")
+    p.add_argument("--epochs", type=positive_int, help="override train.epochs, an arm's own [strategy.NAME.train] epochs too "
+                                                       "(a different grid: use a different --out)")
     p.add_argument("--jobs", type=positive_int, help=f"worker processes (default: cores = {default_jobs()})")
     p.add_argument("--threads", type=positive_int, help="torch threads per worker (default: cores // jobs)")
     p.add_argument("--out", help="grid folder (default: <run.runs_dir>/ablate-<preset or config name>); "
@@ -82,7 +83,8 @@ def run(args: argparse.Namespace) -> int:
     if not args.report_only:
         writable_output(out, flag="--out" if args.out else "run.runs_dir", is_dir=True)  # before any work starts
     grid = build_grid(cfg, strategies=strategies, control=control, seeds=seeds, folds=folds, out=out,
-                      strategies_file=args.strategies_file, labels=parse_labels(args.labels))
+                      strategies_file=args.strategies_file, labels=parse_labels(args.labels),
+                      pinned={"epochs": args.epochs} if args.epochs is not None else None)
     for w in grid.warnings:
         print(f"WARNING: {w}", file=sys.stderr)
     if not args.report_only:
