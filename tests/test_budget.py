@@ -235,3 +235,15 @@ def test_export_of_time_ordered_data_dates_the_encoder_by_what_chose_its_weights
     assert main(["export", out.run_dir.name, "--out", "f.safetensors"]) == 0
     side = json.loads((tmp_path / "f.json").read_text())
     assert "cut_date" not in side and "cut_date_unknown" in side["data_seen"]
+
+
+def test_a_label_budget_above_the_training_rows_is_refused(tmp_path: Path) -> None:
+    """--labels 200 on 64 training rows must not silently train on 64."""
+    from moola_engine.config import DataConfig
+    from moola_engine.core.data import build_splits
+    from moola_engine.errors import DataError
+
+    workspace(tmp_path)
+    with pytest.raises(DataError, match=r"data.labels = 200, but the training split .* holds 64 rows"):
+        build_splits(DataConfig(kind="npz", path="d.npz", labels=200), base_dir=tmp_path, seed=0)
+    assert len(build_splits(DataConfig(kind="npz", path="d.npz", labels=64), base_dir=tmp_path, seed=0).train) == 64
