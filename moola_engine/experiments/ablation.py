@@ -227,7 +227,7 @@ def build_grid(
             raise ConfigError("--labels", f"expected positive whole numbers, got {list(labels)}")
         if len(set(labels)) != len(labels):
             raise ConfigError("--labels", f"a budget is listed twice: {list(labels)}")
-        budgets = sorted(labels)
+        budgets = [*sorted(labels)]
     n_folds = folds if folds is not None else cfg.data.folds
     if n_folds < 1:
         raise ConfigError("--folds", f"expected a value >= 1, got {n_folds}")
