@@ -201,6 +201,8 @@ def test_ablate_label_budgets_pair_per_budget_and_draw_a_curve(tmp_path: Path,
     capsys.readouterr()
     assert main(args) == 0  # resume: nothing to run
     assert "8 of 8 runs already done" in capsys.readouterr().err
+    assert main([*args[:7], *args[9:], "--report-only"]) == 0  # without --labels: the grid's own budgets
+    assert "using its budgets 10,30" in capsys.readouterr().err
     assert main([*args[:8], "10,0", *args[9:]]) == 2
 
 

@@ -82,8 +82,14 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else default_out(cfg, name)
     if not args.report_only:
         writable_output(out, flag="--out" if args.out else "run.runs_dir", is_dir=True)  # before any work starts
+    labels = parse_labels(args.labels)
+    if labels is None:
+        labels = manifest_labels(out)
+        if labels:
+            print(f"ablate: {out} is a label-budget grid: using its budgets {','.join(map(str, labels))} "
+                  "(pass --labels to change them)", file=sys.stderr)
     grid = build_grid(cfg, strategies=strategies, control=control, seeds=seeds, folds=folds, out=out,
-                      strategies_file=args.strategies_file, labels=parse_labels(args.labels),
+                      strategies_file=args.strategies_file, labels=labels,
                       pinned={"epochs": args.epochs} if args.epochs is not None else None)
     for w in grid.warnings:
         print(f"WARNING: {w}", file=sys.stderr)
@@ -114,6 +120,20 @@ def parse_labels(text: str | None) -> list[int] | None:
     if not out:
         raise ConfigError("--labels", "expected at least one budget")
     return out
+
+
+def manifest_labels(out: object) -> list[int] | None:
+    """The label budgets an existing grid folder was run with (None: none, or no readable manifest)."""
+    import json
+    from pathlib import Path
+
+    try:
+        labels = json.loads((Path(str(out)) / "grid.json").read_text(encoding="utf-8")).get("labels")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if isinstance(labels, list) and labels and all(isinstance(n, int) and not isinstance(n, bool) for n in labels):
+        return labels
+    return None
 
 
 def ray_executor(args: argparse.Namespace) -> object | None:
