@@ -249,3 +249,20 @@ def test_a_label_budget_above_the_training_rows_is_refused(tmp_path: Path) -> No
     with pytest.raises(DataError, match=r"data.labels = 200, but the training split .* holds 64 rows"):
         build_splits(DataConfig(kind="npz", path="d.npz", labels=200), base_dir=tmp_path, seed=0)
     assert len(build_splits(DataConfig(kind="npz", path="d.npz", labels=64), base_dir=tmp_path, seed=0).train) == 64
+
+
+def test_the_budget_curve_table_shows_reference_baselines_per_budget() -> None:
+    from moola_engine.experiments.report import REFERENCE_MARK, curve_rows
+
+    est = {"mean": 0.7, "lo": 0.6, "hi": 0.8, "n": 5}
+    diff = {"mean": 0.05, "lo": 0.01, "hi": 0.09, "n": 5, "p": 0.06}
+    results = {"budget_curve": {
+        "metric": "accuracy", "labels": [10, 20], "control": "control",
+        "arms": {"control": [{"labels": 10, "metric": est}, {"labels": 20, "metric": est}],
+                 "frozen": [{"labels": 10, "metric": est, "vs_control": diff}]},
+        "references": {"logistic": [{"labels": 20, "metric": est, "vs_control": diff}]}}}
+    rows = curve_rows(results)
+    assert rows[0] == ["arm", "10 labels", "20 labels"]
+    assert rows[2][1] == "0.700 (0.600..0.800); vs control +0.050 (+0.010..+0.090) p=0.060"
+    assert rows[2][2].startswith("n/a")  # a budget an arm has no runs at says so
+    assert rows[3][0] == f"logistic ({REFERENCE_MARK})" and rows[3][1].startswith("n/a")

@@ -131,7 +131,8 @@ def curve_rows(results: dict[str, Any]) -> list[list[str]]:
         return []
     budgets = curve["labels"]
     rows = [["arm", *[f"{n} labels" for n in budgets]]]
-    for arm, points in curve["arms"].items():
+    series = [*curve["arms"].items(), *[(f"{k} ({REFERENCE_MARK})", v) for k, v in (curve.get("references") or {}).items()]]
+    for arm, points in series:
         by_n = {p["labels"]: p for p in points}
         cells = []
         for n in budgets:
@@ -331,10 +332,15 @@ def budget_figure(plt: Any, results: dict[str, Any]) -> str:
         dlo = [p["vs_control"]["lo"] for p in dpts]
         if dx and all(v is not None for v in dlo):
             ax2.fill_between(dx, dlo, [p["vs_control"]["hi"] for p in dpts], color=f"C{i}", alpha=0.15)
+    for ref, points in (curve.get("references") or {}).items():
+        pts = [p for p in points if p.get("metric") and p["metric"].get("mean") is not None]
+        ax1.plot([p["labels"] for p in pts], [p["metric"]["mean"] for p in pts], color="0.3", linestyle="--",
+                 marker="x", label=f"{ref} (reference)")
     ax2.axhline(0.0, color="0.4", linewidth=0.8)
     name = label(curve["metric"]) + direction(results, curve["metric"])
     for ax, title in ((ax1, name), (ax2, f"{label(curve['metric'])}: arm minus {curve['control']} (paired)")):
         ax.set_xscale("log")
+        ax.minorticks_off()  # the budgets are the ticks
         ax.set_xticks(curve["labels"], [str(n) for n in curve["labels"]])
         ax.set_xlabel("labeled training rows")
         ax.set_title(title, fontsize=9)
@@ -384,6 +390,11 @@ def markdown(results: dict[str, Any], timelines: dict[str, str], figure_notes: S
     out += ["## Red flags", ""]
     out += [f"- **{fl['code']}**{' (' + fl['arm'] + ')' if fl['arm'] else ''}: {fl['message']}"
             for fl in results["red_flags"]] or ["none"]
+    other = {n: b for n, b in (results.get("budgets") or {}).items() if str(n) != str(results.get("label_budget"))}
+    if other:
+        out += ["", "## Red flags at the other label budgets", ""]
+        out += [f"- {n} labels: **{fl['code']}**{' (' + fl['arm'] + ')' if fl['arm'] else ''}: {fl['message']}"
+                for n, b in other.items() for fl in b.get("red_flags", [])] or ["none"]
     out += ["", "## Notes", ""]
     out += [f"- {n}" for n in [*results["notes"], *figure_notes]] or ["none"]
     out += ["", "## Freeze timelines (first run of each arm)", ""]
@@ -426,6 +437,12 @@ def html_page(results: dict[str, Any], timelines: dict[str, str], figs: dict[str
     parts.append("<h2>Red flags</h2><ul>")
     parts += [f"<li class='flag'><b>{e(fl['code'])}</b>{' (' + e(fl['arm']) + ')' if fl['arm'] else ''}: "
               f"{e(fl['message'])}</li>" for fl in results["red_flags"]] or ["<li>none</li>"]
+    other = {n: b for n, b in (results.get("budgets") or {}).items() if str(n) != str(results.get("label_budget"))}
+    if other:
+        parts.append("</ul><h2>Red flags at the other label budgets</h2><ul>")
+        parts += [f"<li class='flag'>{e(str(n))} labels: <b>{e(fl['code'])}</b>"
+                  f"{' (' + e(fl['arm']) + ')' if fl['arm'] else ''}: {e(fl['message'])}</li>"
+                  for n, b in other.items() for fl in b.get("red_flags", [])] or ["<li>none</li>"]
     parts.append("</ul><h2>Notes</h2><ul>")
     parts += [f"<li>{e(n)}</li>" for n in [*results["notes"], *figure_notes]] or ["<li>none</li>"]
     parts.append("</ul>")

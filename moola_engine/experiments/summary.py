@@ -263,8 +263,14 @@ def budget_curve(grid: Grid, per: dict[Any, dict[str, Any]], view: TaskView) -> 
             arms.setdefault(arm["label"], []).append({
                 "labels": n, "n": arm["n"], "metric": (arm.get("metrics") or {}).get(view.primary),
                 "vs_control": (arm.get("vs_control") or {}).get(view.primary)})
+    refs: dict[str, list[dict[str, Any]]] = {}
+    for n in grid.labels:
+        for ref in (per[n].get("baselines") or {}).values():
+            refs.setdefault(ref["label"], []).append({
+                "labels": n, "n": ref["n"], "metric": (ref.get("metrics") or {}).get(view.primary),
+                "vs_control": (ref.get("vs_control") or {}).get(view.primary)})
     return {"metric": view.primary, "higher_is_better": view.higher_is_better, "labels": grid.labels,
-            "control": next(a.label for a in grid.arms if a.control), "arms": arms}
+            "control": next(a.label for a in grid.arms if a.control), "arms": arms, "references": refs}
 
 
 def _run_row(r: RunRecord) -> dict[str, Any]:
