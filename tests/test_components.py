@@ -294,3 +294,43 @@ def test_tasks_metrics_read_the_device_once() -> None:
     assert m["micro_f1"] == pytest.approx(2 * 1 / (2 * 1 + 1 + 0))
     r = Regression().metrics(torch.tensor([[1.0], [3.0]]), torch.tensor([1.0, 1.0]))
     assert r["loss"] == 2.0 and r["mae"] == 1.0 and np.isnan(r["r2"])
+
+
+@pytest.mark.slow
+def test_third_party_objective_pretrain_export_and_budget_ablation_through_the_cli(tmp_path: Path) -> None:
+    """The package's own pretraining objective, then export, then ablate --jobs 2 --labels: the CLI alone."""
+    from safetensors.torch import load_file
+
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target",
+                    str(target), str(PKG)], check=True, capture_output=True)
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    cfg = write_experiment(ws)
+    cfg.write_text(cfg.read_text() + '\n[model.pretrained]\npath = "artifacts/encoder.safetensors"\n\n'
+                                     '[pretrain]\nobjective = "waves-denoise"\nparams = { epochs = 2 }\n')
+    env = {**os.environ, "PYTHONPATH": str(target)}
+    pre = cli(["pretrain", "--config", "exp.toml", "--console", "none"], ws, env)
+    assert pre.returncode == 0, pre.stderr
+    enc = ws / "artifacts" / "encoder.safetensors"
+    assert not any(k.startswith("head.") for k in load_file(enc))
+    seen = json.loads(enc.with_suffix(".json").read_text())["data_seen"]
+    assert seen["kind"] == "waves" and seen["rows"]["train"] == 54
+
+    tr = cli(["train", "--config", "exp.toml", "--strategy", "gradual"], ws, env)
+    assert tr.returncode == 0, tr.stderr
+    events = [json.loads(x) for x in (run_folder(tr.stdout) / "events.jsonl").read_text().splitlines()]
+    loaded = next(e for e in events if e["event"] == "weights.loaded")
+    assert loaded["keys"] and all(k.startswith(("block1.", "block2.")) for k in loaded["keys"])
+    ex = cli(["export", "latest", "--module", "encoder", "--out", "exported/encoder.safetensors"], ws, env)
+    assert ex.returncode == 0, ex.stderr
+    keys = sorted(load_file(ws / "exported" / "encoder.safetensors"))
+    assert keys and all(k.startswith(("block1.", "block2.")) for k in keys)
+
+    abl = cli(["ablate", "--config", "exp.toml", "--strategies", "frozen,gradual", "--seeds", "2", "--jobs", "2",
+               "--labels", "12,24", "--no-figures", "--out", "grid"], ws, env)
+    assert abl.returncode == 0, abl.stderr
+    results = json.loads((ws / "grid" / "results.json").read_text())
+    assert results["runs_finished"] == 12 and results["labels"] == [12, 24]
+    assert set(results["budget_curve"]["arms"]) == {"control", "frozen", "gradual"}
+    assert all(p["vs_control"]["n"] == 2 for p in results["budget_curve"]["arms"]["gradual"])

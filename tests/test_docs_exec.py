@@ -138,7 +138,8 @@ def static_problems(command: str) -> list[str]:
     from moola_engine.cli import build_parser
 
     problems = []
-    defined = set(tomllib.loads((ROOT / "strategies.toml").read_text())["strategy"])
+    defined = {name for f in [ROOT / "strategies.toml", *sorted((ROOT / "examples").rglob("strategies.toml"))]
+               for name in tomllib.loads(f.read_text())["strategy"]}  # the project's and the examples' own
     for seg in segments(command):
         args = moola_args(seg)
         if args is None:
@@ -195,7 +196,10 @@ def shell_blocks() -> list[Block]:
 
 
 def test_docs_holds_pages_only() -> None:
-    others = [p.relative_to(ROOT) for p in DOCS.rglob("*") if p.is_file() and p.suffix != ".md"]
+    """Pages, and the images a page shows; scripts, logs and measurements live beside the benchmarks."""
+    pages = "".join(p.read_text(encoding="utf-8") for p in DOCS.rglob("*.md"))
+    others = [p.relative_to(ROOT) for p in DOCS.rglob("*") if p.is_file() and p.suffix != ".md"
+              and not (p.suffix in {".png", ".svg"} and p.name in pages)]
     assert not others, f"docs/ holds pages only; move these beside the benchmarks (benchmarks/): {others}"
 
 

@@ -23,7 +23,7 @@ from moola_engine.errors import ExitCode, MoolaError
 from moola_engine.version import __version__
 
 # Each module defines add_parser(subparsers) and run(args) -> int.
-COMMANDS = ["strategies", "components", "plan", "train", "verify", "runs", "pretrain", "baseline", "ablate", "demo"]
+COMMANDS = ["strategies", "components", "plan", "train", "verify", "runs", "pretrain", "export", "baseline", "ablate", "demo"]
 
 DESCRIPTION = ("moola-engine: train models with named transfer-learning strategies, prove with the run's\n"
                "event log what each group of weights did, and compare strategies against a random-encoder control.")

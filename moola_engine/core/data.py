@@ -466,6 +466,10 @@ def apply_label_budget(splits: Splits, k: int | None, req: DataRequest) -> Split
     if not isinstance(train, TensorData):
         raise ConfigError(req.source, "data.labels needs in-memory data (a Dataset-backed kind draws its own budget) "
                                       "@ $.data.labels")
+    if k > len(train):  # a budget larger than the rows would silently train on fewer labels than asked for
+        raise DataError(f"data.labels = {k}, but the training split of {req.source} holds {len(train)} rows "
+                        f"(data.kind = {req.cfg.kind!r}; a kind with its own budget option, such as the OHLC kind's "
+                        "label_budget, draws first): lower data.labels or raise the kind's own budget")
     y = train.y.cpu().numpy()
     idx = label_budget(req.stratify(y), k, req.seed, len(y))
     meta = {**splits.meta, "label_budget": k, "train_rows_before_budget": len(train)}

@@ -61,6 +61,15 @@ class NamedStrategy:
     description: str
     info: StrategyInfo
     source: str
+    train: dict[str, Any] = attrs.Factory(dict)
+    """``[strategy.NAME.train]``: this strategy's own ``[train]`` values (lr, epochs, optimizer, ...), applied over
+    the experiment's by :meth:`configure` wherever the strategy runs (train, plan, every ablation cell)."""
+
+    def configure(self, cfg: Any) -> Any:
+        """``cfg`` with this strategy's ``[strategy.NAME.train]`` values over its ``[train]`` table."""
+        if not self.train:
+            return cfg
+        return attrs.evolve(cfg, train=attrs.evolve(cfg.train, **self.train))
 
     def build(self) -> Any:
         """A fresh strategy object (hook implementations) for one run."""
@@ -262,6 +271,25 @@ def default_strategies_file(config_dir: str | Path | None = None) -> Path | None
     return None
 
 
+TRAIN_OVERRIDES = ("epochs", "lr", "optimizer", "weight_decay", "momentum", "batch_size", "grad_clip", "scheduler",
+                   "early_stopping", "restore_best")
+"""The ``[train]`` keys a strategy may set for itself in ``[strategy.NAME.train]``."""
+
+
+def check_train_overrides(table: Any, source: str, where: str) -> dict[str, Any]:
+    """A ``[strategy.NAME.train]`` table checked key by key (and typed) as ``[train]`` would be."""
+    from moola_engine.config import TrainConfig
+
+    if not isinstance(table, dict):
+        raise ConfigError(source, f"invalid value, expected a table @ {where}")
+    bad = sorted(set(table) - set(TRAIN_OVERRIDES))
+    if bad:
+        raise ConfigError(source, f"extra fields found ({', '.join(bad)}) @ {where}; a strategy may set "
+                                  f"{', '.join(TRAIN_OVERRIDES)}")
+    checked = structure(dict(table), TrainConfig, source=source, path=where)
+    return {k: getattr(checked, k) for k in table}
+
+
 def load_strategies(path: str | Path, registry: StrategyRegistry) -> dict[str, NamedStrategy]:
     """Read strategies.toml: ``[strategy.NAME] plugin = "..."`` plus that plugin's parameters."""
     source = str(path)
@@ -282,6 +310,12 @@ def load_strategies(path: str | Path, registry: StrategyRegistry) -> dict[str, N
         table = dict(table)
         plugin = table.pop("plugin", None)
         description = table.pop("description", None)
+        train_over = table.pop("train", {})
+        try:
+            train_over = check_train_overrides(train_over, source, f"{where}.train")
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+            continue
         if plugin is None:
             problems.append(f"required field missing @ {where}.plugin")
             continue
@@ -306,6 +340,7 @@ def load_strategies(path: str | Path, registry: StrategyRegistry) -> dict[str, N
             description=description if isinstance(description, str) else info.description,
             info=info,
             source=source,
+            train=train_over,
         )
     if problems:
         raise ConfigError(source, problems)

@@ -107,14 +107,21 @@ class Cell:
     control: bool
     seed: int
     fold: int
+    labels: int | None = None
+    """The label budget of this cell (``data.labels``; ``ablate --labels``), None: the config's."""
 
     @property
     def key(self) -> str:
-        return f"{self.label}__s{self.seed}__f{self.fold}"
+        return f"{self.label}__s{self.seed}__f{self.fold}" + (f"__n{self.labels}" if self.labels is not None else "")
 
     @property
     def run_name(self) -> str:
-        return f"{self.label}-f{self.fold}"
+        return f"{self.label}-f{self.fold}" + (f"-n{self.labels}" if self.labels is not None else "")
+
+    @property
+    def pair(self) -> tuple[int, int, int | None]:
+        """What a paired comparison matches on: the same seed, fold and label budget."""
+        return (self.seed, self.fold, self.labels)
 
 
 @attrs.frozen(kw_only=True)
@@ -126,12 +133,21 @@ class Grid:
     out: Path
     strategies_file: Path
     warnings: list[str] = attrs.Factory(list)
+    labels: list[int | None] = attrs.Factory(lambda: [None])
+    """The label-budget axis (``ablate --labels 10,25,50``): every arm x seed x fold runs at each budget."""
+    pinned: dict[str, Any] = attrs.Factory(dict)
+    """``[train]`` values from the command line (``ablate --epochs``): they win over an arm's own values."""
 
     def cells(self) -> list[Cell]:
         """Seed-major order (the order of the manifest and the report); :func:`run_order` is the order runs
         start in.  Either way a partly finished grid has whole seeds done, so its results already pair."""
-        return [Cell(label=a.label, strategy=a.strategy, control=a.control, seed=s, fold=f)
-                for s in self.seeds for f in range(self.folds) for a in self.arms]
+        return [Cell(label=a.label, strategy=a.strategy, control=a.control, seed=s, fold=f, labels=n)
+                for s in self.seeds for n in self.labels for f in range(self.folds) for a in self.arms]
+
+    @property
+    def budgets(self) -> bool:
+        """Whether this grid has a label-budget axis."""
+        return self.labels != [None]
 
     @property
     def cells_dir(self) -> Path:
@@ -165,12 +181,15 @@ def cell_config(grid: Grid, cell: Cell, threads: int | None) -> ExperimentConfig
     reruns an interrupted cell from its start, so per-epoch checkpoints would be written and never read (on the
     fine-tuning-size task they cost about 15% of a run); the last one keeps each cell's final weights."""
     cfg = control_config(grid.cfg) if cell.control else grid.cfg
+    epochs = int(grid.pinned.get("epochs") or max(cfg.train.epochs,
+                                                  grid.arm(cell.label).definition.get("train", {}).get("epochs") or 0))
     return attrs.evolve(
         cfg,
-        checkpoint=attrs.evolve(cfg.checkpoint, every=max(cfg.checkpoint.every, cfg.train.epochs)),
+        checkpoint=attrs.evolve(cfg.checkpoint, every=max(cfg.checkpoint.every, epochs)),
         run=attrs.evolve(cfg.run, runs_dir=str(grid.runs_dir), name=cell.run_name, console="none", strategy=None),
         train=attrs.evolve(cfg.train, seed=cell.seed, threads=threads if threads is not None else cfg.train.threads),
-        data=attrs.evolve(cfg.data, folds=grid.folds, fold=cell.fold),
+        data=attrs.evolve(cfg.data, folds=grid.folds, fold=cell.fold,
+                          labels=cell.labels if cell.labels is not None else cfg.data.labels),
     )
 
 
@@ -183,6 +202,8 @@ def build_grid(
     folds: int | None = None,
     out: Path,
     strategies_file: str | None = None,
+    labels: Sequence[int] | None = None,
+    pinned: dict[str, Any] | None = None,
 ) -> Grid:
     """Resolve every strategy and dry-run its plan now, so a typo fails in a second, not after an hour."""
     from moola_engine.core.preflight import preflight
@@ -198,6 +219,13 @@ def build_grid(
     seed_list = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
     if not seed_list:
         raise ConfigError("--seeds", "expected at least one seed")
+    budgets: list[int | None] = [None]
+    if labels:
+        if any(not isinstance(n, int) or isinstance(n, bool) or n < 1 for n in labels):
+            raise ConfigError("--labels", f"expected positive whole numbers, got {list(labels)}")
+        if len(set(labels)) != len(labels):
+            raise ConfigError("--labels", f"a budget is listed twice: {list(labels)}")
+        budgets = [*sorted(labels)]
     n_folds = folds if folds is not None else cfg.data.folds
     if n_folds < 1:
         raise ConfigError("--folds", f"expected a value >= 1, got {n_folds}")
@@ -225,15 +253,18 @@ def build_grid(
             if exc.source != "--strategy":
                 raise
             raise ConfigError("--control" if is_control else "--strategies", exc.problems) from None
-        pre = preflight(cfg, pm=pm, named=named, model=model)  # the same pre-flight as train and plan
+        arm_cfg = named.configure(cfg)  # [strategy.NAME.train]: its own values, then the flags
+        arm_cfg = attrs.evolve(arm_cfg, train=attrs.evolve(arm_cfg.train, **(pinned or {})))
+        pre = preflight(arm_cfg, pm=pm, named=named, model=model)  # the same pre-flight as train and plan
         model, plan = pre.model, pre.plan
         head = {g.name for g in pre.groups if g.head}
         numel = {g.name: g.numel() for g in pre.groups}
         work = sum(numel[g] for e in plan.epochs for g, on in e.trainable.items() if on and g not in head)
         arms.append(Arm(label=label, strategy=named.name, control=is_control,
-                        definition={"plugin": named.plugin, "params": unstructure(named.params)}, work=work))
+                        definition={"plugin": named.plugin, "params": unstructure(named.params),
+                                    **({"train": unstructure(named.train)} if named.train else {})}, work=work))
     return Grid(cfg=cfg, arms=arms, seeds=seed_list, folds=n_folds, out=out.resolve(), strategies_file=sfile,
-                warnings=warnings)
+                warnings=warnings, labels=budgets, pinned=dict(pinned or {}))
 
 
 # --------------------------------------------------------------------------- manifest and markers
@@ -247,6 +278,8 @@ def fingerprint(grid: Grid) -> dict[str, Any]:
     cfg["data"].pop("fold", None)
     cfg["data"]["folds"] = grid.folds
     cfg["train"].pop("threads", None)
+    if grid.budgets:  # each cell sets its own data.labels; budgets may be added later, like seeds
+        cfg["data"].pop("labels", None)
     pretrained = None
     if grid.cfg.model.pretrained is not None:
         p = Path(grid.cfg.model.pretrained.path)
@@ -254,7 +287,8 @@ def fingerprint(grid: Grid) -> dict[str, Any]:
             p = Path(grid.cfg.source).parent / p
         pretrained = sha256(p) if p.is_file() else None
     return {"experiment": cfg, "pretrained_sha256": pretrained,
-            "arms": {a.label: {"strategy": a.strategy, **a.definition} for a in grid.arms}}
+            "arms": {a.label: {"strategy": a.strategy, **a.definition} for a in grid.arms},
+            **({"pinned": grid.pinned} if grid.pinned else {})}
 
 
 def _diff(old: Any, new: Any, path: str = "") -> list[str]:
@@ -263,8 +297,8 @@ def _diff(old: Any, new: Any, path: str = "") -> list[str]:
         for k in sorted(set(old) | set(new)):
             if k in old and k in new:
                 out += _diff(old[k], new[k], f"{path}.{k}" if path else str(k))
-            elif path.startswith("arms") or path == "arms":
-                continue  # arms may be added or dropped between invocations
+            elif path == "arms":
+                continue  # arms may be added or dropped between invocations (a changed arm may not)
             else:
                 out.append(f"{path}.{k}" if path else str(k))
         return out
@@ -290,6 +324,7 @@ def prepare(grid: Grid) -> None:
     write_json_atomic(manifest, {
         "version": GRID_VERSION, "fingerprint": fp, "config_file": grid.cfg.source,
         "strategies_file": str(grid.strategies_file), "seeds": grid.seeds, "folds": grid.folds,
+        "labels": grid.labels,
         "arms": [attrs.asdict(a) for a in grid.arms], "cells": [c.key for c in grid.cells()],
     })
 
@@ -320,7 +355,7 @@ def read_marker(grid: Grid, cell: Cell) -> dict[str, Any] | None:
 def _write_marker(grid: Grid, cell: Cell, run_dir: Path, seconds: float, adopted: bool = False) -> None:
     write_json_atomic(grid.marker(cell), {
         "key": cell.key, "label": cell.label, "strategy": cell.strategy, "control": cell.control,
-        "seed": cell.seed, "fold": cell.fold, "run_dir": os.path.relpath(run_dir, grid.out),
+        "seed": cell.seed, "fold": cell.fold, "labels": cell.labels, "run_dir": os.path.relpath(run_dir, grid.out),
         "seconds": round(seconds, 3), "adopted": adopted,
     })
 
@@ -347,10 +382,14 @@ def _run_folders_of(grid: Grid) -> dict[str, list[Path]]:
         try:
             cfg = json.loads((d / "config.json").read_text(encoding="utf-8"))["config"]
             name, seed, fold = cfg["run"]["name"], cfg["train"]["seed"], cfg["data"]["fold"]
+            labels = cfg["data"].get("labels") if grid.budgets else None
         except (OSError, KeyError, TypeError, json.JSONDecodeError):
             continue
+        if labels is not None:
+            name = name.removesuffix(f"-n{labels}")
         label = name.rsplit("-f", 1)[0]
-        found.setdefault(f"{label}__s{seed}__f{fold}", []).append(d)
+        found.setdefault(Cell(label=label, strategy="", control=False, seed=seed, fold=fold, labels=labels).key,
+                         []).append(d)
     return found
 
 
@@ -387,6 +426,7 @@ class Task:
     strategies_file: str
     out: str
     marker: str
+    pinned: dict[str, Any] = attrs.Factory(dict)
 
 
 def _worker_main(conn: Any, threads: int) -> None:
@@ -435,7 +475,8 @@ def run_cell(task: Task) -> dict[str, Any]:
         random.seed(cell.seed)
         np.random.seed(cell.seed)
         torch.manual_seed(cell.seed)
-        outcome = train(task.cfg, strategy=cell.strategy, strategies_file=task.strategies_file)
+        outcome = train(task.cfg, strategy=cell.strategy, strategies_file=task.strategies_file,
+                        pinned=task.pinned or None)
     except MoolaError as exc:
         return {"key": cell.key, "ok": False, "error": str(exc)}
     except Exception as exc:  # a bug: keep the traceback for the user's report
@@ -444,7 +485,8 @@ def run_cell(task: Task) -> dict[str, Any]:
     seconds = time.perf_counter() - t0
     write_json_atomic(Path(task.marker), {
         "key": cell.key, "label": cell.label, "strategy": cell.strategy, "control": cell.control,
-        "seed": cell.seed, "fold": cell.fold, "run_dir": os.path.relpath(outcome.run_dir, task.out),
+        "seed": cell.seed, "fold": cell.fold, "labels": cell.labels,
+        "run_dir": os.path.relpath(outcome.run_dir, task.out),
         "seconds": round(seconds, 3), "adopted": False, "pid": os.getpid(),
     })
     return {"key": cell.key, "ok": True, "run_dir": str(outcome.run_dir), "seconds": seconds}
@@ -457,7 +499,7 @@ def run_cell(task: Task) -> dict[str, Any]:
 
 
 def describe(cell: Cell) -> str:
-    return f"{cell.label} seed {cell.seed} fold {cell.fold}"
+    return f"{cell.label} seed {cell.seed} fold {cell.fold}" + (f" {cell.labels} labels" if cell.labels else "")
 
 
 # --------------------------------------------------------------------------- the runner
@@ -505,7 +547,7 @@ def run_grid(grid: Grid, *, jobs: int | None = None, threads: int | None = None,
         print(f"ablate: {len(todo)} runs, {workers}, {threads} thread(s) each; "
               f"run folders in {grid.runs_dir}", file=stream)
     tasks = [Task(cfg=cell_config(grid, c, threads), cell=c, strategies_file=str(grid.strategies_file),
-                  out=str(grid.out), marker=str(grid.marker(c))) for c in todo]
+                  out=str(grid.out), marker=str(grid.marker(c)), pinned=grid.pinned) for c in todo]
     by_key = {c.key: c for c in todo}
     progress = Bar(len(cells), done=done, unit="runs", label="ablate", stream=stream)  # after our own prints
     progress.show(f"starting {describe(todo[0])}")

@@ -28,6 +28,22 @@ from moola_engine.runs.folders import write_json_atomic
 LABELS = {"accuracy": "accuracy", "balanced_accuracy": "balanced acc.", "auc": "AUC"}
 
 
+def label(metric: str) -> str:
+    return LABELS.get(metric, metric)
+
+
+def report_metrics(results: dict[str, Any]) -> list[str]:
+    """The metrics of the grid's task (results of an older engine: the classification three)."""
+    return list((results.get("task") or {}).get("metrics") or METRICS)
+
+
+def direction(results: dict[str, Any], metric: str) -> str:
+    task = results.get("task") or {}
+    if task.get("classes", True) or metric != task.get("primary"):
+        return ""
+    return " (higher is better)" if task.get("higher_is_better") else " (lower is better)"
+
+
 def _f(x: float | None, fmt: str = ".3f") -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
 
@@ -54,7 +70,7 @@ def table_rows(results: dict[str, Any], metric: str = "accuracy") -> list[list[s
     for fl in results["red_flags"]:
         if fl["arm"]:
             flags_by_arm.setdefault(fl["arm"], []).append(fl["code"])
-    rows = [["arm", "runs", f"{LABELS[metric]} (95% CI)", "vs control (paired, 95% CI)", "Wilcoxon", "MDE",
+    rows = [["arm", "runs", f"{label(metric)} (95% CI)", "vs control (paired, 95% CI)", "Wilcoxon", "MDE",
              "red flags"]]
     for arm in results["arms"]:
         vs = (arm.get("vs_control") or {}).get(metric)
@@ -94,7 +110,10 @@ def reference_note(results: dict[str, Any]) -> str | None:
 
 
 def text_table(results: dict[str, Any], metric: str = "accuracy") -> str:
-    rows = table_rows(results, metric)
+    return text_rows(table_rows(results, metric))
+
+
+def text_rows(rows: Sequence[Sequence[str]]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
 
@@ -105,14 +124,47 @@ def md_table(rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(out)
 
 
+def curve_rows(results: dict[str, Any]) -> list[list[str]]:
+    """The label-budget curve as a table: one row per arm, one column per budget (metric; paired vs control)."""
+    curve = results.get("budget_curve")
+    if not curve:
+        return []
+    budgets = curve["labels"]
+    rows = [["arm", *[f"{n} labels" for n in budgets]]]
+    series = [*curve["arms"].items(), *[(f"{k} ({REFERENCE_MARK})", v) for k, v in (curve.get("references") or {}).items()]]
+    for arm, points in series:
+        by_n = {p["labels"]: p for p in points}
+        cells = []
+        for n in budgets:
+            p = by_n.get(n) or {}
+            if arm == curve["control"]:
+                cells.append(_ci(p.get("metric")))
+            else:
+                cells.append(f"{_ci(p.get('metric'))}; vs control {_ci(p.get('vs_control'), signed=True)} "
+                             f"{_p((p.get('vs_control') or {}).get('p'))}")
+        rows.append([arm, *cells])
+    return rows
+
+
+def curve_heading(results: dict[str, Any]) -> str:
+    curve = results["budget_curve"]
+    return (f"Label-budget curve: {label(curve['metric'])}{direction(results, curve['metric'])} per budget "
+            f"(95% CI), and each arm minus the {curve['control']} arm over the same seeds and folds")
+
+
 def console_summary(results: dict[str, Any]) -> str:
-    maj = results["majority_rate"]
+    maj = results.get("majority_rate")
     refs = [r["label"] for r in reference_rows(results)]
-    lines = [text_table(results), *([f"({', '.join(refs)}: non-network reference, no training loop; same training "
-                                      "windows and evaluation split as the networks of each seed and fold)"]
-                                    if refs else []), "",
-             f"majority-class rate of the {results['eval_split']} set: {_ci(maj)}; "
-             f"{results['runs_finished']}/{results['runs_total']} runs"]
+    task = results.get("task") or {}
+    primary = task.get("primary", "accuracy")
+    lines = [text_table(results, primary),
+             *([f"({', '.join(refs)}: non-network reference, no training loop; same training "
+                "windows and evaluation split as the networks of each seed and fold)"] if refs else []), "",
+             (f"majority-class rate of the {results['eval_split']} set: {_ci(maj)}; " if maj else
+              f"task {task.get('name')}: {label(primary)}{direction(results, primary)}; ")
+             + f"{results['runs_finished']}/{results['runs_total']} runs"]
+    if results.get("budget_curve"):
+        lines += ["", curve_heading(results) + ":", text_rows(curve_rows(results))]
     for fl in results["red_flags"]:
         lines.append(f"RED FLAG [{fl['code']}] {fl['arm'] + ': ' if fl['arm'] else ''}{fl['message']}")
     for note in results["notes"]:
@@ -187,7 +239,7 @@ def _mean_curve(series: list[list[float]]) -> np.ndarray:
         return np.nanmean(arr, axis=0)
 
 
-def figures(records: Sequence[RunRecord]) -> tuple[dict[str, str], list[str]]:
+def figures(records: Sequence[RunRecord], results: dict[str, Any] | None = None) -> tuple[dict[str, str], list[str]]:
     """Base64 PNGs by name, and notes on what could not be drawn."""
     plt = _plt()
     if plt is None:
@@ -198,7 +250,8 @@ def figures(records: Sequence[RunRecord]) -> tuple[dict[str, str], list[str]]:
     colors = {label: f"C{i}" for i, label in enumerate(arms)}
 
     # learning curves: mean over runs (thick) and each run (thin)
-    keys = [k for k in ("train_loss", "val_loss", "val_accuracy") if any(k in (r.history[0] if r.history else {})
+    primary = ((results or {}).get("task") or {}).get("primary", "accuracy")
+    keys = [k for k in ("train_loss", "val_loss", f"val_{primary}") if any(k in (r.history[0] if r.history else {})
                                                                           for r in records)]
     if keys:
         fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.2), squeeze=False)
@@ -255,7 +308,45 @@ def figures(records: Sequence[RunRecord]) -> tuple[dict[str, str], list[str]]:
         axes[-1, 0].set_xlabel("epoch")
         fig.tight_layout()
         figs["freeze_timeline"] = _png(fig)
+    if results and results.get("budget_curve"):
+        figs["budget_curve"] = budget_figure(plt, results)
     return figs, notes
+
+
+def budget_figure(plt: Any, results: dict[str, Any]) -> str:
+    """Left: each arm's metric per label budget (95% CI bands); right: each arm minus the control (paired CI)."""
+    curve = results["budget_curve"]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for i, (arm, points) in enumerate(curve["arms"].items()):
+        pts = [p for p in points if p.get("metric") and p["metric"].get("mean") is not None]
+        xs = [p["labels"] for p in pts]
+        ax1.plot(xs, [p["metric"]["mean"] for p in pts], marker="o", color=f"C{i}", label=arm)
+        lo = [p["metric"]["lo"] for p in pts]
+        if xs and all(v is not None for v in lo):
+            ax1.fill_between(xs, lo, [p["metric"]["hi"] for p in pts], color=f"C{i}", alpha=0.15)
+        if arm == curve["control"]:
+            continue
+        dpts = [p for p in points if p.get("vs_control") and p["vs_control"].get("mean") is not None]
+        dx = [p["labels"] for p in dpts]
+        ax2.plot(dx, [p["vs_control"]["mean"] for p in dpts], marker="o", color=f"C{i}", label=arm)
+        dlo = [p["vs_control"]["lo"] for p in dpts]
+        if dx and all(v is not None for v in dlo):
+            ax2.fill_between(dx, dlo, [p["vs_control"]["hi"] for p in dpts], color=f"C{i}", alpha=0.15)
+    for ref, points in (curve.get("references") or {}).items():
+        pts = [p for p in points if p.get("metric") and p["metric"].get("mean") is not None]
+        ax1.plot([p["labels"] for p in pts], [p["metric"]["mean"] for p in pts], color="0.3", linestyle="--",
+                 marker="x", label=f"{ref} (reference)")
+    ax2.axhline(0.0, color="0.4", linewidth=0.8)
+    name = label(curve["metric"]) + direction(results, curve["metric"])
+    for ax, title in ((ax1, name), (ax2, f"{label(curve['metric'])}: arm minus {curve['control']} (paired)")):
+        ax.set_xscale("log")
+        ax.minorticks_off()  # the budgets are the ticks
+        ax.set_xticks(curve["labels"], [str(n) for n in curve["labels"]])
+        ax.set_xlabel("labeled training rows")
+        ax.set_title(title, fontsize=9)
+    ax1.legend(fontsize=7)
+    fig.tight_layout()
+    return _png(fig)
 
 
 # --------------------------------------------------------------------------- documents
@@ -265,20 +356,32 @@ FIGURE_TITLES = {
     "learning_curves": "Learning curves (mean over runs; thin lines: single runs)",
     "pretrained_distance": "Distance of each group from the pretrained weights",
     "freeze_timeline": "Freeze timeline of each arm (first run)",
+    "budget_curve": "Label-budget curve: every arm, and every arm against the control, per budget (95% CI)",
 }
 
 
+def _reference_line(results: dict[str, Any]) -> str:
+    maj = results.get("majority_rate")
+    if maj:
+        return f"Majority-class rate of the {results['eval_split']} set: {_ci(maj)}."
+    task = results.get("task") or {}
+    return (f"Task {task.get('name')}: compared by {label(task.get('primary', ''))}"
+            f"{direction(results, task.get('primary', ''))}; no majority-class reference (not a class task).")
+
+
 def markdown(results: dict[str, Any], timelines: dict[str, str], figure_notes: Sequence[str], command: str) -> str:
-    maj = results["majority_rate"]
     out = [
         "# Ablation report", "",
         f"Command: `{command}`  ", f"Config: `{results['config_file']}`; seeds {results['seeds']}, "
         f"{results['folds']} fold(s); {results['runs_finished']}/{results['runs_total']} runs finished; "
         f"metrics on the {results['eval_split']} split (mean size {results['eval_size']}).", "",
-        f"Majority-class rate of the {results['eval_split']} set: {_ci(maj)}.", "",
+        _reference_line(results), "",
     ]
-    for metric in METRICS:
-        out += [f"## {LABELS[metric]}", "", md_table(table_rows(results, metric)), ""]
+    if results.get("budget_curve"):
+        out += [f"## {curve_heading(results)}", "", md_table(curve_rows(results)), "",
+                f"Tables below: the largest budget ({results['label_budget']} labels).", ""]
+    for metric in report_metrics(results):
+        out += [f"## {label(metric)}{direction(results, metric)}", "", md_table(table_rows(results, metric)), ""]
     out += ["Intervals: 95% percentile bootstrap over runs. vs control: mean of paired differences (same seed and "
             "fold) with its bootstrap interval; Wilcoxon: two-sided signed-rank p; MDE: the smallest true difference "
             "this design detects with 80% power at alpha 0.05 (a null result cannot rule out smaller effects).", ""]
@@ -287,6 +390,11 @@ def markdown(results: dict[str, Any], timelines: dict[str, str], figure_notes: S
     out += ["## Red flags", ""]
     out += [f"- **{fl['code']}**{' (' + fl['arm'] + ')' if fl['arm'] else ''}: {fl['message']}"
             for fl in results["red_flags"]] or ["none"]
+    other = {n: b for n, b in (results.get("budgets") or {}).items() if str(n) != str(results.get("label_budget"))}
+    if other:
+        out += ["", "## Red flags at the other label budgets", ""]
+        out += [f"- {n} labels: **{fl['code']}**{' (' + fl['arm'] + ')' if fl['arm'] else ''}: {fl['message']}"
+                for n, b in other.items() for fl in b.get("red_flags", [])] or ["none"]
     out += ["", "## Notes", ""]
     out += [f"- {n}" for n in [*results["notes"], *figure_notes]] or ["none"]
     out += ["", "## Freeze timelines (first run of each arm)", ""]
@@ -298,7 +406,6 @@ def markdown(results: dict[str, Any], timelines: dict[str, str], figure_notes: S
 def html_page(results: dict[str, Any], timelines: dict[str, str], figs: dict[str, str], figure_notes: Sequence[str],
               command: str) -> str:
     e = html.escape
-    maj = results["majority_rate"]
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'><title>moola-engine ablation report</title>",
         "<style>body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
@@ -310,11 +417,17 @@ def html_page(results: dict[str, Any], timelines: dict[str, str], figs: dict[str
         f"<p>Command: <code>{e(command)}</code><br>Config: <code>{e(results['config_file'])}</code>; seeds "
         f"{e(str(results['seeds']))}, {results['folds']} fold(s); {results['runs_finished']}/{results['runs_total']} "
         f"runs finished; metrics on the {e(str(results['eval_split']))} split (mean size {results['eval_size']}).</p>",
-        f"<p>Majority-class rate of the {e(str(results['eval_split']))} set: {e(_ci(maj))}.</p>",
+        f"<p>{e(_reference_line(results))}</p>",
     ]
-    for metric in METRICS:
+    if results.get("budget_curve"):
+        rows = curve_rows(results)
+        parts.append(f"<h2>{e(curve_heading(results))}</h2><table><tr>" + "".join(f"<th>{e(c)}</th>" for c in rows[0])
+                     + "</tr>" + "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in rows[1:])
+                     + "</table>")
+    for metric in report_metrics(results):
         rows = table_rows(results, metric)
-        parts.append(f"<h2>{e(LABELS[metric])}</h2><table><tr>" + "".join(f"<th>{e(c)}</th>" for c in rows[0]) + "</tr>")
+        parts.append(f"<h2>{e(label(metric) + direction(results, metric))}</h2><table><tr>"
+                     + "".join(f"<th>{e(c)}</th>" for c in rows[0]) + "</tr>")
         refs = {b["label"] for b in reference_rows(results)}
         parts += [("<tr class='ref'>" if r[0] in refs else "<tr>") + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>"
                   for r in rows[1:]]
@@ -324,6 +437,12 @@ def html_page(results: dict[str, Any], timelines: dict[str, str], figs: dict[str
     parts.append("<h2>Red flags</h2><ul>")
     parts += [f"<li class='flag'><b>{e(fl['code'])}</b>{' (' + e(fl['arm']) + ')' if fl['arm'] else ''}: "
               f"{e(fl['message'])}</li>" for fl in results["red_flags"]] or ["<li>none</li>"]
+    other = {n: b for n, b in (results.get("budgets") or {}).items() if str(n) != str(results.get("label_budget"))}
+    if other:
+        parts.append("</ul><h2>Red flags at the other label budgets</h2><ul>")
+        parts += [f"<li class='flag'>{e(str(n))} labels: <b>{e(fl['code'])}</b>"
+                  f"{' (' + e(fl['arm']) + ')' if fl['arm'] else ''}: {e(fl['message'])}</li>"
+                  for n, b in other.items() for fl in b.get("red_flags", [])] or ["<li>none</li>"]
     parts.append("</ul><h2>Notes</h2><ul>")
     parts += [f"<li>{e(n)}</li>" for n in [*results["notes"], *figure_notes]] or ["<li>none</li>"]
     parts.append("</ul>")
@@ -344,7 +463,7 @@ def write_report(grid: Grid, results: dict[str, Any], records: Sequence[RunRecor
         firsts.setdefault(r.cell.label, r)
     order = [a.label for a in grid.arms if a.label in firsts]
     timelines = {label: timeline_text(firsts[label]) for label in order}
-    figs, fig_notes = figures(records) if with_figures and records else ({}, [])
+    figs, fig_notes = figures(records, results) if with_figures and records else ({}, [])
     paths = {"results": grid.out / "results.json", "markdown": grid.out / "report.md", "html": grid.out / "report.html"}
     write_json_atomic(paths["results"], {**results, "command": command, "freeze_timelines": timelines})
     for key, text in (("markdown", markdown(results, timelines, fig_notes, command)),

@@ -25,6 +25,7 @@ from moola_engine.experiments.ablation import Cell, Grid, cell_config, read_mark
 from moola_engine.logs import Event, read_events
 
 METRICS = ("accuracy", "balanced_accuracy", "auc")
+"""The metrics of a classification grid (the task ``classification`` and plugins' class tasks)."""
 WIDE_INTERVAL = 0.10
 """A paired accuracy interval that holds zero and is wider than this (10 points) cannot tell "no effect" from a
 large one.  (A wide interval that excludes zero still settles the direction.)"""
@@ -60,13 +61,49 @@ class RunRecord:
     """restore_best delivered weights from before these encoder transitions (``restore_best.before_transition``)."""
 
 
-def _metrics(outputs: np.ndarray, y: np.ndarray) -> dict[str, float]:
-    import torch
+@attrs.frozen(kw_only=True)
+class TaskView:
+    """What the ablation reads from the grid's task: the metrics it reports and compares, and their direction."""
 
-    from moola_engine.core.metrics import classification_metrics
+    task: Any
+    metrics: tuple[str, ...]
+    primary: str
+    higher_is_better: bool
+    classes: bool
+    """Class-index targets: the majority-class rate is a reference (and the near-majority/single-class flags apply)."""
 
-    m = classification_metrics(torch.as_tensor(outputs), torch.as_tensor(y).long())
-    return {k: float(m.get(k, math.nan)) for k in METRICS}
+    def compute(self, outputs: np.ndarray, y: np.ndarray) -> dict[str, float]:
+        import torch
+
+        if self.classes:
+            from moola_engine.core.metrics import classification_metrics
+
+            m = classification_metrics(torch.as_tensor(outputs), torch.as_tensor(y).long())
+        else:
+            m = self.task.metrics(torch.as_tensor(outputs), self.task.targets(y, where="predictions.npz"))
+            return {k: float(v) for k, v in m.items() if k != "loss"}
+        return {k: float(m.get(k, math.nan)) for k in self.metrics}
+
+
+def task_view(grid: Grid) -> TaskView:
+    """The grid's task (``[task]`` of its config): classification keeps accuracy, balanced accuracy and AUC;
+    any other task reports its ``primary`` metric first, then the other metrics its ``metrics()`` returns."""
+    from moola_engine.core.tasks import build_task
+
+    cfg = grid.cfg
+    task = build_task(cfg.task, source=cfg.source, base_dir=cfg.base_dir)
+    if task.classes:
+        return TaskView(task=task, metrics=METRICS, primary="accuracy", higher_is_better=True, classes=True)
+    return TaskView(task=task, metrics=(), primary=task.primary, higher_is_better=bool(task.higher_is_better),
+                    classes=False)
+
+
+def metric_names(view: TaskView, records: list[RunRecord]) -> tuple[str, ...]:
+    """The metrics a grid reports: the task's primary first, then the others its ``metrics()`` returned."""
+    if view.metrics:
+        return view.metrics
+    seen = sorted({k for r in records for k in r.metrics} - {view.primary})
+    return (view.primary, *seen)
 
 
 def _read_history(path: Path) -> list[dict[str, float]]:
@@ -79,7 +116,8 @@ def _read_history(path: Path) -> list[dict[str, float]]:
     return rows
 
 
-def read_run(grid: Grid, cell: Cell, marker: dict[str, Any]) -> RunRecord:
+def read_run(grid: Grid, cell: Cell, marker: dict[str, Any], view: TaskView | None = None) -> RunRecord:
+    view = view or task_view(grid)
     run_dir = grid.out / marker["run_dir"]
     with np.load(run_dir / "predictions.npz") as arrays:
         split = "test" if "test_outputs" in arrays.files else "val"
@@ -121,7 +159,8 @@ def read_run(grid: Grid, cell: Cell, marker: dict[str, Any]) -> RunRecord:
             if isinstance(value, (int, float)) and e.get("group") is not None and e.get("scope", "interval") == "interval":
                 distances.setdefault(str(e["group"]), []).append((int(e.get("epoch", 0)), float(value)))
     return RunRecord(
-        cell=cell, run_dir=run_dir, split=split, metrics=_metrics(outputs, y), majority=stats.majority_rate(y),
+        cell=cell, run_dir=run_dir, split=split, metrics=view.compute(outputs, y),
+        majority=stats.majority_rate(y) if view.classes else math.nan,
         outputs=outputs, y=y, history=_read_history(run_dir / "metrics.csv"), groups=groups,
         encoder_groups=[g for g in groups if g not in head], trainable_by_epoch=trainable_by_epoch,
         plan_trainable=plan_trainable, transitions=transitions, overrides=overrides, failed_checks=failed,
@@ -132,12 +171,13 @@ def read_run(grid: Grid, cell: Cell, marker: dict[str, Any]) -> RunRecord:
 def collect(grid: Grid) -> tuple[list[RunRecord], list[Cell]]:
     """Records of the finished cells of ``grid`` and the cells not finished yet."""
     records, missing = [], []
+    view = task_view(grid)
     for cell in grid.cells():
         marker = read_marker(grid, cell)
         if marker is None:
             missing.append(cell)
         else:
-            records.append(read_run(grid, cell, marker))
+            records.append(read_run(grid, cell, marker, view))
     return records, missing
 
 
@@ -159,7 +199,8 @@ def encoder_trained(rec: RunRecord) -> bool | None:
     return None
 
 
-def _arm_flags(label: str, runs: list[RunRecord], control: bool, definition: dict[str, Any]) -> tuple[
+def _arm_flags(label: str, runs: list[RunRecord], control: bool, definition: dict[str, Any], *,
+               classes: bool = True) -> tuple[
         list[dict[str, Any]], list[str]]:
     flags: list[dict[str, Any]] = []
     notes: list[str] = []
@@ -192,7 +233,8 @@ def _arm_flags(label: str, runs: list[RunRecord], control: bool, definition: dic
                            f"restore_best delivered weights from before an encoder transition in {len(early)} of "
                            f"{len(runs)} runs (first: epoch {t.get('best_epoch')}, before {t.get('group')} at epoch "
                            f"{t.get('epoch')}; {early[0].run_dir}): those encoders were never fine-tuned"))
-    single = [r for r in runs if len(np.unique(r.outputs.argmax(axis=1))) <= 1 and len(np.unique(r.y)) > 1]
+    single = [r for r in runs if classes and r.outputs.ndim == 2
+              and len(np.unique(r.outputs.argmax(axis=1))) <= 1 and len(np.unique(r.y)) > 1]
     if single:
         flags.append(_flag("single-class", label, f"predicts one class for every sample in {len(single)} of "
                                                   f"{len(runs)} runs"))
@@ -201,14 +243,64 @@ def _arm_flags(label: str, runs: list[RunRecord], control: bool, definition: dic
 
 def summarize(grid: Grid, *, records: list[RunRecord] | None = None, missing: list[Cell] | None = None,
               n_boot: int = stats.N_BOOT) -> dict[str, Any]:
-    """The machine-readable answer (``results.json``): arms, comparisons, red flags, per-run metrics."""
+    """The machine-readable answer (``results.json``): arms, comparisons, red flags, per-run metrics.
+
+    A grid with a label-budget axis (``ablate --labels``) is summarized per budget (``budgets``); the top level
+    holds the largest budget's tables, every run, and ``budget_curve``: each arm against the control per budget."""
     if records is None or missing is None:
         records, missing = collect(grid)
+    view = task_view(grid)
+    if not grid.budgets:
+        return _summarize(grid, records, missing, view, n_boot=n_boot, budget=None)
+    per = {n: _summarize(grid, [r for r in records if r.cell.labels == n], [c for c in missing if c.labels == n],
+                         view, n_boot=n_boot, budget=n) for n in grid.labels}
+    done = [n for n in grid.labels if per[n]["runs_finished"]]
+    top_n = done[-1] if done else grid.labels[-1]
+    top = dict(per[top_n])
+    top["notes"] = [f"label-budget grid ({', '.join(str(n) for n in grid.labels)} labels): the tables are for the "
+                    f"largest budget with finished runs ({top_n} labels); the label-budget curve compares every "
+                    "budget", *top["notes"]]
+    top.update(label_budget=top_n, labels=grid.labels, runs_finished=len(records), runs_total=len(grid.cells()),
+               runs=[_run_row(r) for r in records],
+               budgets={str(n): {k: v for k, v in per[n].items() if k != "runs"} for n in grid.labels},
+               budget_curve=budget_curve(grid, per, view))
+    return top
+
+
+def budget_curve(grid: Grid, per: dict[Any, dict[str, Any]], view: TaskView) -> dict[str, Any]:
+    """Every arm's primary metric per label budget, and its paired difference from the control, with intervals."""
+    arms: dict[str, list[dict[str, Any]]] = {}
+    for n in grid.labels:
+        for arm in per[n]["arms"]:
+            arms.setdefault(arm["label"], []).append({
+                "labels": n, "n": arm["n"], "metric": (arm.get("metrics") or {}).get(view.primary),
+                "vs_control": (arm.get("vs_control") or {}).get(view.primary)})
+    refs: dict[str, list[dict[str, Any]]] = {}
+    for n in grid.labels:
+        for ref in (per[n].get("baselines") or {}).values():
+            refs.setdefault(ref["label"], []).append({
+                "labels": n, "n": ref["n"], "metric": (ref.get("metrics") or {}).get(view.primary),
+                "vs_control": (ref.get("vs_control") or {}).get(view.primary)})
+    return {"metric": view.primary, "higher_is_better": view.higher_is_better, "labels": grid.labels,
+            "control": next(a.label for a in grid.arms if a.control), "arms": arms, "references": refs}
+
+
+def _run_row(r: RunRecord) -> dict[str, Any]:
+    return {"key": r.cell.key, "label": r.cell.label, "seed": r.cell.seed, "fold": r.cell.fold,
+            "labels": r.cell.labels, "run_dir": str(r.run_dir), "split": r.split,
+            "majority": None if math.isnan(r.majority) else r.majority,
+            **{m: (None if math.isnan(v) else v) for m, v in r.metrics.items()}}
+
+
+def _summarize(grid: Grid, records: list[RunRecord], missing: list[Cell], view: TaskView, *, n_boot: int,
+               budget: int | None) -> dict[str, Any]:
+    metrics = metric_names(view, records)
+    primary = view.primary
     by_arm: dict[str, list[RunRecord]] = {a.label: [] for a in grid.arms}
     for r in records:
         by_arm[r.cell.label].append(r)
     control = next(a for a in grid.arms if a.control)
-    ctrl = {(r.cell.seed, r.cell.fold): r for r in by_arm[control.label]}
+    ctrl = {r.cell.pair: r for r in by_arm[control.label]}
     splits = sorted({r.split for r in records})
     red: list[dict[str, Any]] = []
     notes: list[str] = list(grid.warnings)
@@ -218,8 +310,9 @@ def summarize(grid: Grid, *, records: list[RunRecord] | None = None, missing: li
     if "val" in splits:
         notes.append("some runs have no test split: their metrics are on the validation split, which also chose the "
                      "best epoch (optimistic)")
+    cells_total = len([c for c in grid.cells() if c.labels == budget])
     if missing:
-        notes.append(f"{len(missing)} of {len(grid.cells())} runs are not finished; statistics use the finished "
+        notes.append(f"{len(missing)} of {cells_total} runs are not finished; statistics use the finished "
                      "ones (rerun the ablate command to complete the grid)")
 
     arms_out: list[dict[str, Any]] = []
@@ -232,36 +325,39 @@ def summarize(grid: Grid, *, records: list[RunRecord] | None = None, missing: li
             entry["metrics"] = {}
             arms_out.append(entry)
             continue
-        entry["metrics"] = {m: stats.estimate([r.metrics[m] for r in runs], n_boot=n_boot).to_json() for m in METRICS}
-        over = stats.estimate([r.metrics["accuracy"] - r.majority for r in runs], n_boot=n_boot)
-        entry["vs_majority"] = over.to_json()
-        # an undefined interval (one run) says nothing either way: None, and it cannot raise near-majority
-        within = None if not math.isfinite(over.lo) else not over.lo > FLOAT_TOLERANCE
-        entry["within_noise_of_majority"] = within
-        near_majority.append(within)
-        flags, arm_notes = _arm_flags(arm.label, runs, arm.control, arm.definition)
+        entry["metrics"] = {m: stats.estimate([r.metrics.get(m, math.nan) for r in runs], n_boot=n_boot).to_json()
+                            for m in metrics}
+        if view.classes:
+            over = stats.estimate([r.metrics["accuracy"] - r.majority for r in runs], n_boot=n_boot)
+            entry["vs_majority"] = over.to_json()
+            # an undefined interval (one run) says nothing either way: None, and it cannot raise near-majority
+            within = None if not math.isfinite(over.lo) else not over.lo > FLOAT_TOLERANCE
+            entry["within_noise_of_majority"] = within
+            near_majority.append(within)
+        flags, arm_notes = _arm_flags(arm.label, runs, arm.control, arm.definition, classes=view.classes)
         red += flags
         notes += arm_notes
         entry["encoder_trained_runs"] = sum(encoder_trained(r) is True for r in runs)
         if not arm.control:
-            pairs = [(r, ctrl[(r.cell.seed, r.cell.fold)]) for r in runs if (r.cell.seed, r.cell.fold) in ctrl]
+            pairs = [(r, ctrl[r.cell.pair]) for r in runs if r.cell.pair in ctrl]
             entry["pairs"] = len(pairs)
             entry["vs_control"] = {
-                m: stats.paired_difference([a.metrics[m] for a, _ in pairs], [b.metrics[m] for _, b in pairs],
-                                           n_boot=n_boot).to_json() for m in METRICS}
+                m: stats.paired_difference([a.metrics.get(m, math.nan) for a, _ in pairs],
+                                           [b.metrics.get(m, math.nan) for _, b in pairs],
+                                           n_boot=n_boot).to_json() for m in metrics}
             same = sum(predictions_identical(a.outputs, b.outputs) for a, b in pairs)
             entry["identical_to_control"] = same
             if pairs and same == len(pairs):
                 red.append(_flag("predictions-identical", arm.label,
                                  f"predictions identical to the control's in all {same} paired runs: the strategy "
                                  "changed nothing the test set can see"))
-            acc = entry["vs_control"]["accuracy"]
-            nonzero = sum(a.metrics["accuracy"] != b.metrics["accuracy"] for a, b in pairs)
+            acc = entry["vs_control"][primary]
+            nonzero = sum(a.metrics[primary] != b.metrics[primary] for a, b in pairs)
             if len(pairs) and nonzero < MIN_PAIRS:
                 red.append(_flag("too-few-pairs", arm.label,
                                  f"{nonzero} non-zero paired differences: the Wilcoxon test cannot reach p < 0.05 "
                                  f"with fewer than {MIN_PAIRS} (run more seeds or folds)"))
-            if (acc["lo"] is not None and acc["hi"] is not None and acc["lo"] <= 0.0 <= acc["hi"]
+            if (view.classes and acc["lo"] is not None and acc["hi"] is not None and acc["lo"] <= 0.0 <= acc["hi"]
                     and acc["hi"] - acc["lo"] > WIDE_INTERVAL):
                 red.append(_flag("interval-too-wide", arm.label,
                                  f"95% interval of the accuracy difference vs control is {acc['lo']:+.3f}..{acc['hi']:+.3f} "
@@ -270,7 +366,8 @@ def summarize(grid: Grid, *, records: list[RunRecord] | None = None, missing: li
     baselines: dict[str, Any] = {}
     ref: dict[str, Any] | None = None
     for comp in _baselines():
-        entry_b, ref_flags, ref_notes = reference_baseline(grid, ctrl, comp, n_boot=n_boot)
+        entry_b, ref_flags, ref_notes = reference_baseline(grid, ctrl, comp, n_boot=n_boot, budget=budget,
+                                                           metrics=metrics, classes=view.classes)
         if entry_b is not None:
             baselines[comp.name] = entry_b
             ref = ref or entry_b
@@ -286,15 +383,17 @@ def summarize(grid: Grid, *, records: list[RunRecord] | None = None, missing: li
         red.append(_flag("near-majority", None, msg))
 
     majority = [r.majority for r in records]
-    return {
+    out = {
         "config_file": grid.cfg.source,
         "out": str(grid.out),
         "seeds": grid.seeds,
         "folds": grid.folds,
         "eval_split": splits[0] if len(splits) == 1 else splits,
         "runs_finished": len(records),
-        "runs_total": len(grid.cells()),
-        "majority_rate": stats.estimate(majority, n_boot=n_boot).to_json(),
+        "runs_total": cells_total,
+        "task": {"name": getattr(view.task, "name", grid.cfg.task.name), "primary": primary,
+                 "higher_is_better": view.higher_is_better, "classes": view.classes, "metrics": list(metrics)},
+        "majority_rate": stats.estimate(majority, n_boot=n_boot).to_json() if view.classes else None,
         "eval_size": int(np.mean([len(r.y) for r in records])) if records else 0,
         "arms": arms_out,
         "baselines": baselines,
@@ -303,10 +402,11 @@ def summarize(grid: Grid, *, records: list[RunRecord] | None = None, missing: li
         "statistics": {"interval": "95% percentile bootstrap of the mean over runs", "n_boot": n_boot,
                        "paired_test": "two-sided Wilcoxon signed-rank over (seed, fold) pairs",
                        "mde": f"paired t, alpha {stats.ALPHA}, power {stats.POWER}, from the SD of the differences"},
-        "runs": [{"key": r.cell.key, "label": r.cell.label, "seed": r.cell.seed, "fold": r.cell.fold,
-                  "run_dir": str(r.run_dir), "split": r.split, "majority": r.majority,
-                  **{m: (None if math.isnan(v) else v) for m, v in r.metrics.items()}} for r in records],
+        "runs": [_run_row(r) for r in records],
     }
+    if budget is not None:
+        out["label_budget"] = budget
+    return out
 
 
 # --------------------------------------------------------------------------- the non-network reference
@@ -319,8 +419,10 @@ def _baselines() -> list[Any]:
     return default_registries()["baseline"].items()
 
 
-def reference_baseline(grid: Grid, ctrl: dict[tuple[int, int], RunRecord], comp: Any, *,
-                       n_boot: int = stats.N_BOOT) -> tuple[dict[str, Any] | None, list[dict[str, Any]], list[str]]:
+def reference_baseline(grid: Grid, ctrl: dict[Any, RunRecord], comp: Any, *,
+                       n_boot: int = stats.N_BOOT, budget: int | None = None,
+                       metrics: tuple[str, ...] = METRICS, classes: bool = True
+                       ) -> tuple[dict[str, Any] | None, list[dict[str, Any]], list[str]]:
     """One registered baseline fitted for every (seed, fold) of ``grid``: entry, red flags, notes.
 
     Each cell's splits come from the control cell's own config (:func:`moola_engine.experiments.ablation.cell_config`:
@@ -336,7 +438,7 @@ def reference_baseline(grid: Grid, ctrl: dict[tuple[int, int], RunRecord], comp:
     flags: list[dict[str, Any]] = []
     runs: list[dict[str, Any]] = []
     mismatched: list[str] = []
-    for cell in (c for c in grid.cells() if c.control):
+    for cell in (c for c in grid.cells() if c.control and c.labels == budget):
         cfg = cell_config(grid, cell, threads=None)
         try:
             task = build_task(cfg.task, source=cfg.source, base_dir=cfg.base_dir)
@@ -351,10 +453,11 @@ def reference_baseline(grid: Grid, ctrl: dict[tuple[int, int], RunRecord], comp:
             return None, [], [f"no {label} baseline: it cannot read data.kind = {grid.cfg.data.kind!r}"]
         split = "test" if "test" in res else "val"
         y = getattr(splits, split).y.cpu().numpy()
-        run = {"seed": cell.seed, "fold": cell.fold, "split": split, "train_size": len(splits.train),
-               "eval_size": len(y), "majority": stats.majority_rate(y),
-               **{m: _num(res[split][m]) for m in METRICS}}
-        c = ctrl.get((cell.seed, cell.fold))
+        run = {"seed": cell.seed, "fold": cell.fold, "labels": cell.labels, "split": split,
+               "train_size": len(splits.train), "eval_size": len(y),
+               "majority": stats.majority_rate(y) if classes else None,
+               **{m: _num(res[split].get(m)) for m in metrics}}
+        c = ctrl.get(cell.pair)
         if c is not None and (c.split != split or not np.array_equal(c.y, y)):
             mismatched.append(f"seed {cell.seed} fold {cell.fold}")
             run["paired"] = False
@@ -371,15 +474,15 @@ def reference_baseline(grid: Grid, ctrl: dict[tuple[int, int], RunRecord], comp:
         return [math.nan if r[m] is None else r[m] for r in rows]
 
     paired = [r for r in runs if r["paired"]]
-    ctrl_rows = [ctrl[(r["seed"], r["fold"])] for r in paired]
+    ctrl_rows = [ctrl[(r["seed"], r["fold"], r["labels"])] for r in paired]
     entry: dict[str, Any] = {
         "label": label, "reference": True, "baseline": comp.name, "source": comp.source, "n": len(runs),
         "pairs": len(paired), "eval_split": sorted({r["split"] for r in runs})[0] if runs else None,
-        "metrics": {m: stats.estimate(values(m, runs), n_boot=n_boot).to_json() for m in METRICS},
-        "vs_majority": stats.estimate([r["accuracy"] - r["majority"] for r in runs if r["accuracy"] is not None],
-                                      n_boot=n_boot).to_json(),
+        "metrics": {m: stats.estimate(values(m, runs), n_boot=n_boot).to_json() for m in metrics},
+        "vs_majority": stats.estimate([r["accuracy"] - r["majority"] for r in runs if r.get("accuracy") is not None],
+                                      n_boot=n_boot).to_json() if classes else None,
         "vs_control": {m: stats.paired_difference(values(m, paired), [c.metrics[m] for c in ctrl_rows],
-                                                  n_boot=n_boot).to_json() for m in METRICS},
+                                                  n_boot=n_boot).to_json() for m in metrics},
         "runs": runs,
     }
     return entry, flags, []

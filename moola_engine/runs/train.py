@@ -24,8 +24,8 @@ from moola_engine.config import ExperimentConfig, unstructure
 from moola_engine.core import distributed
 from moola_engine.core.components import registries
 from moola_engine.core.data import build_splits
-from moola_engine.core.preflight import preflight
 from moola_engine.core.engine import Engine, FitResult, select_device
+from moola_engine.core.export import save_weights
 from moola_engine.core.plugins import (
     NamedStrategy,
     build_plugin_manager,
@@ -34,6 +34,7 @@ from moola_engine.core.plugins import (
     register_checked,
     select_strategy,
 )
+from moola_engine.core.preflight import preflight
 from moola_engine.errors import ConfigError, DataError, MoolaError
 from moola_engine.logs import Event, RunLog, bind, clear_contextvars
 from moola_engine.runs.checkpoint import ResumeState, open_resume, resume_strategy
@@ -49,6 +50,9 @@ class RunOutcome:
     fit: FitResult
     test_metrics: dict[str, float]
     strategy: str
+    model: Any = None
+    """The trained model (the weights ``fit`` ended with: the best epoch's when ``train.restore_best``), on the
+    training device; also saved as ``model.safetensors`` in the run folder (``moola-engine export``)."""
 
 
 def resolve_run_dir(path: str | Path) -> Path:
@@ -144,6 +148,7 @@ def train(
     capture: bool = False,
     resume: str | Path | None = None,
     on_run_dir: Callable[[Path], None] | None = None,
+    pinned: dict[str, Any] | None = None,
 ) -> RunOutcome:
     """Run one training as ``cfg`` describes; raises :class:`MoolaError` subclasses for user errors.
 
@@ -152,6 +157,8 @@ def train(
     A symlink (``runs/latest``) is resolved to its real folder before anything is read or written.
     ``on_run_dir``: called with the run folder as soon as it exists (before any training), e.g. to write its
     path to a file (``train --run-dir-file``): the race-free way to learn which folder this run writes.
+    ``pinned``: ``[train]`` values set on the command line (``--epochs``): they win over the strategy's own
+    ``[strategy.NAME.train]`` values, which win over the experiment's ``[train]``.
     """
     if resume is not None:
         resume = resolve_run_dir(resume)
@@ -159,6 +166,9 @@ def train(
         pm, named = resolve_strategy(cfg, strategy, strategies_file, extra_plugins)
     else:
         pm, named = resume_strategy(Path(resume), extra_plugins)
+    cfg = named.configure(cfg)  # [strategy.NAME.train]: the strategy's own lr, epochs, optimizer, ...
+    if pinned:
+        cfg = attrs.evolve(cfg, train=attrs.evolve(cfg.train, **pinned))
     base_dir = cfg.base_dir
     allow = set(cfg.run.allow)
 
@@ -200,7 +210,8 @@ def train(
         log.debug(Event.CONFIG_LOADED, config=unstructure(cfg))
         pre.replay_overrides(log)
         log.info(Event.STRATEGY_SELECTED, plugin=named.plugin, params=unstructure(named.params),
-                 source=named.info.source, strategies_file=named.source)
+                 source=named.info.source, strategies_file=named.source,
+                 **({"train_overrides": unstructure(named.train)} if named.train else {}))
         if resume is None:
             write_json_atomic(run_dir / "config.json", {"config": unstructure(cfg), "strategy": named.name,
                                                         "plugin": named.plugin, "params": unstructure(named.params),
@@ -230,6 +241,9 @@ def train(
         if test_metrics:
             log.info(Event.EVALUATION_COMPLETED, split="test", **test_metrics)
         save_predictions(run_dir / "predictions.npz", engine, splits)
+        if dist_ctx.is_main:  # the final weights, for `moola-engine export` and [model.pretrained] of a next run
+            save_weights({k: v.detach().cpu().contiguous().clone() for k, v in engine.model.state_dict().items()},
+                         run_dir / "model.safetensors", {"run_id": run_id, "strategy": named.name})
         write_json_atomic(run_dir / "result.json", {
             "run_id": run_id, "strategy": named.name, "epochs_run": fit.epochs_run, "best_epoch": fit.best_epoch,
             "stopped_early": fit.stopped_early, "stop_reason": fit.stop_reason, "seconds": fit.seconds,
@@ -238,7 +252,8 @@ def train(
         })
         log.info(Event.RUN_FINISHED, epochs_run=fit.epochs_run, stop_reason=fit.stop_reason,
                  seconds=round(fit.seconds, 3), **test_metrics)
-        return RunOutcome(run_id=run_id, run_dir=run_dir, fit=fit, test_metrics=test_metrics, strategy=named.name)
+        return RunOutcome(run_id=run_id, run_dir=run_dir, fit=fit, test_metrics=test_metrics, strategy=named.name,
+                          model=engine.model)
     except MoolaError as exc:
         log.error(Event.RUN_FAILED, error=str(exc), error_type=type(exc).__name__)
         raise

@@ -28,8 +28,12 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                                                                 "./strategies.toml)")
     p.add_argument("--control", help="strategy of the random-encoder control (default: immediate)")
     p.add_argument("--seeds", type=positive_int, help="seeds 0..N-1 (default: 5, or the preset's)")
+    p.add_argument("--labels", metavar="N,N,...",
+                   help="label budgets: every arm x seed x fold runs with data.labels = N training labels (stratified, "
+                        "drawn per seed), and the report gains a curve of every arm against the control per budget")
     p.add_argument("--folds", type=positive_int, help="folds per seed (default: data.folds of the config)")
-    p.add_argument("--epochs", type=positive_int, help="override train.epochs (a different grid: use a different --out)")
+    p.add_argument("--epochs", type=positive_int, help="override train.epochs, an arm's own [strategy.NAME.train] epochs too "
+                                                       "(a different grid: use a different --out)")
     p.add_argument("--jobs", type=positive_int, help=f"worker processes (default: cores = {default_jobs()})")
     p.add_argument("--threads", type=positive_int, help="torch threads per worker (default: cores // jobs)")
     p.add_argument("--out", help="grid folder (default: <run.runs_dir>/ablate-<preset or config name>); "
@@ -78,8 +82,15 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else default_out(cfg, name)
     if not args.report_only:
         writable_output(out, flag="--out" if args.out else "run.runs_dir", is_dir=True)  # before any work starts
+    labels = parse_labels(args.labels)
+    if labels is None:
+        labels = manifest_labels(out)
+        if labels:
+            print(f"ablate: {out} is a label-budget grid: using its budgets {','.join(map(str, labels))} "
+                  "(pass --labels to change them)", file=sys.stderr)
     grid = build_grid(cfg, strategies=strategies, control=control, seeds=seeds, folds=folds, out=out,
-                      strategies_file=args.strategies_file)
+                      strategies_file=args.strategies_file, labels=labels,
+                      pinned={"epochs": args.epochs} if args.epochs is not None else None)
     for w in grid.warnings:
         print(f"WARNING: {w}", file=sys.stderr)
     if not args.report_only:
@@ -95,6 +106,34 @@ def run(args: argparse.Namespace) -> int:
     print(console_summary(results))
     print(f"report: {paths['html']}  (also {paths['markdown'].name}, {paths['results'].name})")
     return 0
+
+
+def parse_labels(text: str | None) -> list[int] | None:
+    """``--labels 10,25,50`` -> [10, 25, 50]; a word, a zero or a duplicate is a usage error naming the flag."""
+    if text is None:
+        return None
+    out: list[int] = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part.isdigit() or int(part) < 1:
+            raise ConfigError("--labels", f"expected comma-separated positive whole numbers like 10,25,50, got {text!r}")
+        out.append(int(part))
+    if not out:
+        raise ConfigError("--labels", "expected at least one budget")
+    return out
+
+
+def manifest_labels(out: object) -> list[int] | None:
+    """The label budgets an existing grid folder was run with (None: none, or no readable manifest)."""
+    import json
+    from pathlib import Path
+
+    try:
+        labels = json.loads((Path(str(out)) / "grid.json").read_text(encoding="utf-8")).get("labels")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if isinstance(labels, list) and labels and all(isinstance(n, int) and not isinstance(n, bool) for n in labels):
+        return labels
+    return None
 
 
 def ray_executor(args: argparse.Namespace) -> object | None:
@@ -123,6 +162,8 @@ def rerun_command(grid: Grid, args: argparse.Namespace) -> str:
     parts += ["--config", grid.cfg.source, "--strategies", ",".join(a.label for a in grid.arms if not a.control),
               "--control", next(a.strategy for a in grid.arms if a.control), "--seeds", str(len(grid.seeds)),
               "--folds", str(grid.folds)]
+    if grid.budgets:
+        parts += ["--labels", ",".join(str(n) for n in grid.labels)]
     if args.epochs is not None:
         parts += ["--epochs", str(args.epochs)]
     if args.strategies_file:

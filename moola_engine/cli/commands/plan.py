@@ -29,9 +29,10 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config) if args.config else ExperimentConfig()
+    pm, named = resolve_strategy(cfg, args.strategy, args.strategies)
+    cfg = named.configure(cfg)  # [strategy.NAME.train], then the command line
     if args.epochs:
         cfg = attrs.evolve(cfg, train=attrs.evolve(cfg.train, epochs=args.epochs))
-    pm, named = resolve_strategy(cfg, args.strategy, args.strategies)
     plan = preflight(cfg, pm=pm, named=named, allow=[*cfg.run.allow, *args.allow]).plan  # the one pre-flight
     if args.json:
         print(json.dumps(plan.to_json(), indent=2))

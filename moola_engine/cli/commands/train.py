@@ -86,9 +86,10 @@ def run(args: argparse.Namespace) -> int:
     if args.console:
         run_cfg = attrs.evolve(run_cfg, console=args.console)
     cfg = attrs.evolve(cfg, train=train_cfg, run=run_cfg)
+    pinned = {"epochs": args.epochs} if args.epochs is not None else None  # wins over [strategy.NAME.train]
     with progress(cfg) as plugins:
         outcome = train(cfg, strategy=args.strategy, strategies_file=args.strategies, extra_plugins=plugins,
-                        on_run_dir=_writer(args))
+                        on_run_dir=_writer(args), pinned=pinned)
     print(f"run folder: {outcome.run_dir}/  (events.jsonl, metrics.csv, result.json)")
     return 0
 

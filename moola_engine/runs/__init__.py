@@ -1,0 +1,1 @@
+"""One run from config: run folders, observers, checkpoints and resume."""
