@@ -41,7 +41,6 @@ import copy
 import datetime as dt
 import json
 import os
-import random
 import re
 import shutil
 import time
@@ -51,16 +50,14 @@ from pathlib import Path
 from typing import Any
 
 import attrs
-import numpy as np
 import torch
 from safetensors.torch import save_file
 
 from moola_engine import jsonsafe
-from moola_engine.core.hookspecs import hookimpl
 from moola_engine.config import CheckpointConfig, ExperimentConfig, structure
 from moola_engine.core.freezing import apply_module_modes
-from moola_engine.core.preflight import seed_everything
-from moola_engine.core.state import Unencodable, decode, encode, load_strategy_state, strategy_state
+from moola_engine.core.hookspecs import hookimpl
+from moola_engine.core.state import Unencodable, decode, encode, strategy_state
 from moola_engine.errors import CheckFailed, CheckpointError, ConfigError, MoolaError, WeightsError
 from moola_engine.logs import Event
 from moola_engine.runs.folders import ensure_writable

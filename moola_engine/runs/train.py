@@ -18,7 +18,6 @@ from typing import IO, Any
 import attrs
 import numpy as np
 
-from moola_engine.version import __version__
 from moola_engine.checks.loading import load_pretrained
 from moola_engine.config import ExperimentConfig, unstructure
 from moola_engine.core import distributed
@@ -41,6 +40,7 @@ from moola_engine.runs.checkpoint import ResumeState, open_resume, resume_strate
 from moola_engine.runs.folders import create_run_dir, link_latest, new_run_id, write_json_atomic
 from moola_engine.runs.observers import build_observers
 from moola_engine.runs.sinks import SinkRun, check_sinks, open_sinks
+from moola_engine.version import __version__
 
 
 @attrs.define
