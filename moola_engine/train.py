@@ -11,6 +11,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from collections.abc import Callable
 from typing import IO, Any
 
 import attrs
@@ -115,11 +116,14 @@ def train(
     stream: IO[str] | None = None,
     capture: bool = False,
     resume: str | Path | None = None,
+    fit_fn: Callable[[Engine, ResumeState | None], FitResult] | None = None,
 ) -> RunOutcome:
     """Run one training as ``cfg`` describes; raises :class:`MoolaError` subclasses for user errors.
 
     ``resume``: a run folder to continue from its newest checkpoint, in place
     (``cfg`` is then ``checkpoint.run_config(resume)``; the strategy comes from its config.json).
+    ``fit_fn``: what trains the built engine instead of ``engine.fit(start)`` (:mod:`.batched` trains several
+    runs' engines as one stacked computation through it); everything before and after stays this function's.
     """
     if resume is None:
         pm, named = resolve_strategy(cfg, strategy, strategies_file, extra_plugins)
@@ -189,7 +193,7 @@ def train(
             val_data=splits.val, checks=cfg.checks, logger=log, run_dir=run_dir, strategy_name=named.name,
             allow=sorted(allow), pretrained=pretrained,
         )
-        fit = engine.fit(start=start)
+        fit = engine.fit(start=start) if fit_fn is None else fit_fn(engine, start)
         test_metrics = engine.evaluate(splits.test, prefix="test_") if splits.test is not None else {}
         if test_metrics:
             log.info(Event.EVALUATION_COMPLETED, split="test", **test_metrics)
