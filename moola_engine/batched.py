@@ -51,7 +51,6 @@ import attrs
 import numpy as np
 import structlog
 import torch
-from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 
 from .checks import GradFlowCheck
@@ -193,7 +192,7 @@ class _Run:
             return None
         try:
             return self.ctx.run(fn, *args, **kwargs)
-        except BaseException as exc:  # noqa: BLE001 - delivered to the run's own thread, which logs and raises it
+        except BaseException as exc:
             self.error, self.active = exc, False
             return None
 
@@ -359,7 +358,7 @@ def _fit_group(runs: list[_Run], stack: _Stack) -> None:
         if r.error is None:
             try:
                 r.ctx.run(_restore_best, r)
-            except BaseException as exc:  # noqa: BLE001
+            except BaseException as exc:
                 r.error = exc
 
 
@@ -495,7 +494,8 @@ class _Slot:
             return engine.fit(start)
         run = self.run
         assert run is not None
-        bind(**run.ctx.run(structlog.contextvars.get_contextvars))  # epoch/step as the batched loop left them in this run's context
+        # epoch/step as the batched loop left them in this run's context
+        bind(**run.ctx.run(structlog.contextvars.get_contextvars))
         if run.error is not None:
             raise run.error
         return engine.result
@@ -504,7 +504,7 @@ class _Slot:
 def train_batched(
     cfgs: Sequence[ExperimentConfig],
     *,
-    strategy: str | None | Sequence[str | None] = None,
+    strategy: str | Sequence[str | None] | None = None,
     strategies_file: str | None = None,
     extra_plugins: tuple[Any, ...] = (),
     stream: IO[str] | None = None,
@@ -528,7 +528,7 @@ def train_batched(
         try:
             slot.outcome = train(slot.cfg, strategy=name, strategies_file=strategies_file,
                                  extra_plugins=extra_plugins, stream=stream, capture=capture, fit_fn=slot.fit_fn)
-        except BaseException as exc:  # noqa: BLE001 - returned to the caller in the run's place
+        except BaseException as exc:
             slot.outcome = exc
         finally:
             slot.done.set()
@@ -588,7 +588,7 @@ def _run_group(members: list[_Slot]) -> None:
             s.mode, s.reason = "fallback", reason
             _release(s)
         return
-    for r, s in zip(runs, members, strict=True):
+    for r in runs:
         checkpointer = r.engine.pm.unregister(name="checkpointer") is not None
         r.call(r.engine.log.info, Event.BATCHED_STARTED, runs=len(runs), index=r.index,
                checkpoints="off in a batched run" if checkpointer else "off",
@@ -596,7 +596,7 @@ def _run_group(members: list[_Slot]) -> None:
     # a failure of the loop itself (not of one run's hooks) ends every run of the group with it
     try:
         _fit_group(runs, stack)
-    except BaseException as exc:  # noqa: BLE001
+    except BaseException as exc:
         for r in runs:
             r.error = r.error or exc
     for s in members:
