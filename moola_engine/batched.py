@@ -44,6 +44,7 @@ import math
 import random
 import threading
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from typing import IO, Any
 
@@ -238,6 +239,7 @@ class _Stack:
             return loss_fn(functional_call(base, state, (xb,)), yb)
 
         self.step_fn = vmap(grad_and_value(loss_of), randomness="different")
+        self.loss_fn = vmap(loss_of, randomness="different")  # every parameter frozen in every run: no gradient
 
     def split(self, need: list[str]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         trained = {n: self.params[n] for n in need}
@@ -245,10 +247,22 @@ class _Stack:
         return trained, fixed
 
     def probe(self, batch_size: int) -> None:
-        """One gradient computation on the first rows (nothing is updated): raises where vmap cannot batch."""
+        """One gradient and one forward computation on the first rows (nothing is updated).
+
+        Raises RuntimeError where vmap cannot batch the model (no batching rule: ``aten::lstm.input`` without
+        gradients), or where it would only loop over the runs (torch's "performance drop" fallback warning:
+        ``aten::mkldnn_rnn_layer`` with gradients), which is no batching at all.
+        """
         trained, fixed = self.split(self.names)
         b = min(batch_size, self.x.shape[1])
-        self.step_fn(trained, fixed, self.buffers, self.x[:, :b], self.y[:, :b])
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            self.step_fn(trained, fixed, self.buffers, self.x[:, :b], self.y[:, :b])
+            with torch.no_grad():
+                self.loss_fn({}, {**trained, **fixed}, self.buffers, self.x[:, :b], self.y[:, :b])
+        slow = [str(w.message) for w in caught if "batching rule" in str(w.message)]
+        if slow:
+            raise RuntimeError(slow[0].split(". Please")[0])
 
 
 # --------------------------------------------------------------------------- the loop (mirrors Engine.fit)
@@ -401,8 +415,7 @@ def _train_epoch(stack: _Stack, runs: list[_Run], epoch: int, n: int, bs: int,
             grads, loss = stack.step_fn(trained, fixed, stack.buffers, xb, yb)
         else:
             with torch.no_grad():
-                loss = vmap(lambda p, b, x, y: stack.runs[0].engine.loss_fn(functional_call(stack.base, {**p, **b}, (x,)), y),
-                            randomness="different")(fixed, stack.buffers, xb, yb)
+                loss = stack.loss_fn(trained, fixed, stack.buffers, xb, yb)
             grads = {}
         if need:
             tensor_norms = torch.stack([grads[nm].flatten(1).norm(dim=1) for nm in need], dim=1)  # (K, P_need)
