@@ -506,7 +506,8 @@ class _Slot:
             torch.set_rng_state(self.rng[2])
             return engine.fit(start)
         run = self.run
-        assert run is not None
+        if run is None:
+            raise MoolaError("batched training stopped before this run started (see the error of train_batched)")
         # epoch/step as the batched loop left them in this run's context
         bind(**run.ctx.run(structlog.contextvars.get_contextvars))
         if run.error is not None:

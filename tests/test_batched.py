@@ -230,3 +230,12 @@ def test_stacked_optimizer_matches_torch_and_keeps_frozen_bitwise(kind: str) -> 
         ref = _torch_reference(kind, p0[r], [g[r] for g in grads], frozen_until[r], **kw)
         torch.testing.assert_close(params["w"][r], ref, atol=1e-6, rtol=1e-6)
     assert torch.equal(params["w"][2], p0[2])  # frozen: bitwise unchanged, weight decay included
+
+
+def test_early_stopping_restore_best_and_per_step_scheduler_batched(tmp_path: Path) -> None:
+    """Runs stop at their own epochs (the others go on), restore their own best weights, follow a cosine lr."""
+    separate, batched = both_paths(tmp_path, "immediate", [0, 1, 2], epochs=8, lr=0.05, scheduler="cosine",
+                                   early_stopping={"metric": "val_loss", "patience": 1})
+    assert_same(separate, batched)
+    stopped = [len([e for e in _events(b) if e["event"] == "epoch.completed"]) for b in batched]
+    assert min(stopped) < 8, stopped  # at least one run stopped early: the case this test is about
