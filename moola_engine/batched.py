@@ -93,42 +93,67 @@ class StackedOptimizer:
     @torch.no_grad()
     def step(self, params: dict[str, torch.Tensor], grads: dict[str, torch.Tensor], *, lr: dict[str, torch.Tensor],
              mask: dict[str, torch.Tensor], weight_decay: torch.Tensor, momentum: torch.Tensor) -> None:
-        """Update ``params[name]`` in place for every name in ``grads``; ``lr``/``mask`` by name, (K,) each."""
+        """Update ``params[name]`` in place for every name in ``grads``; ``lr``/``mask`` by name, (K,) each.
+
+        A parameter every run trains (the seeds of one arm: masks are all True or all False) takes an in-place
+        path; a mixed mask computes the update out of place and keeps the masked runs' slices with
+        ``torch.where``, so they stay bitwise unchanged.
+        """
+        any_wd = bool((weight_decay != 0).any())
         for name, g in grads.items():
             p = params[name]
-            m = _per_run(mask[name], p)
             st = self.state.get(name)
             if st is None:
                 st = self.state[name] = {"step": torch.zeros(p.shape[0], dtype=torch.float64, device=p.device)}
-            step = st["step"] + mask[name].to(torch.float64)
-            lr_k = _per_run(lr[name], p)
-            wd = _per_run(weight_decay, p)
-            if self.kind == "sgd":
-                d = g + wd * p
-                buf = st.get("momentum_buffer")
-                mom = _per_run(momentum, p)
-                new_buf = d if buf is None else torch.where(_per_run(st["step"] == 0, p), d, mom * buf + d)
-                st["momentum_buffer"] = torch.where(m, new_buf, buf if buf is not None else torch.zeros_like(p))
-                update = p - lr_k * st["momentum_buffer"]
-            else:
-                if self.kind == "adam":
-                    g = g + wd * p
-                    base = p
+                if self.kind == "sgd":
+                    st["momentum_buffer"] = torch.zeros_like(p)
                 else:
-                    base = p * (1 - lr_k * wd)
-                exp_avg = st.get("exp_avg", torch.zeros_like(p))
-                exp_avg_sq = st.get("exp_avg_sq", torch.zeros_like(p))
-                new_avg = exp_avg.lerp(g, 1 - self.beta1)
-                new_sq = exp_avg_sq * self.beta2 + (1 - self.beta2) * g * g
-                st["exp_avg"] = torch.where(m, new_avg, exp_avg)
-                st["exp_avg_sq"] = torch.where(m, new_sq, exp_avg_sq)
-                safe = step.clamp_min(1)
-                bc1 = _per_run((1 - self.beta1 ** safe).to(p.dtype), p)
-                bc2_sqrt = _per_run((1 - self.beta2 ** safe).sqrt().to(p.dtype), p)
-                denom = st["exp_avg_sq"].sqrt() / bc2_sqrt + self.eps
-                update = base - (lr_k / bc1) * st["exp_avg"] / denom
-            p.copy_(torch.where(m, update, p))
-            st["step"] = step
+                    st["exp_avg"], st["exp_avg_sq"] = torch.zeros_like(p), torch.zeros_like(p)
+            everyone = bool(mask[name].all())
+            if everyone:
+                self._update(p, g, st, lr[name], weight_decay, momentum, any_wd, inplace=True)
+                st["step"] += 1
+                continue
+            m = _per_run(mask[name], p)
+            new_p, new_state = self._update(p, g, st, lr[name], weight_decay, momentum, any_wd, inplace=False)
+            for key, value in new_state.items():
+                st[key] = torch.where(m, value, st[key])
+            p.copy_(torch.where(m, new_p, p))
+            st["step"] = st["step"] + mask[name].to(torch.float64)
+
+    def _update(self, p: torch.Tensor, g: torch.Tensor, st: dict[str, torch.Tensor], lr: torch.Tensor,
+                weight_decay: torch.Tensor, momentum: torch.Tensor, any_wd: bool,
+                inplace: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """torch's update for every run; in place, or as (new parameter, new state) when ``inplace`` is False."""
+        lr_k = _per_run(lr, p)
+        wd = _per_run(weight_decay, p)
+        if self.kind == "sgd":
+            d = g + wd * p if any_wd else g
+            first = _per_run(st["step"] == 0, p)
+            buf = torch.where(first, d, _per_run(momentum, p) * st["momentum_buffer"] + d)
+            if inplace:
+                st["momentum_buffer"] = buf
+                p.sub_(lr_k * buf)
+                return p, {}
+            return p - lr_k * buf, {"momentum_buffer": buf}
+        step = st["step"] + 1
+        bc1 = _per_run((1 - self.beta1 ** step).to(p.dtype), p)
+        bc2_sqrt = _per_run((1 - self.beta2 ** step).sqrt().to(p.dtype), p)
+        if self.kind == "adam" and any_wd:
+            g = g + wd * p
+        if inplace:
+            if self.kind == "adamw" and any_wd:
+                p.mul_(1 - lr_k * wd)
+            exp_avg, exp_avg_sq = st["exp_avg"].lerp_(g, 1 - self.beta1), st["exp_avg_sq"].mul_(self.beta2)
+            exp_avg_sq.addcmul_(g, g, value=1 - self.beta2)
+            denom = (exp_avg_sq.sqrt() / bc2_sqrt).add_(self.eps)
+            p.sub_(exp_avg.div(denom).mul_(lr_k / bc1))
+            return p, {}
+        base = p * (1 - lr_k * wd) if self.kind == "adamw" and any_wd else p
+        exp_avg = st["exp_avg"].lerp(g, 1 - self.beta1)
+        exp_avg_sq = st["exp_avg_sq"] * self.beta2 + (1 - self.beta2) * g * g
+        denom = exp_avg_sq.sqrt() / bc2_sqrt + self.eps
+        return base - exp_avg / denom * (lr_k / bc1), {"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
 
 
 # --------------------------------------------------------------------------- what can be batched
