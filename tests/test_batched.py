@@ -241,3 +241,22 @@ def test_early_stopping_restore_best_and_per_step_scheduler_batched(tmp_path: Pa
     assert_same(separate, batched)
     stopped = [len([e for e in _events(b) if e["event"] == "epoch.completed"]) for b in batched]
     assert min(stopped) < 8, stopped  # at least one run stopped early: the case this test is about
+
+
+def test_a_failed_check_ends_its_run_only(tmp_path: Path) -> None:
+    """lr 1e-30 leaves run 1's weights bitwise unchanged: its weight-delta check fails, as in a separate run."""
+    from moola_engine.errors import CheckFailed
+
+    write_data(tmp_path / "d.npz")
+    separate = train_batched([config(tmp_path, 1, "sep", lr=1e-30, epochs=3)], strategy="immediate")  # alone: fit
+    cfgs = [config(tmp_path, s, "bat", lr=1e-30 if s == 1 else 0.01, epochs=3) for s in (0, 1, 2)]
+    outcomes = train_batched(cfgs, strategy="immediate")
+    assert isinstance(separate[0], CheckFailed) and isinstance(outcomes[1], CheckFailed)
+    assert str(outcomes[1]) == str(separate[0])
+    for out in (outcomes[0], outcomes[2]):
+        assert isinstance(out, RunOutcome), out
+        assert len([e for e in _events(out) if e["event"] == "epoch.completed"]) == 3
+    failed_log = next((tmp_path / "bat").glob("*-s1"))
+    events = read_events(failed_log / "events.jsonl")
+    assert [e["event"] for e in events if e["event"] in ("batched.started", "run.failed")] == ["batched.started",
+                                                                                              "run.failed"]
