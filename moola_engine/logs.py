@@ -63,6 +63,8 @@ class Event(enum.StrEnum):
     NONFINITE_DETECTED = "nonfinite.detected"
     PLUGIN_FAILED = "plugin.failed"
     DDP_CONSISTENCY = "ddp.consistency"
+    BATCHED_STARTED = "batched.started"
+    BATCHED_FALLBACK = "batched.fallback"
     DATA_LOADED = "data.loaded"
     PRETRAIN_STARTED = "pretrain.started"
     PRETRAIN_EPOCH = "pretrain.epoch"

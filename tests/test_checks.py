@@ -431,7 +431,7 @@ class DropsOneRequiresGrad:
 def test_an_lr_rewritten_behind_the_engines_back_fails_the_run() -> None:
     engine, log = run(named("immediate"), rogue=(RewritesEncoderLr(),), checks=only(lr_mask=True))
     with pytest.raises(CheckFailed, match=r"lr_mask check failed: group encoder.layer0 trained at lr 0.003 in "
-                                          r"epoch 0 but the plan says 0.01 \(plan lr 0.01 x none schedule"):
+                                          r"epoch 0 but the schedule says 0.01 \(its lr 0.01 x none schedule"):
         engine.fit()
     [bad] = [e for e in log.events if e["event"] == "lr_mask.check" and not e["ok"]]
     assert (bad["group"], bad["lr"], bad["expected_lr"], bad["factor"]) == ("encoder.layer0", 0.003, 0.01, 1.0)
@@ -440,7 +440,7 @@ def test_an_lr_rewritten_behind_the_engines_back_fails_the_run() -> None:
 def test_a_tensor_losing_requires_grad_in_a_trainable_group_fails_even_if_the_group_moved() -> None:
     engine, log = run(named("immediate"), rogue=(DropsOneRequiresGrad(),),
                       checks=only(lr_mask=True, weight_delta=True))
-    with pytest.raises(CheckFailed, match="group encoder.layer0 is trainable in epoch 1 by the plan, but "
+    with pytest.raises(CheckFailed, match="group encoder.layer0 is trainable in epoch 1 by the schedule, but "
                                           "requires_grad disagrees for enc0.weight"):
         engine.fit()
     # without it, every other check passes: the group's bias moved, and grad flow looks at each phase's first step

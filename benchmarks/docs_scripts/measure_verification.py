@@ -24,8 +24,8 @@ from moola_engine.config import ChecksConfig, PretrainedConfig, TrainConfig
 from moola_engine.core.data import TensorData
 from moola_engine.core.engine import Engine
 from moola_engine.core.freezing import resolve_groups
-from moola_ohlc.models import SimpleLSTM
 from moola_engine.core.plugins import build_plugin_manager, register_checked
+from moola_ohlc.models import SimpleLSTM
 
 torch.set_num_threads(1)
 # the S&P 500 bars bundled with the moola-ohlc package (provenance: ohlc/moola_ohlc/datasets/NOTICE.md)

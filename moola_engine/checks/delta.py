@@ -537,16 +537,17 @@ class GradFlowCheck(_Observer):
 
 
 class LrMaskCheck(_Observer):
-    """Each epoch: every group's live optimizer lr and every parameter's ``requires_grad`` are what the plan says.
+    """Each epoch: every group's live optimizer lr and every parameter's ``requires_grad`` are what the schedule says.
 
     Runs in ``on_validation_end`` *before* the strategy's own implementation (``tryfirst``): the state the epoch
-    trained with, before any transition the strategy requests for the next epoch.  The plan is the strategy's
-    dry run replayed over the metrics the run really had (as ``resume.check`` does), so metric-driven
-    transitions are planned where they happened.  Expected lr of a trainable group = the plan's lr for it x the
-    lr schedule's factor (:meth:`~moola_engine.schedulers.LrSchedule.factors`): a plugin that rewrites group
-    lrs behind the engine's back fails the run, and so does a parameter of a trainable group whose
-    ``requires_grad`` was turned off (or one of a frozen group or mask turned on), whatever its neighbours did.
-    One ``lr_mask.check`` event per group per epoch.
+    trained with, before any transition the strategy requests for the next epoch.  "The schedule" is the
+    freezer's record: every change to it went through the engine (a ``freeze.transition`` event, a
+    ``freeze_params`` mask), which is how the plan is carried out, metric-driven transitions included (a dry
+    run cannot replay a plateau decision: it sees no metrics).  Expected lr of a trainable group = the
+    freezer's lr for it x the lr schedule's factor (:meth:`~moola_engine.core.schedulers.LrSchedule.factors`):
+    a plugin that rewrites group lrs behind the engine's back fails the run, and so does a parameter of a
+    trainable group whose ``requires_grad`` was turned off (or one of a frozen group or mask turned on),
+    whatever its neighbours did.  One ``lr_mask.check`` event per group per epoch; no dry run, no host sync.
     """
 
     check = "lr_mask"
@@ -554,37 +555,33 @@ class LrMaskCheck(_Observer):
 
     @hookimpl(tryfirst=True)
     def on_validation_end(self, engine: Any, epoch: int) -> None:
-        from moola_engine.core.plan import compute_plan
-
-        plan = compute_plan(engine.strategy, engine.freezer.groups, engine.freezer.head_groups, engine.epochs,
-                            engine.config.lr, name=engine.strategy_name, model_groups=engine.groups,
-                            train=engine.config, history=engine.history[:epoch])
-        row = plan.epochs[epoch]
+        fz = engine.freezer
         factors = engine.lr_schedule.factors()
         failures: list[str] = []
         for i, g in enumerate(engine.groups):
             pg = engine.optimizer.param_groups[i]
-            trainable = row.trainable[g.name]
-            frozen = set(row.frozen_params.get(g.name, []))
-            expected_lr = row.lr[g.name] * factors[i]
+            trainable = fz.is_trainable(g.name)
+            frozen = set(fz.frozen_params(g.name))
+            planned = fz.lr(g.name)
+            expected_lr = planned * factors[i]
             lr = float(pg["lr"])
             problems: list[str] = []
             if trainable and not math.isclose(lr, expected_lr, rel_tol=self.rel_tol, abs_tol=0.0):
                 problems.append(
-                    f"group {g.name} trained at lr {lr:.6g} in epoch {epoch} but the plan says {expected_lr:.6g} "
-                    f"(plan lr {row.lr[g.name]:.6g} x {engine.lr_schedule.kind} schedule factor {factors[i]:.6g}): "
+                    f"group {g.name} trained at lr {lr:.6g} in epoch {epoch} but the schedule says {expected_lr:.6g} "
+                    f"(its lr {planned:.6g} x {engine.lr_schedule.kind} schedule factor {factors[i]:.6g}): "
                     "something rewrote the optimizer's lr behind the engine's back")
             in_group = {id(p) for p in pg["params"]}
             wrong = [n for n, p in g.params if p.requires_grad != (trainable and n not in frozen)]
             if wrong:
                 state = "trainable" if trainable else "frozen"
-                problems.append(f"group {g.name} is {state} in epoch {epoch} by the plan, but requires_grad "
+                problems.append(f"group {g.name} is {state} in epoch {epoch} by the schedule, but requires_grad "
                                 f"disagrees for {', '.join(wrong[:5])}{', ...' if len(wrong) > 5 else ''}")
             lost = [n for n, p in g.params if id(p) not in in_group]
             if lost:
                 problems.append(f"parameters {', '.join(lost[:5])} of group {g.name} are not in its optimizer "
                                 "param group")
-            fields = {"group": g.name, "epoch": epoch, "trainable": trainable, "lr": lr, "planned_lr": row.lr[g.name],
+            fields = {"group": g.name, "epoch": epoch, "trainable": trainable, "lr": lr, "planned_lr": planned,
                       "factor": factors[i], "expected_lr": expected_lr, "params": len(g.params),
                       "wrong_params": wrong, "ok": not problems, "problems": problems}
             if problems:

@@ -149,6 +149,7 @@ def train(
     resume: str | Path | None = None,
     on_run_dir: Callable[[Path], None] | None = None,
     pinned: dict[str, Any] | None = None,
+    fit_fn: Callable[[Engine, ResumeState | None], FitResult] | None = None,
 ) -> RunOutcome:
     """Run one training as ``cfg`` describes; raises :class:`MoolaError` subclasses for user errors.
 
@@ -159,6 +160,9 @@ def train(
     path to a file (``train --run-dir-file``): the race-free way to learn which folder this run writes.
     ``pinned``: ``[train]`` values set on the command line (``--epochs``): they win over the strategy's own
     ``[strategy.NAME.train]`` values, which win over the experiment's ``[train]``.
+    ``fit_fn``: what trains the built engine instead of ``engine.fit(start)``
+    (:mod:`moola_engine.experiments.batched` trains several runs' engines as one stacked computation through it);
+    everything before and after stays this function's.
     """
     if resume is not None:
         resume = resolve_run_dir(resume)
@@ -236,7 +240,7 @@ def train(
             allow=sorted(allow), pretrained=pretrained, plan=pre.plan, loss_fn=pre.task.loss,
             eval_fn=pre.task.metrics, dist=dist_ctx,
         )
-        fit = engine.fit(start=start)
+        fit = engine.fit(start=start) if fit_fn is None else fit_fn(engine, start)
         test_metrics = engine.evaluate(splits.test, prefix="test_") if splits.test is not None else {}
         if test_metrics:
             log.info(Event.EVALUATION_COMPLETED, split="test", **test_metrics)
