@@ -36,7 +36,9 @@ import attrs
 import numpy as np
 
 from moola_engine.config import load_config
-from moola_engine.experiments.ablation import build_grid, default_jobs, run_grid
+from moola_engine.experiments.ablation import run_grid
+from moola_engine.experiments.grid import build_grid
+from moola_engine.experiments.workers import default_jobs
 
 STRATEGIES = """
 [strategy.frozen]

@@ -17,7 +17,8 @@ import pytest
 
 from moola_engine.config import ExperimentConfig, ModelConfig, PretrainedConfig, load_config
 from moola_engine.errors import ConfigError, MoolaError
-from moola_engine.experiments.ablation import Arm, Cell, Grid, _write_marker, build_grid, prepare, run_grid, run_order
+from moola_engine.experiments.ablation import _write_marker, prepare, run_grid, run_order
+from moola_engine.experiments.grid import Arm, Cell, Grid, build_grid
 from moola_engine.experiments.report import console_summary, write_report
 from moola_engine.experiments.summary import collect, summarize
 from moola_engine.runs.progress import Bar
@@ -362,7 +363,7 @@ def test_preset_without_its_config_is_a_clear_error(tmp_path: Path, monkeypatch:
 
     import moola_ohlc.plugin
     from moola_engine.cli import main
-    from moola_engine.experiments import ablation
+    from moola_engine.experiments import grid as ablation
 
     missing = tmp_path / "nope.toml"
     original = moola_ohlc.plugin.seed_preset()

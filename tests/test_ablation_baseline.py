@@ -11,7 +11,8 @@ import pytest
 
 from moola_engine.config import DataConfig, ExperimentConfig, ModelConfig, PretrainedConfig, load_config
 from moola_engine.core.data import build_splits
-from moola_engine.experiments.ablation import build_grid, run_grid
+from moola_engine.experiments.ablation import run_grid
+from moola_engine.experiments.grid import build_grid
 from moola_engine.experiments.report import console_summary, table_rows, write_report
 from moola_engine.experiments.summary import METRICS, collect, summarize
 from moola_ohlc.baselines import logistic_baseline

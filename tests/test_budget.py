@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 from moola_engine.cli import main
 from moola_engine.config import load_config
 from moola_engine.errors import ConfigError, MoolaError
-from moola_engine.experiments.ablation import build_grid, prepare
+from moola_engine.experiments.ablation import prepare
+from moola_engine.experiments.grid import build_grid
 from moola_engine.runs.train import train
 from moola_engine.safeio import sha256
 from tests.conftest import ROOT

@@ -148,7 +148,7 @@ HOSTILE = ["../../escape", "a/b", "two\nlines", "ünïcødé-名前", "x" * 1000
 
 def test_hostile_names_become_safe_distinct_readable_run_ids(tmp_path: Path) -> None:
     from moola_engine.config import ExperimentConfig
-    from moola_engine.experiments.ablation import Cell, Grid
+    from moola_engine.experiments.grid import Cell, Grid
     from moola_engine.runs.folders import create_run_dir, new_run_id
 
     runs = tmp_path / "runs"
@@ -366,7 +366,8 @@ class _Bomb:
 
 
 def test_a_worker_exception_is_reported_with_its_type_message_and_frame(tmp_path: Path) -> None:
-    from moola_engine.experiments.ablation import Cell, Task, _execute
+    from moola_engine.experiments.grid import Cell
+    from moola_engine.experiments.workers import Task, _execute
 
     tasks = [Task(cfg=_Bomb(), cell=Cell(label=f"a{i}", strategy="a", control=False, seed=i, fold=0),  # type: ignore[arg-type]
                   strategies_file="s.toml", out=str(tmp_path), marker=str(tmp_path / f"m{i}.json")) for i in range(3)]

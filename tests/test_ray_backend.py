@@ -18,7 +18,8 @@ from test_ablation import tiny_experiment
 from moola_engine.cli import main
 from moola_engine.config import load_config
 from moola_engine.errors import MoolaError
-from moola_engine.experiments.ablation import build_grid, run_grid
+from moola_engine.experiments.ablation import run_grid
+from moola_engine.experiments.grid import build_grid
 from moola_engine.experiments.ray_backend import RayExecutor
 from moola_engine.experiments.summary import collect
 

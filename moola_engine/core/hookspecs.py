@@ -121,7 +121,7 @@ def register_baselines(register: Callable[..., None]) -> None:
 def register_presets(register: Callable[..., None]) -> None:
     """Register ablation presets (``moola-engine ablate --preset NAME``, ``moola-engine demo``).
 
-    ``register(name, factory)``: ``factory()`` returns a :class:`moola_engine.experiments.ablation.Preset`.
+    ``register(name, factory)``: ``factory()`` returns a :class:`moola_engine.experiments.grid.Preset`.
     """
 
 

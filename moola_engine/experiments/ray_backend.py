@@ -2,7 +2,7 @@
 
 Everything but the executor is the local pool's (:func:`moola_engine.ablation.run_grid`): the same grid
 folder, manifest, done markers, resume and report.  Each cell is one Ray task running
-:func:`moola_engine.ablation.run_cell` with ``num_cpus`` / ``num_gpus`` resources; Ray packs as many
+:func:`moola_engine.experiments.workers.run_cell` with ``num_cpus`` / ``num_gpus`` resources; Ray packs as many
 cells on a node (or a GPU: ``num_gpus = 0.25`` puts four on one) as those requests allow.
 
 The grid folder, the experiment file and its data must be at the same paths on every node (a shared
@@ -23,7 +23,7 @@ from typing import Any
 import attrs
 
 from moola_engine.errors import ConfigError
-from moola_engine.experiments.ablation import Task, describe, run_cell
+from moola_engine.experiments.workers import Task, describe, run_cell
 
 
 def _ray() -> Any:

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from moola_engine import jsonsafe
-from moola_engine.experiments.ablation import Grid
+from moola_engine.experiments.grid import Grid
 from moola_engine.experiments.summary import METRICS, PRETRAINED_DISTANCE_FIELD, RunRecord
 from moola_engine.runs.folders import write_json_atomic
 

@@ -21,7 +21,8 @@ import numpy as np
 from moola_engine.checks.redflags import predictions_identical
 from moola_engine.errors import MoolaError
 from moola_engine.experiments import stats
-from moola_engine.experiments.ablation import Cell, Grid, cell_config, read_marker
+from moola_engine.experiments.ablation import read_marker
+from moola_engine.experiments.grid import Cell, Grid, cell_config
 from moola_engine.logs import Event, read_events
 
 METRICS = ("accuracy", "balanced_accuracy", "auc")
@@ -425,7 +426,7 @@ def reference_baseline(grid: Grid, ctrl: dict[Any, RunRecord], comp: Any, *,
                        ) -> tuple[dict[str, Any] | None, list[dict[str, Any]], list[str]]:
     """One registered baseline fitted for every (seed, fold) of ``grid``: entry, red flags, notes.
 
-    Each cell's splits come from the control cell's own config (:func:`moola_engine.experiments.ablation.cell_config`:
+    Each cell's splits come from the control cell's own config (:func:`moola_engine.experiments.grid.cell_config`:
     same seed, ``data.folds`` and ``data.fold``), so the baseline is fitted on the labeled rows the networks of that
     cell trained on and scored on the split their saved outputs are scored on.  No training loop.  ``ctrl`` maps
     (seed, fold) to the control's finished run, for the paired comparison.  A baseline that cannot read this data

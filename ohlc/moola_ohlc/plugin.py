@@ -156,7 +156,7 @@ def register_baselines(register: Any) -> None:
 
 def seed_preset() -> Any:
     """The seed's ablation: random-encoder control, frozen, immediate, two-phase at 10 epochs, gradual."""
-    from moola_engine.experiments.ablation import Preset
+    from moola_engine.experiments.grid import Preset
 
     return Preset(
         name="seed", config=EXAMPLES / "seed.toml", strategies=["frozen", "immediate", "two_phase", "gradual"],

@@ -8,15 +8,10 @@ import sys
 
 from moola_engine.cli.commands.argtypes import positive_int, writable_output
 from moola_engine.errors import ConfigError
-from moola_engine.experiments import ablation
-from moola_engine.experiments.ablation import (
-    Grid,
-    build_grid,
-    default_jobs,
-    default_out,
-    load_grid_config,
-    run_grid,
-)
+from moola_engine.experiments import grid as grid_mod
+from moola_engine.experiments.ablation import run_grid
+from moola_engine.experiments.grid import Grid, build_grid, default_out, load_grid_config
+from moola_engine.experiments.workers import default_jobs
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -59,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     from moola_engine.experiments.report import console_summary, write_report
     from moola_engine.experiments.summary import collect, summarize
 
-    preset = ablation.get_preset(args.preset) if args.preset else None
+    preset = grid_mod.get_preset(args.preset) if args.preset else None
     cfg = load_grid_config(args.config, preset)
     if args.epochs is not None:
         if args.epochs < 1:

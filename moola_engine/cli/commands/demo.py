@@ -14,7 +14,8 @@ from pathlib import Path
 
 from moola_engine.cli.commands.argtypes import positive_int, writable_output
 from moola_engine.errors import MoolaError
-from moola_engine.experiments.ablation import build_grid, default_out, get_preset, load_grid_config, run_grid
+from moola_engine.experiments.ablation import run_grid
+from moola_engine.experiments.grid import build_grid, default_out, get_preset, load_grid_config
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
