@@ -86,6 +86,7 @@ class _DeltaObserver(_Observer):
 
     def _start(self, engine: Any) -> None:
         self.store = make_store(self.cfg.snapshots)
+        self._fresh = {}
         groups = self._groups(engine)
         self.ref = {g.name: self.store.take(self._named(engine, g)) for g in groups}
         self.ref_state = {g.name: engine.freezer.is_trainable(g.name) for g in groups}
@@ -105,16 +106,36 @@ class _DeltaObserver(_Observer):
         """
         by_name = {g.name: g for g in engine.groups}
         deltas = {}
+        compare = getattr(self.store, "compare", None)  # fingerprints: compare two snapshots without a pass
         for n in names:
-            deltas[n], now = self.store.delta_and_take(snaps[n], self._named(engine, by_name[n]), engine.device)
-            if taken is not None:
-                taken[n] = now
+            if compare is not None:
+                if n not in self._fresh:
+                    self._fresh[n] = self.store.take(self._named(engine, by_name[n]))
+                deltas[n] = compare(snaps[n], self._fresh[n], engine.device)
+                if taken is not None:
+                    taken[n] = self._fresh[n]
+                continue
+            named = self._named(engine, by_name[n])
+            if taken is None:
+                deltas[n] = self.store.delta(snaps[n], named, engine.device)
+                continue
+            # the old snapshot is given up: the exact store refreshes its buffers in place (no allocation),
+            # unless another snapshot (a phase start) still holds the same object
+            deltas[n], taken[n] = self.store.delta_and_take(snaps[n], named, engine.device,
+                                                            reuse=not self._held(n, snaps[n]))
         if not deltas:
             return {}
         if all(d.host_values is not None for d in deltas.values()):  # the CPU path: floats already
             return {n: d.as_list() for n, d in deltas.items()}
         values = torch.stack([d.as_tensor() for d in deltas.values()]).tolist()  # the one host sync of this check
         return dict(zip(deltas, values, strict=True))
+
+    _fresh: dict[str, Any]
+    """Fingerprint mode: each group's fingerprint as it is now, taken once per hook call (cleared at each hook)."""
+
+    def _held(self, group: str, snap: Any) -> bool:
+        """True when ``snap`` is kept elsewhere too (so it must not be refreshed in place)."""
+        return False
 
     def _checkpoint(self, engine: Any, reason: str) -> None:
         steps = engine.step - self.ref_step
@@ -174,14 +195,17 @@ class _DeltaObserver(_Observer):
 
     @hookimpl(trylast=True)
     def on_freeze(self, engine: Any, group: str) -> None:
+        self._fresh = {}
         self._checkpoint(engine, reason=f"freeze {group}")
 
     @hookimpl(trylast=True)
     def on_unfreeze(self, engine: Any, group: str) -> None:
+        self._fresh = {}
         self._checkpoint(engine, reason=f"unfreeze {group}")
 
     @hookimpl(trylast=True)
     def on_epoch_end(self, engine: Any, epoch: int) -> None:
+        self._fresh = {}
         self._checkpoint(engine, reason="epoch end")
 
 
@@ -214,6 +238,9 @@ class WeightDeltaCheck(_DeltaObserver):
             if named:
                 self.pretrained[g.name] = (self.store.take(named), [n for n, _ in named])
 
+    def _held(self, group: str, snap: Any) -> bool:
+        return self.phase.get(group) is snap  # at fit start the phase snapshot is the interval snapshot
+
     def _fields(self, engine: Any, name: str, **kw: Any) -> dict[str, Any]:
         fields = super()._fields(engine, name, **kw)
         fields["from_pretrained"] = self._from_pretrained(engine, name)
@@ -224,6 +251,9 @@ class WeightDeltaCheck(_DeltaObserver):
         if group not in self.pretrained:
             return None
         snap, names = self.pretrained[group]
+        now = self._fresh.get(group)  # fingerprints of now, taken in this hook call
+        if now is not None and all(n in now for n in names):
+            return self.store.compare(snap, {n: now[n] for n in names}, engine.device).as_list()[3]  # type: ignore[attr-defined]
         params = dict(next(g for g in engine.groups if g.name == group).params)
         return self.store.delta(snap, [(n, params[n]) for n in names], engine.device).as_list()[3]
 
@@ -267,7 +297,12 @@ class WeightDeltaCheck(_DeltaObserver):
         failures = self._close_phase(engine, group) if group in self.phase else []
         if group in self.phase:
             g = next(x for x in engine.groups if x.name == group)
-            self.phase[group] = self.store.take(self._named(engine, g))
+            if hasattr(self.store, "compare"):  # fingerprints: the one taken for this hook call (immutable)
+                if group not in self._fresh:
+                    self._fresh[group] = self.store.take(self._named(engine, g))
+                self.phase[group] = self._fresh[group]
+            else:
+                self.phase[group] = self.store.take(self._named(engine, g))
             self.phase_state[group] = engine.freezer.is_trainable(group)
             self.phase_step[group] = engine.step
             self.phase_epoch[group] = engine.epoch
@@ -277,16 +312,21 @@ class WeightDeltaCheck(_DeltaObserver):
 
     @hookimpl(trylast=True)
     def on_freeze(self, engine: Any, group: str) -> None:
+        self._fresh = {}
         self._transition(engine, group, reason=f"freeze {group}")
 
     @hookimpl(trylast=True)
     def on_unfreeze(self, engine: Any, group: str) -> None:
+        self._fresh = {}
         self._transition(engine, group, reason=f"unfreeze {group}")
 
     @hookimpl(trylast=True)
     def on_fit_end(self, engine: Any) -> None:
         from .plan import promised_groups
 
+        # Fingerprint mode: no step ran since the last epoch end's fingerprints, so they stand for the
+        # weights now and the phase checks need no pass of their own.
+        self._fresh = dict(self.ref) if hasattr(self.store, "compare") and engine.step == self.ref_step else {}
         failures: list[str] = []
         for group in self.phase:
             failures += self._close_phase(engine, group)
