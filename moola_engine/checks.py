@@ -86,7 +86,7 @@ class _DeltaObserver(_Observer):
 
     def _start(self, engine: Any) -> None:
         self.store = make_store(self.cfg.snapshots)
-        self._fresh = {}
+        self._begin()
         groups = self._groups(engine)
         self.ref = {g.name: self.store.take(self._named(engine, g)) for g in groups}
         self.ref_state = {g.name: engine.freezer.is_trainable(g.name) for g in groups}
@@ -133,6 +133,13 @@ class _DeltaObserver(_Observer):
     _fresh: dict[str, Any]
     """Fingerprint mode: each group's fingerprint as it is now, taken once per hook call (cleared at each hook)."""
 
+    def _begin(self) -> None:
+        """At each hook call: what was measured in the previous one no longer stands for the weights now."""
+        self._fresh = {}
+
+    def _unchanged(self, groups: list[str]) -> None:
+        """Groups an interval check has just found bitwise unchanged (exact; fingerprint: no checksum changed)."""
+
     def _held(self, group: str, snap: Any) -> bool:
         """True when ``snap`` is kept elsewhere too (so it must not be refreshed in place)."""
         return False
@@ -141,6 +148,7 @@ class _DeltaObserver(_Observer):
         steps = engine.step - self.ref_step
         taken: dict[str, Any] = {}
         measured = self._measure(engine, self.ref, self.ref, taken)
+        self._unchanged([n for n, row in measured.items() if not row[0]])
         failures: list[str] = []
         for name, (changed, max_abs, _norm, rel) in measured.items():
             trainable = self.ref_state[name]
@@ -195,17 +203,17 @@ class _DeltaObserver(_Observer):
 
     @hookimpl(trylast=True)
     def on_freeze(self, engine: Any, group: str) -> None:
-        self._fresh = {}
+        self._begin()
         self._checkpoint(engine, reason=f"freeze {group}")
 
     @hookimpl(trylast=True)
     def on_unfreeze(self, engine: Any, group: str) -> None:
-        self._fresh = {}
+        self._begin()
         self._checkpoint(engine, reason=f"unfreeze {group}")
 
     @hookimpl(trylast=True)
     def on_epoch_end(self, engine: Any, epoch: int) -> None:
-        self._fresh = {}
+        self._begin()
         self._checkpoint(engine, reason="epoch end")
 
 
@@ -238,6 +246,16 @@ class WeightDeltaCheck(_DeltaObserver):
             if named:
                 self.pretrained[g.name] = (self.store.take(named), [n for n, _ in named])
 
+    def _begin(self) -> None:
+        super()._begin()
+        self._dist_before, self._dist = getattr(self, "_dist", {}), {}
+
+    def _unchanged(self, groups: list[str]) -> None:
+        # the distance from the pretrained weights of a group that did not change is the one measured last time
+        for n in groups:
+            if n in self._dist_before and n not in self._dist:
+                self._dist[n] = self._dist_before[n]
+
     def _held(self, group: str, snap: Any) -> bool:
         return self.phase.get(group) is snap  # at fit start the phase snapshot is the interval snapshot
 
@@ -250,6 +268,11 @@ class WeightDeltaCheck(_DeltaObserver):
         """||w - w_pretrained|| / ||w_pretrained|| over the group's loaded tensors (None: nothing loaded)."""
         if group not in self.pretrained:
             return None
+        if group not in self._dist:  # measured once per hook call, or carried over while the group is unchanged
+            self._dist[group] = self._distance(engine, group)
+        return self._dist[group]
+
+    def _distance(self, engine: Any, group: str) -> float:
         snap, names = self.pretrained[group]
         now = self._fresh.get(group)  # fingerprints of now, taken in this hook call
         if now is not None and all(n in now for n in names):
@@ -295,38 +318,45 @@ class WeightDeltaCheck(_DeltaObserver):
 
     def _transition(self, engine: Any, group: str, reason: str) -> None:
         failures = self._close_phase(engine, group) if group in self.phase else []
+        fingerprint = hasattr(self.store, "compare")
+        share = group in self.phase and not fingerprint
         if group in self.phase:
             g = next(x for x in engine.groups if x.name == group)
-            if hasattr(self.store, "compare"):  # fingerprints: the one taken for this hook call (immutable)
+            if fingerprint:  # the fingerprint taken for this hook call (immutable, so it may be shared)
                 if group not in self._fresh:
                     self._fresh[group] = self.store.take(self._named(engine, g))
                 self.phase[group] = self._fresh[group]
-            else:
-                self.phase[group] = self.store.take(self._named(engine, g))
+            else:  # exact: the interval snapshot the check below takes (one copy fewer); the old one is free
+                del self.phase[group]
             self.phase_state[group] = engine.freezer.is_trainable(group)
             self.phase_step[group] = engine.step
             self.phase_epoch[group] = engine.epoch
         if failures:
             self._report(engine, failures)
         self._checkpoint(engine, reason=reason)
+        if share:
+            self.phase[group] = self.ref[group]  # a snapshot of the weights at the transition, shared
 
     @hookimpl(trylast=True)
     def on_freeze(self, engine: Any, group: str) -> None:
-        self._fresh = {}
+        self._begin()
         self._transition(engine, group, reason=f"freeze {group}")
 
     @hookimpl(trylast=True)
     def on_unfreeze(self, engine: Any, group: str) -> None:
-        self._fresh = {}
+        self._begin()
         self._transition(engine, group, reason=f"unfreeze {group}")
 
     @hookimpl(trylast=True)
     def on_fit_end(self, engine: Any) -> None:
         from .plan import promised_groups
 
-        # Fingerprint mode: no step ran since the last epoch end's fingerprints, so they stand for the
-        # weights now and the phase checks need no pass of their own.
-        self._fresh = dict(self.ref) if hasattr(self.store, "compare") and engine.step == self.ref_step else {}
+        # No step ran since the last interval check (the last epoch end): its fingerprints and its distances
+        # from the pretrained weights stand for the weights now, so the phase checks need no pass of their own.
+        if engine.step == self.ref_step:
+            self._fresh = dict(self.ref) if hasattr(self.store, "compare") else {}
+        else:
+            self._begin()
         failures: list[str] = []
         for group in self.phase:
             failures += self._close_phase(engine, group)
@@ -440,7 +470,7 @@ class GradFlowCheck(_Observer):
     def run(self, engine: Any, step: int) -> None:
         member = optimizer_membership(engine.optimizer)
         problems: dict[str, list[str]] = {}
-        stats: list[torch.Tensor] = []  # per param: [finite, nonzero, grad norm²]
+        stats: list[torch.Tensor] = []  # per param: [min, max, norm] of its gradient (_grad_stats)
         where: list[tuple[str, str]] = []
         for g in engine.groups:
             group_trainable = engine.freezer.is_trainable(g.name)
@@ -461,9 +491,7 @@ class GradFlowCheck(_Observer):
                                 f"{name} is trainable but got no gradient (grad None): the loss does not reach it "
                                 "(detached branch or unused module?)")
                     else:
-                        gd = p.grad.detach()
-                        stats.append(torch.stack([torch.isfinite(gd).all().double(), (gd != 0).any().double(),
-                                                  gd.double().pow(2).sum()]).to(engine.device))
+                        stats.append(_grad_stats(p.grad.detach(), engine.device))
                         where.append((g.name, name))
                 else:
                     where_frozen = f"frozen group {g.name}" if not group_trainable else f"the frozen mask of {g.name}"
@@ -501,7 +529,10 @@ class GradFlowCheck(_Observer):
                       trainable_now: dict[str, bool]) -> None:
         values = stacked.tolist() if stacked is not None else []  # the one host read of this check
         norms: dict[str, float] = {}
-        for (gname, pname), (finite, nonzero, sq) in zip(where, values, strict=True):
+        for (gname, pname), (lo, hi, norm) in zip(where, values, strict=True):
+            finite = math.isfinite(lo) and math.isfinite(hi)  # aminmax propagates NaN
+            nonzero = lo != 0.0 or hi != 0.0
+            sq = norm * norm
             norms[gname] = norms.get(gname, 0.0) + (sq if math.isfinite(sq) else math.inf)
             if not finite:
                 problems[gname].append(f"{pname} has a non-finite gradient")
@@ -526,6 +557,18 @@ class GradFlowCheck(_Observer):
     @staticmethod
     def _lr(engine: Any, g: ParamGroup) -> float:
         return float(engine.optimizer.param_groups[engine.freezer.groups.index(g.name)]["lr"])
+
+
+def _grad_stats(gd: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """[min, max, L2 norm] of one gradient as float64 on ``device``: finite iff min and max are (NaN propagates),
+    non-zero iff either is.  Two reductions that allocate nothing the size of the gradient (a float64 copy and
+    a boolean mask per check were most of this check's cost on a large model); the norm is accumulated in
+    float32 (or wider), so ``grad_norm`` reads inf above about 1e19."""
+    if not gd.numel():
+        return torch.zeros(3, dtype=torch.float64, device=device)  # no element: reported as all zeros
+    lo, hi = torch.aminmax(gd)
+    norm = torch.linalg.vector_norm(gd, dtype=torch.float32 if gd.element_size() < 4 else None)
+    return torch.stack([lo.double(), hi.double(), norm.double()]).to(device)
 
 
 def build_checks(checks: ChecksConfig) -> list[tuple[str, Any]]:

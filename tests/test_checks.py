@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import attrs
@@ -404,3 +405,22 @@ def test_groups_declared_per_module_pattern_list() -> None:
     assert_run(log.events, {"require_finished": False,
                             "expect": [{"group": "encoder", "trainable_from_epoch": 1, "frozen_before": 1,
                                         "moves_after": 1}]})
+
+
+def test_grad_stats_find_nan_inf_zeros_and_the_norm_without_a_float64_copy() -> None:
+    from moola_engine.checks import _grad_stats
+
+    cpu = torch.device("cpu")
+
+    def verdict(g):
+        lo, hi, norm = _grad_stats(g, cpu).tolist()
+        return math.isfinite(lo) and math.isfinite(hi), lo != 0.0 or hi != 0.0, norm
+
+    assert verdict(torch.tensor([1.0, math.nan, 2.0]))[0] is False
+    assert verdict(torch.tensor([math.nan, 1.0]))[0] is False
+    assert verdict(torch.tensor([1.0, -math.inf]))[0] is False
+    assert verdict(torch.tensor([0.0, -0.0]))[:2] == (True, False)  # all zeros, the sign of zero aside
+    assert verdict(torch.zeros(0))[:2] == (True, False)
+    finite, nonzero, norm = verdict(torch.tensor([3.0, -4.0]))
+    assert finite and nonzero and norm == pytest.approx(5.0)
+    assert verdict(torch.full((4,), 60000.0, dtype=torch.float16))[2] == pytest.approx(120000.0)  # no fp16 overflow

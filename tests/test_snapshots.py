@@ -208,7 +208,7 @@ def test_fingerprint_checksums_are_exact_integers() -> None:
     worst = torch.full((CHUNK,), -(2**31), dtype=torch.int32)  # the largest word magnitude
     got = store.fingerprint(worst).checks
     w, _ = store.weights(CPU, torch.float32)
-    exact = [sum(-(2**31) * int(v) for v in w[:, k].tolist()) for k in range(w.shape[1])]
+    exact = [sum(-(2**31) * int(v) for v in row) for row in w.tolist()]
     assert got.reshape(-1).tolist() == [float(x) for x in exact]
     assert all(abs(x) < 2**53 for x in exact)
 
