@@ -244,7 +244,9 @@ class WeightDeltaCheck(_DeltaObserver):
         for g in engine.groups:
             named = [(n, pre[n].to(engine.device)) for n, _ in g.params if n in pre]
             if named:
-                self.pretrained[g.name] = (self.store.take(named), [n for n, _ in named])
+                # the loaded tensors are never written to: the exact store refers to them instead of copying
+                refer = getattr(self.store, "refer", self.store.take)
+                self.pretrained[g.name] = (refer(named), [n for n, _ in named])
 
     def _begin(self) -> None:
         super()._begin()

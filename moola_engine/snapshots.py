@@ -122,6 +122,17 @@ class FlatSnapshot:
         self.buffers = _pack(named, self.keys)
         self._views: dict[str, torch.Tensor] | None = None
 
+    @classmethod
+    def referring(cls, named: list[tuple[str, torch.Tensor]]) -> FlatSnapshot:
+        """A snapshot that is the given tensors themselves (no copy): for tensors nothing writes to."""
+        out = cls.__new__(cls)
+        out.names = [n for n, _ in named]
+        out.shapes = [t.shape for _, t in named]
+        out.keys = [_bucket(t) for _, t in named]
+        out.buffers = {}
+        out._views = {n: t.detach() for n, t in named}
+        return out
+
     def views(self) -> dict[str, torch.Tensor]:
         if self._views is None:
             offsets: dict[tuple[Any, ...], int] = {}
@@ -174,6 +185,11 @@ class ExactStore:
     @torch.no_grad()
     def take(self, named: Named) -> FlatSnapshot:
         return FlatSnapshot(list(named))
+
+    def refer(self, named: Named) -> FlatSnapshot:
+        """A snapshot of tensors that never change (the pretrained weights as loaded): they are the snapshot,
+        no copy.  Only for :meth:`delta` (``delta_and_take`` would refresh it in place)."""
+        return FlatSnapshot.referring(list(named))
 
     @torch.no_grad()
     def delta(self, snap: FlatSnapshot, named: Named, device: torch.device) -> Delta:
