@@ -129,6 +129,9 @@ class Engine:
         self.es_best = math.nan  # best early-stopping metric so far (set by fit)
         self.best_state: dict[str, torch.Tensor] | None = None
         self.last_checkpoint: Path | None = None
+        self.on_exit: list[Callable[[BaseException | None], None]] = []
+        """Called when ``fit`` returns or raises (with the exception, else None), last registered first: plugins
+        with work in flight (the checkpointer's background write) finish it there.  Registered in on_fit_start."""
         self._hooks_with_impls: set[str] = set()
         self._model_fn: Callable[[torch.Tensor], torch.Tensor] = self.model
         if train.compile:
@@ -191,7 +194,31 @@ class Engine:
 
     # ------------------------------------------------------------------ the loop
     def fit(self, start: ResumeState | None = None) -> FitResult:
-        """Train from epoch 0, or continue an interrupted run from a checkpoint (``start``)."""
+        """Train from epoch 0, or continue an interrupted run from a checkpoint (``start``).
+
+        Whether it returns or raises, the ``on_exit`` callbacks run before it does: nothing a plugin started
+        in the background (a checkpoint being written) is still running when ``fit`` is over."""
+        self.on_exit = []
+        try:
+            result = self._fit(start)
+        except BaseException as exc:
+            self._exit(exc)
+            raise
+        self._exit(None)
+        return result
+
+    def _exit(self, exc: BaseException | None) -> None:
+        callbacks, self.on_exit = self.on_exit, []
+        first: BaseException | None = None
+        for cb in reversed(callbacks):
+            try:
+                cb(exc)
+            except BaseException as err:  # run them all; on success, the first error is fit's error
+                first = first or err
+        if first is not None and exc is None:
+            raise first
+
+    def _fit(self, start: ResumeState | None) -> FitResult:
         from .plan import compute_plan, validate_plan
 
         cfg = self.config
