@@ -409,7 +409,7 @@ class Checkpointer:
         if self._writer is None:
             self._writer = BackgroundWriter("moola-checkpoint")
         if hasattr(engine, "on_exit"):
-            engine.on_exit.append(lambda exc: self._finish(engine, raise_errors=exc is None))
+            engine.on_exit.append(lambda failing: self._finish(engine, raise_errors=not failing))
 
     @hookimpl(trylast=True)
     def on_fit_end(self, engine: Any) -> None:

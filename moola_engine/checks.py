@@ -448,17 +448,24 @@ class GradFlowCheck(_Observer):
         self.phase = 0
         self.waiting: list[tuple[Any, ...]] = []  # phases checked but not yet read back (device tensors)
 
+    def _arm(self, engine: Any) -> None:
+        """A phase starts: check after its first step (after_step is called again: want_step_hooks)."""
+        self.pending = True
+        want = getattr(engine, "want_step_hooks", None)
+        if want is not None:
+            want(self, until_step=None)
+
     @hookimpl(trylast=True)
     def on_fit_start(self, engine: Any) -> None:
-        self.pending = True
+        self._arm(engine)
 
     @hookimpl(trylast=True)
     def on_freeze(self, engine: Any) -> None:
-        self.pending = True
+        self._arm(engine)
 
     @hookimpl(trylast=True)
     def on_unfreeze(self, engine: Any) -> None:
-        self.pending = True
+        self._arm(engine)
 
     @hookimpl(trylast=True)
     def after_step(self, engine: Any, step: int) -> None:
@@ -466,6 +473,9 @@ class GradFlowCheck(_Observer):
         if not self.pending or engine.freezer.pending:
             return
         self.pending = False
+        want = getattr(engine, "want_step_hooks", None)
+        if want is not None:  # nothing to do until the next phase: no call on the other steps of this one
+            want(self, until_step=step + 1)
         self.phase += 1
         self.run(engine, step)
 
