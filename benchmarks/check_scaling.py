@@ -37,6 +37,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 
 SIZES = {"0.2M": 256, "2.4M": 1024, "8.9M": 2048, "35M": 4096}  # label -> hidden width H
+EXTRA_SIZES = {"tiny": 16}  # for the smoke test (tests/test_speed.py), not in the default list
 VARIANTS = ("off", "exact", "fingerprint")
 TIME_TARGET = 1.05
 FP_MEMORY_TARGET = 1.05
@@ -127,7 +128,8 @@ def run_one(hidden: int, variant: str, args: argparse.Namespace) -> dict[str, An
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sizes", nargs="+", default=list(SIZES), help=f"of {', '.join(SIZES)} (default all)")
+    ap.add_argument("--sizes", nargs="+", default=list(SIZES),
+                    help=f"of {', '.join(SIZES)} (default all), or tiny (a smoke test)")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--epochs", type=int, default=6)
     ap.add_argument("--unfreeze-after", type=int, default=3)
@@ -140,9 +142,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         print(json.dumps(worker(args.hidden, args.worker, args.epochs, args.unfreeze_after, args.pretrained)))
         return 0
-    unknown = [s for s in args.sizes if s not in SIZES]
+    sizes = {**SIZES, **EXTRA_SIZES}
+    unknown = [s for s in args.sizes if s not in sizes]
     if unknown:
-        ap.error(f"unknown size(s) {unknown}; expected some of {', '.join(SIZES)}")
+        ap.error(f"unknown size(s) {unknown}; expected some of {', '.join(sizes)}")
 
     results: dict[str, Any] = {}
     for label in args.sizes:
@@ -150,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         for r in range(args.rounds):
             order = VARIANTS[r % 3:] + VARIANTS[:r % 3]
             for v in order:
-                runs[v].append(run_one(SIZES[label], v, args))
+                runs[v].append(run_one(sizes[label], v, args))
         off_s = [run["seconds"] for run in runs["off"]]
         off_rss = statistics.median(run["peak_rss_mb"] for run in runs["off"])
         row: dict[str, Any] = {"params": runs["off"][0]["params"], "runs": runs}
