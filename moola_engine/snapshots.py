@@ -249,10 +249,17 @@ def _compare_live(named: list[tuple[str, torch.Tensor]], snap: FlatSnapshot, dev
                     ref_sq += float(torch.linalg.vector_norm(b)) ** 2
                 continue
             tf, bf = t.reshape(-1), b.view(-1)
+            scratch = torch.empty(min(tf.numel(), _block_size(t.device)),
+                                  dtype=t.dtype if t.element_size() >= 4 else torch.float64, device=t.device)
             for s in _slices(tf.numel(), _block_size(t.device)):
                 tb, bb = tf[s], bf[s]
                 if t.is_floating_point():
-                    d = tb - bb if t.element_size() >= 4 else tb.double() - bb.double()
+                    d = scratch[:tb.numel()]  # one buffer for every block of this tensor
+                    if t.element_size() >= 4:
+                        torch.sub(tb, bb, out=d)
+                    else:
+                        d.copy_(tb)
+                        d.sub_(bb)
                     lo, hi = torch.aminmax(d)  # max |d| in one pass, no |d| tensor
                     maxima += [abs(float(lo)), abs(float(hi))]  # abs: never a -0.0 in the events
                     diff_sq += float(torch.linalg.vector_norm(d)) ** 2
@@ -373,6 +380,7 @@ class FingerprintStore:
     def __init__(self, seed: int = 20251125) -> None:
         self.seed = seed
         self._weights: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._scratch: dict[torch.device, torch.Tensor] = {}
 
     def weights(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(CHECKSUMS x CHUNK float64 integer weights, PROJECTIONS x CHUNK signs in ``dtype``) on ``device``."""
@@ -396,7 +404,16 @@ class FingerprintStore:
         w, s = self.weights(dev, vdtype)
         rows = max(1, _block_size(dev) // CHUNK)  # on the CPU 256 chunks per block: a 2 MB float64 block
         # (weights) @ (block)^T: the small matrix on the left is about twice as fast as block @ weights
-        checks = [w[:, :c] @ x.double().t() for x, c in _chunked(words, rows)]
+        # the words of a block are converted into one reused float64 buffer: no allocation per block (freed
+        # blocks of a few MB otherwise pile up in the allocator and show in the process's peak memory)
+        scratch = self._scratch.get(dev)
+        if scratch is None or scratch.shape[0] < rows:
+            scratch = self._scratch[dev] = torch.empty(rows, CHUNK, dtype=torch.float64, device=dev)
+        checks = []
+        for x, c in _chunked(words, rows):
+            block = scratch[:x.shape[0], :c]
+            block.copy_(x)
+            checks.append(w[:, :c] @ block.t())
         proj: list[torch.Tensor] = []
         sq: list[torch.Tensor] = []
         if values is not None:
