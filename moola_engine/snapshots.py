@@ -113,7 +113,7 @@ class FlatSnapshot:
     (views into the buffers, built once).
     """
 
-    __slots__ = ("_views", "buffers", "keys", "names", "shapes")
+    __slots__ = ("_spare", "_views", "buffers", "keys", "names", "shapes")
 
     def __init__(self, named: list[tuple[str, torch.Tensor]]) -> None:
         self.names = [n for n, _ in named]
@@ -121,6 +121,7 @@ class FlatSnapshot:
         self.keys = [_bucket(t) for _, t in named]
         self.buffers = _pack(named, self.keys)
         self._views: dict[str, torch.Tensor] | None = None
+        self._spare: dict[tuple[Any, ...], torch.Tensor] | None = None  # small groups: the second buffer set
 
     @classmethod
     def referring(cls, named: list[tuple[str, torch.Tensor]]) -> FlatSnapshot:
@@ -131,7 +132,23 @@ class FlatSnapshot:
         out.keys = [_bucket(t) for _, t in named]
         out.buffers = {}
         out._views = {n: t.detach() for n, t in named}
+        out._spare = None
         return out
+
+    def numel(self) -> int:
+        return sum(s.numel() for s in self.shapes)
+
+    def refill(self, named: list[tuple[str, torch.Tensor]]) -> None:
+        """Swap in the spare buffers holding ``named`` as it is now (the old ones become the spare)."""
+        spare = self._spare
+        if spare is None:
+            spare = {k: torch.empty_like(b) for k, b in self.buffers.items()}
+        parts: dict[tuple[Any, ...], list[torch.Tensor]] = {}
+        for (_, t), key in zip(named, self.keys, strict=True):
+            parts.setdefault(key, []).append(t.detach().reshape(-1))
+        for key, ts in parts.items():
+            torch.cat(ts, out=spare[key])
+        self._spare, self.buffers, self._views = self.buffers, spare, None
 
     def views(self) -> dict[str, torch.Tensor]:
         if self._views is None:
@@ -162,6 +179,9 @@ def _pack(named: list[tuple[str, torch.Tensor]], keys: list[tuple[Any, ...]]) ->
     for (_, t), key in zip(named, keys, strict=True):
         parts.setdefault(key, []).append(t.detach().reshape(-1))
     return {key: torch.cat(ts) for key, ts in parts.items()}
+
+
+SMALL = 1 << 20  # elements: below this a group is compared whole-buffer (a spare copy), above it block by block
 
 
 def _block_size(device: torch.device) -> int:
@@ -198,6 +218,9 @@ class ExactStore:
         if not snap.same_layout(named):
             before = snap.views()
             return _compare([(t, before[n]) for n, t in named], device, self.host_reads)
+        if snap.buffers and snap.numel() < SMALL:  # a few whole-buffer operations beat per-tensor dispatch
+            now = FlatSnapshot(named)
+            return _compare([(now.buffers[k], snap.buffers[k]) for k in now.buffers], device, self.host_reads)
         return _compare_live(named, snap, device, self.host_reads, update=False)
 
     @torch.no_grad()
@@ -215,9 +238,15 @@ class ExactStore:
             now = FlatSnapshot(named)
             before, after = snap.views(), now.views()
             return _compare([(after[n], before[n]) for n in now.names], device, self.host_reads), now
+        if reuse and snap.numel() < SMALL:
+            # a small group: packed into the snapshot's second buffer set (one torch.cat(out=) per dtype, no
+            # allocation after the first time), compared whole-buffer, and swapped in
+            old = snap.buffers
+            snap.refill(named)
+            return _compare([(snap.buffers[k], old[k]) for k in old], device, self.host_reads), snap
         if reuse:
             return _compare_live(named, snap, device, self.host_reads, update=True), snap
-        if self.host_reads is not False and device.type == "cpu":
+        if self.host_reads is not False and device.type == "cpu" and snap.numel() >= SMALL:
             delta = _compare_live(named, snap, device, self.host_reads, update=False)
             if delta.host_values is not None and not delta.host_values[0]:
                 return delta, snap  # unchanged: ``snap`` is a snapshot of now already (shared: no copy)

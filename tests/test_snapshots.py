@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from moola_engine.snapshots import CHUNK, ExactStore, FingerprintStore
+from moola_engine.snapshots import CHUNK, SMALL, ExactStore, FingerprintStore
 
 CPU = torch.device("cpu")
 
@@ -238,9 +238,17 @@ def test_fingerprints_are_small_and_agree_with_exact_snapshots() -> None:
 # --------------------------------------------------------------------------- exact snapshots reuse their buffers
 
 
+def large() -> list[tuple[str, torch.Tensor]]:
+    """A group above SMALL: compared block by block against the live tensors."""
+    g = torch.Generator().manual_seed(2)
+    return [("w", torch.randn(SMALL + 5, generator=g)), ("h", torch.randn(300, generator=g).half()),
+            ("n", torch.tensor(3, dtype=torch.int64))]
+
+
 @pytest.mark.parametrize("host_reads", [True, False])
-def test_reused_exact_snapshots_refresh_in_place_and_answer_as_a_new_copy(host_reads) -> None:
-    before = named()
+@pytest.mark.parametrize("items", [named, large], ids=["small", "large"])
+def test_reused_exact_snapshots_refresh_without_allocating_and_answer_as_a_new_copy(host_reads, items) -> None:
+    before = items()
     store = ExactStore(host_reads=host_reads)
     snap = store.take(before)
     ptrs = {k: b.data_ptr() for k, b in snap.buffers.items()}
@@ -248,11 +256,20 @@ def test_reused_exact_snapshots_refresh_in_place_and_answer_as_a_new_copy(host_r
     after = edit(after, "h", set_(3, 2.0))
     want, _ = store.delta_and_take(store.take(before), after, CPU)  # a fresh copy
     got, again = store.delta_and_take(snap, after, CPU, reuse=True)
-    assert again is snap and {k: b.data_ptr() for k, b in snap.buffers.items()} == ptrs  # nothing allocated
-    assert got.as_list() == pytest.approx(want.as_list(), rel=1e-6, abs=0.0)  # float32 norms, summed by block
+    assert again is snap
+    assert got.as_list() == pytest.approx(want.as_list(), rel=1e-4, abs=0.0)  # float32 norms, summed by block
     for n, t in after:  # the snapshot now holds the present values
         assert torch.equal(snap.views()[n], t)
     assert store.delta(snap, after, CPU).as_list() == [0.0, 0.0, 0.0, 0.0]
+    first = {k: b.data_ptr() for k, b in snap.buffers.items()}
+    later = edit(after, "n", lambda t: t + 1)
+    store.delta_and_take(snap, later, CPU, reuse=True)
+    second = {k: b.data_ptr() for k, b in snap.buffers.items()}
+    if items is large:
+        assert ptrs == first == second  # refreshed in place, block by block
+    else:
+        assert second == ptrs and not set(first.values()) & set(ptrs.values())  # two buffer sets, in turn
+    assert torch.equal(snap.views()["n"], dict(later)["n"])
 
 
 def test_delta_reads_the_live_tensors_without_touching_the_snapshot() -> None:
