@@ -16,6 +16,10 @@ end of epoch NNNN (after ``on_epoch_end``, before early stopping looks at it):
 It is written into a temporary folder, every file fsync'ed, renamed into
 place, and the parent fsync'ed: a kill at any moment leaves either the
 complete checkpoint or none.  Only the newest ``checkpoint.keep`` survive.
+The training loop only captures the state and copies the weights to host
+memory; the writing runs on a background thread, and a checkpoint counts
+(``engine.last_checkpoint``, ``checkpoint.saved``) once it is complete: at
+the next epoch end, at fit end, or before ``fit`` raises.
 
 Resuming (``moola-engine train --resume runs/<id>``) restores all of it,
 fires ``on_fit_start`` for the observers (never for the strategy: its state

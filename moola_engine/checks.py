@@ -30,9 +30,11 @@ Failures are logged at error level (``weight_delta.violation`` or
 ``check.failed``, with a one-line ``message``); with ``checks.strict`` (the
 default) the run then stops with :class:`~moola_engine.errors.CheckFailed`
 (exit code 3).  Checks never run per step except the one gradient check per
-phase, and read results back from the device in one sync per check.  The
-snapshots (:mod:`.snapshots`) are flat buffers, and the copy an interval's
-comparison makes is the next interval's snapshot.
+phase (the engine calls its ``after_step`` on those steps only:
+``engine.want_step_hooks``), and read results back from the device in one sync
+per check.  The snapshots (:mod:`.snapshots`) are flat buffers refreshed in
+place by each interval's comparison; fingerprints are taken once per group per
+hook call.
 """
 
 from __future__ import annotations

@@ -8,8 +8,12 @@ as tensors; the caller reads them back in one host sync per check.
     A copy of the checked tensors, packed into one flat buffer per dtype and
     device (memory: one more copy of the checked tensors).  ``changed`` compares
     the bit patterns (so -0.0 vs 0.0 and NaN payloads count), ``max_abs_delta``
-    and ``||dw|| / ||w||`` are exact.  The copy taken to compare is kept as the
-    next snapshot (``delta_and_take``), so a check interval costs one copy.
+    and ``||dw|| / ||w||`` are exact.  The snapshot is refreshed in place by the
+    comparison (``delta_and_take(..., reuse=True)``): a group under ``SMALL``
+    elements is packed into a second buffer set and compared whole-buffer, a
+    larger one is compared against the live tensors block by block and copied
+    into its own buffers while each block is in the cache.  No interval
+    allocates; a frozen group (on the CPU) costs one ``torch.equal`` per tensor.
 
 ``fingerprint``
     No copy: per chunk of ``CHUNK`` (1024) elements of each tensor, ``CHECKSUMS`` (5) exact integer
