@@ -13,7 +13,8 @@ as tensors; the caller reads them back in one host sync per check.
     elements is packed into a second buffer set and compared whole-buffer, a
     larger one is compared against the live tensors block by block and copied
     into its own buffers while each block is in the cache.  No interval
-    allocates; a frozen group (on the CPU) costs one ``torch.equal`` per tensor.
+    allocates; on the CPU a frozen group above ``SMALL`` costs one ``torch.equal``
+    per tensor and no copy.
 
 ``fingerprint``
     No copy: per chunk of ``CHUNK`` (1024) elements of each tensor, ``CHECKSUMS`` (5) exact integer
