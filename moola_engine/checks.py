@@ -118,8 +118,18 @@ class _DeltaObserver(_Observer):
                     taken[n] = self._fresh[n]
                 continue
             named = self._named(engine, by_name[n])
+            unchanged = self._unchanged_now.get(n)
+            if unchanged is not None and unchanged[0] is snaps[n]:
+                # compared with this very snapshot earlier in this hook call and found unchanged (a transition:
+                # the phase snapshot is still the interval snapshot): it stands for now, no second pass
+                deltas[n] = unchanged[1]
+                if taken is not None:
+                    taken[n] = snaps[n]
+                continue
             if taken is None:
                 deltas[n] = self.store.delta(snaps[n], named, engine.device)
+                if deltas[n].host_values is not None and not deltas[n].host_values[0]:
+                    self._unchanged_now[n] = (snaps[n], deltas[n])
                 continue
             # the old snapshot is given up: the exact store refreshes its buffers in place (no allocation),
             # unless another snapshot (a phase start) still holds the same object
@@ -138,6 +148,7 @@ class _DeltaObserver(_Observer):
     def _begin(self) -> None:
         """At each hook call: what was measured in the previous one no longer stands for the weights now."""
         self._fresh = {}
+        self._unchanged_now: dict[str, tuple[Any, Any]] = {}  # exact: group -> (snapshot, Delta) found equal
 
     def _unchanged(self, groups: list[str]) -> None:
         """Groups an interval check has just found bitwise unchanged (exact; fingerprint: no checksum changed)."""

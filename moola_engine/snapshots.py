@@ -257,7 +257,10 @@ class ExactStore:
                 return delta, snap  # unchanged: ``snap`` is a snapshot of now already (shared: no copy)
             return delta, FlatSnapshot(named)
         now = FlatSnapshot(named)
-        return _compare([(now.buffers[k], snap.buffers[k]) for k in now.buffers], device, self.host_reads), now
+        delta = _compare([(now.buffers[k], snap.buffers[k]) for k in now.buffers], device, self.host_reads)
+        if delta.host_values is not None and not delta.host_values[0]:
+            return delta, snap  # unchanged: keep sharing ``snap`` (one snapshot object while a group is frozen)
+        return delta, now
 
 
 def _compare_live(named: list[tuple[str, torch.Tensor]], snap: FlatSnapshot, device: torch.device,
