@@ -59,6 +59,7 @@ class Event(enum.StrEnum):
     CHECK_FAILED = "check.failed"
     RED_FLAG = "red_flag.raised"
     CHECKPOINT_SAVED = "checkpoint.saved"
+    CHECKPOINT_FAILED = "checkpoint.failed"
     RESUME_CHECK = "resume.check"
     NONFINITE_DETECTED = "nonfinite.detected"
     PLUGIN_FAILED = "plugin.failed"

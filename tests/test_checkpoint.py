@@ -195,6 +195,80 @@ def test_full_disk_during_a_save_keeps_the_previous_checkpoint(tmp_path: Path, m
     ResumeState.latest(tmp_path)  # and it still reads back
 
 
+def test_checkpoints_are_written_on_a_background_thread_and_complete_when_fit_returns(tmp_path: Path,
+                                                                                     monkeypatch: Any) -> None:
+    import threading
+
+    import moola_engine.runs.checkpoint as ck
+
+    real = ck.write_checkpoint
+    writers: list[tuple[str, bool]] = []
+
+    def write_checkpoint(*a: Any, **kw: Any) -> Path:
+        path = real(*a, **kw)
+        writers.append((threading.current_thread().name, threading.current_thread() is threading.main_thread()))
+        return path
+
+    monkeypatch.setattr(ck, "write_checkpoint", write_checkpoint)
+    runlog = RunLog(tmp_path / "events.jsonl", console="none", capture=True)
+    engine = build(named("immediate"), tmp_path, epochs=3, runlog=runlog)
+    engine.fit()
+    runlog.close()
+    assert writers == [("moola-checkpoint", False)] * 3
+    assert not [t for t in threading.enumerate() if t.name == "moola-checkpoint"]  # fit waited for the last one
+    saved = [e for e in runlog.events if e["event"] == "checkpoint.saved"]
+    assert [Path(e["path"]).name for e in saved] == ["epoch-0000", "epoch-0001", "epoch-0002"]
+    assert all(0 <= e["blocking_seconds"] <= e["seconds"] for e in saved)
+    assert engine.last_checkpoint == tmp_path / "checkpoints/epoch-0002"
+    ResumeState.latest(tmp_path)  # complete and readable
+
+
+def test_a_failed_background_write_of_the_last_checkpoint_is_raised_by_fit(tmp_path: Path, monkeypatch: Any) -> None:
+    import moola_engine.runs.checkpoint as ck
+
+    real = ck.save_file
+
+    def save_file(tensors: Any, path: str, *a: Any, **kw: Any) -> None:
+        if "epoch-0002" in path:
+            raise OSError(errno.EIO, "Input/output error")
+        real(tensors, path, *a, **kw)
+
+    monkeypatch.setattr(ck, "save_file", save_file)
+    engine = build(named("immediate"), tmp_path, epochs=3)
+    with pytest.raises(CheckpointError, match=r"epoch-0002: Input/output error; the previous checkpoint .*epoch-0001"):
+        engine.fit()
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["epoch-0000", "epoch-0001"]
+    assert engine.last_checkpoint == tmp_path / "checkpoints/epoch-0001"
+
+
+def test_a_failing_run_waits_for_its_write_and_logs_a_failed_one_under_its_own_error(tmp_path: Path,
+                                                                                   monkeypatch: Any) -> None:
+    import moola_engine.runs.checkpoint as ck
+
+    real = ck.save_file
+
+    def save_file(tensors: Any, path: str, *a: Any, **kw: Any) -> None:
+        if "epoch-0001" in path:
+            raise OSError(errno.EIO, "Input/output error")
+        real(tensors, path, *a, **kw)
+
+    # the run stops (Killed) at step 10, in epoch 2 (4 steps an epoch), after epoch 1's checkpoint was handed to
+    # the writer
+    runlog = RunLog(tmp_path / "events.jsonl", console="none", capture=True)
+    first = build(named("immediate"), tmp_path, epochs=4, extra=(StopAt(10),), runlog=runlog)
+    with pytest.raises(Killed):
+        first.fit()
+    assert first.last_checkpoint == tmp_path / "checkpoints/epoch-0001"  # waited for, before fit raised
+    monkeypatch.setattr(ck, "save_file", save_file)
+    second = build(named("immediate"), tmp_path / "b", epochs=4, extra=(StopAt(10),), runlog=runlog)
+    with pytest.raises(Killed):  # the run's own error wins over the failed write ...
+        second.fit()
+    runlog.close()
+    failed = [e for e in runlog.events if e["event"] == "checkpoint.failed"]
+    assert len(failed) == 1 and "epoch-0001: Input/output error" in failed[0]["error"]  # ... which is logged
+    assert [p.name for p in list_checkpoints(tmp_path / "b")] == ["epoch-0000"]
+
+
 # --------------------------------------------------------------------------- resuming
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import attrs
@@ -503,3 +504,46 @@ def test_no_false_alarm_from_lr_mask_for_any_strategy_of_strategies_toml(key: st
     engine.fit()
     events = [e for e in log.events if e["event"] == "lr_mask.check"]
     assert events and all(e["ok"] for e in events), [e["problems"] for e in events if not e["ok"]]
+def test_grad_stats_find_nan_inf_zeros_and_the_norm_without_a_float64_copy() -> None:
+    from moola_engine.checks.delta import _grad_stats
+
+    cpu = torch.device("cpu")
+
+    def verdict(g):
+        lo, hi, norm = _grad_stats(g, cpu).tolist()
+        return math.isfinite(lo) and math.isfinite(hi), lo != 0.0 or hi != 0.0, norm
+
+    assert verdict(torch.tensor([1.0, math.nan, 2.0]))[0] is False
+    assert verdict(torch.tensor([math.nan, 1.0]))[0] is False
+    assert verdict(torch.tensor([1.0, -math.inf]))[0] is False
+    assert verdict(torch.tensor([0.0, -0.0]))[:2] == (True, False)  # all zeros, the sign of zero aside
+    assert verdict(torch.zeros(0))[:2] == (True, False)
+    finite, nonzero, norm = verdict(torch.tensor([3.0, -4.0]))
+    assert finite and nonzero and norm == pytest.approx(5.0)
+    assert verdict(torch.full((4,), 60000.0, dtype=torch.float16))[2] == pytest.approx(120000.0)  # no fp16 overflow
+
+
+def test_a_transition_reads_an_unchanged_group_once_for_its_phase_and_interval_checks(monkeypatch: Any) -> None:
+    """The frozen encoder's phase snapshot is its interval snapshot: one comparison serves both checks."""
+    from moola_engine.checks import snapshots
+    from moola_engine.checks.delta import WeightDeltaCheck
+
+    reads: list[tuple[str, int]] = []  # (first tensor name, step) of every comparison against the live tensors
+    for method in ("delta", "delta_and_take"):
+        real = getattr(snapshots.ExactStore, method)
+
+        def spy(self: Any, snap: Any, named: Any, device: Any, *a: Any, _real: Any = real, **kw: Any) -> Any:
+            named = list(named)
+            reads.append((named[0][0], check.engine.step))
+            return _real(self, snap, named, device, *a, **kw)
+
+        monkeypatch.setattr(snapshots.ExactStore, method, spy)
+
+    check = WeightDeltaCheck(ChecksConfig())
+    engine = make_engine(named("two-phase", unfreeze_after=1), epochs=2, extra=(check,))
+    check.engine = engine
+    engine.fit()  # 4 steps an epoch: epoch 0 ends at step 4, the encoder unfreezes at epoch 1's start (step 4)
+    at_step_4 = [name for name, step in reads if step == 4 and name == "enc0.weight"]
+    # epoch 0's interval check; at encoder.layer0's unfreeze one comparison for its phase and interval checks
+    # (two before); at encoder.layer1's unfreeze (another hook call) the interval check of every group
+    assert at_step_4 == ["enc0.weight"] * 3

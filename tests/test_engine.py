@@ -11,7 +11,7 @@ from conftest import TINY_GROUPS, TinyNet, make_engine, named, tiny_data
 from torch import nn
 
 from moola_engine import hookimpl
-from moola_engine.config import EarlyStoppingConfig, GroupSpec, TrainConfig
+from moola_engine.config import ChecksConfig, EarlyStoppingConfig, GroupSpec, TrainConfig
 from moola_engine.core.engine import Engine, build_optimizer, select_device
 from moola_engine.core.freezing import resolve_groups
 from moola_engine.core.hookspecs import all_hook_names
@@ -319,3 +319,47 @@ def test_engine_view_refuses_an_object_missing_its_members() -> None:
         freezer = None
 
     assert not isinstance(Half(), EngineView)
+class FirstSteps:
+    """Step hooks wanted for the first ``n`` steps of each epoch only (want_step_hooks)."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.calls: list[tuple[str, int]] = []
+
+    @hookimpl
+    def on_epoch_start(self, engine: Any) -> None:
+        engine.want_step_hooks(self, until_step=engine.step + self.n)
+
+    @hookimpl
+    def before_step(self, step: int) -> None:
+        self.calls.append(("before", step))
+
+    @hookimpl
+    def after_step(self, step: int) -> None:
+        self.calls.append(("after", step))
+
+
+def test_step_hooks_are_called_only_for_the_steps_a_plugin_wants() -> None:
+    gated, always = FirstSteps(2), Recorder()
+    engine = make_engine(named("two-phase", unfreeze_after=1), epochs=3, extra=(gated, always))
+    engine.fit()  # 64 samples, batch 16: 4 steps an epoch
+    assert gated.calls == [(k, s) for e in range(3) for s in (4 * e, 4 * e + 1) for k in ("before", "after")]
+    assert [c[2] for c in always.calls if c[0] == "after_step"] == list(range(12))  # the others: every step
+
+
+def test_the_gradient_check_is_called_after_the_first_step_of_each_phase_only() -> None:
+    from moola_engine.checks.delta import GradFlowCheck
+
+    seen: list[int] = []
+
+    class Counting(GradFlowCheck):
+        @hookimpl(trylast=True)
+        def after_step(self, engine: Any, step: int) -> None:
+            seen.append(step)
+            super().after_step(engine, step)
+
+    check = Counting(ChecksConfig())
+    engine = make_engine(named("two-phase", unfreeze_after=1), epochs=3, extra=(check,))
+    engine.fit()
+    assert seen == [0, 4]  # phase 1 starts at step 0, phase 2 (encoder unfrozen at epoch 1) at step 4
+    assert check.phase == 2  # and both phases were checked

@@ -190,8 +190,12 @@ def test_kill_9_then_resume_is_bitwise_equal(plugin: str, params: dict[str, Any]
         assert names.count("run.started") == 1 and names.count("run.resumed") == 1
         [resumed_event] = [e for e in events if e["event"] == "run.resumed"]
         checks = [e for e in events if e["event"] == "resume.check"]
+        # Checkpoints are written in the background: the one of epoch e is complete by the end of epoch e + 1 at
+        # the latest, so a kill during epoch 1 may find none yet (and start over, bitwise equal all the same).
         if step < per_epoch:  # killed before the first checkpoint: started over from step 0
             assert resumed_event["checkpoint"] is None and checks == []
+        elif step < 2 * per_epoch and resumed_event["checkpoint"] is None:
+            assert checks == []  # killed while epoch 0's checkpoint was being written: it never counted
         else:
             assert checks[0]["status"] == "ok" and checks[0]["actual"] == checks[0]["expected"]
         assert names[-1] == "run.finished"

@@ -4,7 +4,7 @@ Layers, bottom up (a module may import its own layer and the ones below)::
 
     foundation   moola_engine.{errors, config, logs, safeio, jsonsafe, version}
     core         moola_engine.core.*          the loop and its contract
-    checks       moola_engine.checks.*        proofs a run did what it promised
+    checks       moola_engine.checks.delta.*        proofs a run did what it promised
     runs         moola_engine.runs.*          one run from config: folders, checkpoints, sinks
     experiments  moola_engine.experiments.*   many runs: the ablation, statistics, report
     cli          moola_engine.cli.*           the commands

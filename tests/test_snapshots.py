@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from moola_engine.checks.snapshots import ExactStore, FingerprintStore
+from moola_engine.checks.snapshots import CHUNK, SMALL, ExactStore, FingerprintStore
 
 CPU = torch.device("cpu")
 
@@ -156,3 +156,127 @@ def test_off_the_cpu_the_default_is_the_device_path() -> None:
     delta, now = store.delta_and_take(store.take(items), items, meta)
     assert delta.as_tensor().device.type == "meta"
     assert now.buffers[(torch.float32, meta)].shape == (36,)
+
+
+# --------------------------------------------------------------------------- chunked fingerprints
+
+
+def fp_changed(before, after) -> float:
+    store = FingerprintStore()
+    return store.delta(store.take(before), after, CPU).as_list()[0]
+
+
+def big() -> torch.Tensor:
+    """Three full chunks and a partial one (the last chunk holds 123 elements)."""
+    return torch.randn(3 * CHUNK + 123, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("index", [0, 1234, CHUNK - 1, CHUNK, 3 * CHUNK, -1])  # -1, 3*CHUNK: the last chunk
+def test_fingerprints_catch_a_one_ulp_change_in_any_chunk(index) -> None:
+    w = big()
+    w2 = w.clone()
+    w2[index] = torch.nextafter(w2[index], torch.tensor(math.inf))
+    assert fp_changed([("w", w)], [("w", w.clone())]) == 0.0
+    assert fp_changed([("w", w)], [("w", w2)]) == 1.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_fingerprints_catch_sign_flips_one_or_many_in_a_chunk(dtype) -> None:
+    w = big().to(dtype).abs() + 0.5
+    for idx in ([5], [CHUNK + 2, CHUNK + 9], [-1, -2], list(range(CHUNK, 2 * CHUNK))):
+        w2 = w.clone()
+        w2[idx] = -w2[idx]  # each bit pattern differs by the sign bit only: the worst case for modular sums
+        assert fp_changed([("w", w)], [("w", w2)]) == 1.0, (dtype, idx[:3])
+
+
+def test_fingerprints_catch_the_sign_of_zero_a_nan_payload_and_integers() -> None:
+    z = torch.zeros(100)
+    assert fp_changed([("z", z)], [("z", -z)]) == 1.0
+    nan = torch.full((10,), math.nan)
+    other = nan.clone()
+    other.view(torch.int32)[4] += 1
+    assert fp_changed([("w", nan)], [("w", nan.clone())]) == 0.0
+    assert fp_changed([("w", nan)], [("w", other)]) == 1.0
+    n = torch.tensor(7, dtype=torch.int64)
+    assert fp_changed([("n", n)], [("n", n + 1)]) == 1.0
+    assert fp_changed([("n", n)], [("n", n + 2**32)]) == 1.0  # the high word only
+
+
+def test_fingerprint_checksums_are_exact_integers() -> None:
+    """The weights keep every partial sum an integer below 2**53: the worst case has no rounding."""
+    store = FingerprintStore()
+    worst = torch.full((CHUNK,), -(2**31), dtype=torch.int32)  # the largest word magnitude
+    got = store.fingerprint(worst).checks
+    w, _ = store.weights(CPU, torch.float32)
+    exact = [sum(-(2**31) * int(v) for v in row) for row in w.tolist()]
+    assert got.reshape(-1).tolist() == [float(x) for x in exact]
+    assert all(abs(x) < 2**53 for x in exact)
+
+
+def test_fingerprint_norm_estimate_is_exact_for_one_change_per_chunk() -> None:
+    w = big()
+    w2 = w.clone()
+    w2[[3, CHUNK + 7, -1]] += torch.tensor([0.5, -2.0, 1.0])
+    store = FingerprintStore()
+    delta = store.delta(store.take([("w", w)]), [("w", w2)], CPU).as_list()
+    assert delta[0] == 1.0 and math.isnan(delta[1])  # max |dw| is unknown to a fingerprint
+    assert delta[2] == pytest.approx(math.sqrt(0.25 + 4.0 + 1.0), rel=1e-5)
+    assert delta[3] == pytest.approx(delta[2] / float(w.double().norm()), rel=1e-5)
+
+
+def test_fingerprints_are_small_and_agree_with_exact_snapshots() -> None:
+    before = named()
+    fp, exact = FingerprintStore(), ExactStore()
+    snap = fp.take(before)
+    numbers = sum(f.checks.numel() + f.proj.numel() + 1 for f in snap.values())
+    assert numbers <= 8 * (1 + sum(t.numel() for _, t in before) // CHUNK + len(before))  # per chunk, not per element
+    for name, fn in [("w", set_(-1, 3.25)), ("b", set_(0, -100.0)), ("h", set_(3, 2.0)), ("n", lambda t: t + 5)]:
+        after = edit(before, name, fn)
+        assert fp.delta(snap, after, CPU).as_list()[0] == exact.delta(exact.take(before), after, CPU).as_list()[0] == 1.0
+
+
+# --------------------------------------------------------------------------- exact snapshots reuse their buffers
+
+
+def large() -> list[tuple[str, torch.Tensor]]:
+    """A group above SMALL: compared block by block against the live tensors."""
+    g = torch.Generator().manual_seed(2)
+    return [("w", torch.randn(SMALL + 5, generator=g)), ("h", torch.randn(300, generator=g).half()),
+            ("n", torch.tensor(3, dtype=torch.int64))]
+
+
+@pytest.mark.parametrize("host_reads", [True, False])
+@pytest.mark.parametrize("items", [named, large], ids=["small", "large"])
+def test_reused_exact_snapshots_refresh_without_allocating_and_answer_as_a_new_copy(host_reads, items) -> None:
+    before = items()
+    store = ExactStore(host_reads=host_reads)
+    snap = store.take(before)
+    ptrs = {k: b.data_ptr() for k, b in snap.buffers.items()}
+    after = edit(before, "w", lambda t: t * 1.001)
+    after = edit(after, "h", set_(3, 2.0))
+    want, _ = store.delta_and_take(store.take(before), after, CPU)  # a fresh copy
+    got, again = store.delta_and_take(snap, after, CPU, reuse=True)
+    assert again is snap
+    assert got.as_list() == pytest.approx(want.as_list(), rel=1e-4, abs=0.0)  # float32 norms, summed by block
+    for n, t in after:  # the snapshot now holds the present values
+        assert torch.equal(snap.views()[n], t)
+    assert store.delta(snap, after, CPU).as_list() == [0.0, 0.0, 0.0, 0.0]
+    first = {k: b.data_ptr() for k, b in snap.buffers.items()}
+    later = edit(after, "n", lambda t: t + 1)
+    store.delta_and_take(snap, later, CPU, reuse=True)
+    second = {k: b.data_ptr() for k, b in snap.buffers.items()}
+    if items is large:
+        assert ptrs == first == second  # refreshed in place, block by block
+    else:
+        assert second == ptrs and not set(first.values()) & set(ptrs.values())  # two buffer sets, in turn
+    assert torch.equal(snap.views()["n"], dict(later)["n"])
+
+
+def test_delta_reads_the_live_tensors_without_touching_the_snapshot() -> None:
+    store = ExactStore()
+    p = torch.randn(3 * (1 << 18) + 5)  # several blocks
+    snap = store.take([("p", p)])
+    kept = snap.views()["p"].clone()
+    p[-1] += 1.0
+    assert store.delta(snap, [("p", p)], CPU).as_list()[:2] == [1.0, pytest.approx(1.0)]
+    assert torch.equal(snap.views()["p"], kept)

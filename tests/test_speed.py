@@ -243,3 +243,20 @@ def test_non_finite_loss_is_found_at_epoch_end_with_its_step() -> None:
     with pytest.raises(MoolaError, match=r"non-finite training loss at step 6 \(epoch 1\)"):
         engine.fit()
     assert engine.history[0]["train_loss"] > 0 and len(engine.history) == 1
+
+
+@pytest.mark.slow
+def test_check_scaling_benchmark_runs_each_variant_in_its_own_process(tmp_path: Any) -> None:
+    import json
+    import subprocess
+
+    out = tmp_path / "scaling.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "check_scaling.py"), "--sizes", "tiny",
+                           "--rounds", "1", "--epochs", "2", "--unfreeze-after", "1", "--json", str(out)],
+                          capture_output=True, text=True, timeout=300, check=True)
+    assert "| tiny (" in proc.stdout and "targets (time <= 1.05 x off" in proc.stdout
+    row = json.loads(out.read_text())["results"]["tiny"]
+    for v in ("off", "exact", "fingerprint"):
+        [run] = row["runs"][v]
+        assert run["seconds"] > 0 and run["peak_rss_mb"] > 50  # a process of its own with torch loaded
+        assert row[v]["median_ratio"] == pytest.approx(run["seconds"] / row["runs"]["off"][0]["seconds"])

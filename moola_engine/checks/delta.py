@@ -36,9 +36,11 @@ Failures are logged at error level (``weight_delta.violation`` or
 ``check.failed``, with a one-line ``message``); with ``checks.strict`` (the
 default) the run then stops with :class:`~moola_engine.errors.CheckFailed`
 (exit code 3).  Checks never run per step except the one gradient check per
-phase, and read results back from the device in one sync per check.  The
-snapshots (:mod:`.snapshots`) are flat buffers, and the copy an interval's
-comparison makes is the next interval's snapshot.
+phase (the engine calls its ``after_step`` on those steps only:
+``engine.want_step_hooks``), and read results back from the device in one sync
+per check.  The snapshots (:mod:`.snapshots`) are flat buffers refreshed in
+place by each interval's comparison; fingerprints are taken once per group per
+hook call.
 """
 
 from __future__ import annotations
@@ -101,6 +103,7 @@ class _DeltaObserver(_Observer):
 
     def _start(self, engine: Any) -> None:
         self.store = make_store(self.cfg.snapshots)
+        self._begin()
         self._take_refs(engine)
         self.moved = dict.fromkeys(self.ref, False)
 
@@ -136,13 +139,35 @@ class _DeltaObserver(_Observer):
         """
         by_name = {g.name: g for g in engine.groups}
         deltas = {}
+        compare = getattr(self.store, "compare", None)  # fingerprints: compare two snapshots without a pass
         for n in names:
-            compared = self._compared(engine, by_name[n], snaps[n])
-            if not compared:
+            named = self._compared(engine, by_name[n], snaps[n])
+            if not named:
                 continue  # nothing of the group is still checked here (a mask released: MaskedParamsCheck)
-            deltas[n], now = self.store.delta_and_take(snaps[n], compared, engine.device)
-            if taken is not None:
-                taken[n] = now
+            if compare is not None:
+                if n not in self._fresh:
+                    self._fresh[n] = self.store.take(named)
+                deltas[n] = compare(snaps[n], self._fresh[n], engine.device)
+                if taken is not None:
+                    taken[n] = self._fresh[n]
+                continue
+            unchanged = self._unchanged_now.get(n)
+            if unchanged is not None and unchanged[0] is snaps[n]:
+                # compared with this very snapshot earlier in this hook call and found unchanged (a transition:
+                # the phase snapshot is still the interval snapshot): it stands for now, no second pass
+                deltas[n] = unchanged[1]
+                if taken is not None:
+                    taken[n] = snaps[n]
+                continue
+            if taken is None:
+                deltas[n] = self.store.delta(snaps[n], named, engine.device)
+                if deltas[n].host_values is not None and not deltas[n].host_values[0]:
+                    self._unchanged_now[n] = (snaps[n], deltas[n])
+                continue
+            # the old snapshot is given up: the exact store refreshes its buffers in place (no allocation),
+            # unless another snapshot (a phase start) still holds the same object
+            deltas[n], taken[n] = self.store.delta_and_take(snaps[n], named, engine.device,
+                                                            reuse=not self._held(n, snaps[n]))
         if not deltas:
             return {}
         if all(d.host_values is not None for d in deltas.values()):  # the CPU path: floats already
@@ -150,10 +175,26 @@ class _DeltaObserver(_Observer):
         values = torch.stack([d.as_tensor() for d in deltas.values()]).tolist()  # the one host sync of this check
         return dict(zip(deltas, values, strict=True))
 
+    _fresh: dict[str, Any]
+    """Fingerprint mode: each group's fingerprint as it is now, taken once per hook call (cleared at each hook)."""
+
+    def _begin(self) -> None:
+        """At each hook call: what was measured in the previous one no longer stands for the weights now."""
+        self._fresh = {}
+        self._unchanged_now: dict[str, tuple[Any, Any]] = {}  # exact: group -> (snapshot, Delta) found equal
+
+    def _unchanged(self, groups: list[str]) -> None:
+        """Groups an interval check has just found bitwise unchanged (exact; fingerprint: no checksum changed)."""
+
+    def _held(self, group: str, snap: Any) -> bool:
+        """True when ``snap`` is kept elsewhere too (so it must not be refreshed in place)."""
+        return False
+
     def _checkpoint(self, engine: Any, reason: str) -> None:
         steps = engine.step - self.ref_step
         taken: dict[str, Any] = {}
         measured = self._measure(engine, self.ref, self.ref, taken)
+        self._unchanged([n for n, row in measured.items() if not row[0]])
         failures: list[str] = []
         for name, (changed, max_abs, _norm, rel) in measured.items():
             trainable = self.ref_state[name]
@@ -211,14 +252,17 @@ class _DeltaObserver(_Observer):
 
     @hookimpl(trylast=True)
     def on_freeze(self, engine: Any, group: str) -> None:
+        self._begin()
         self._checkpoint(engine, reason=f"freeze {group}")
 
     @hookimpl(trylast=True)
     def on_unfreeze(self, engine: Any, group: str) -> None:
+        self._begin()
         self._checkpoint(engine, reason=f"unfreeze {group}")
 
     @hookimpl(trylast=True)
     def on_epoch_end(self, engine: Any, epoch: int) -> None:
+        self._begin()
         self._checkpoint(engine, reason="epoch end")
 
 
@@ -249,7 +293,22 @@ class WeightDeltaCheck(_DeltaObserver):
         for g in engine.groups:
             named = [(n, pre[n].to(engine.device)) for n, _ in g.params if n in pre]
             if named:
-                self.pretrained[g.name] = (self.store.take(named), [n for n, _ in named])
+                # the loaded tensors are never written to: the exact store refers to them instead of copying
+                refer = getattr(self.store, "refer", self.store.take)
+                self.pretrained[g.name] = (refer(named), [n for n, _ in named])
+
+    def _begin(self) -> None:
+        super()._begin()
+        self._dist_before, self._dist = getattr(self, "_dist", {}), {}
+
+    def _unchanged(self, groups: list[str]) -> None:
+        # the distance from the pretrained weights of a group that did not change is the one measured last time
+        for n in groups:
+            if n in self._dist_before and n not in self._dist:
+                self._dist[n] = self._dist_before[n]
+
+    def _held(self, group: str, snap: Any) -> bool:
+        return self.phase.get(group) is snap  # at fit start the phase snapshot is the interval snapshot
 
     def _fields(self, engine: Any, name: str, **kw: Any) -> dict[str, Any]:
         fields = super()._fields(engine, name, **kw)
@@ -260,7 +319,15 @@ class WeightDeltaCheck(_DeltaObserver):
         """||w - w_pretrained|| / ||w_pretrained|| over the group's loaded tensors (None: nothing loaded)."""
         if group not in self.pretrained:
             return None
+        if group not in self._dist:  # measured once per hook call, or carried over while the group is unchanged
+            self._dist[group] = self._distance(engine, group)
+        return self._dist[group]
+
+    def _distance(self, engine: Any, group: str) -> float:
         snap, names = self.pretrained[group]
+        now = self._fresh.get(group)  # fingerprints of now, taken in this hook call
+        if now is not None and all(n in now for n in names):
+            return self.store.compare(snap, {n: now[n] for n in names}, engine.device).as_list()[3]  # type: ignore[attr-defined]
         params = dict(next(g for g in engine.groups if g.name == group).params)
         return self.store.delta(snap, [(n, params[n]) for n in names], engine.device).as_list()[3]
 
@@ -305,28 +372,45 @@ class WeightDeltaCheck(_DeltaObserver):
 
     def _transition(self, engine: Any, group: str, reason: str) -> None:
         failures = self._close_phase(engine, group) if group in self.phase else []
+        fingerprint = hasattr(self.store, "compare")
+        share = group in self.phase and not fingerprint
         if group in self.phase:
             g = next(x for x in engine.groups if x.name == group)
-            self.phase[group] = self.store.take(self._named(engine, g))
+            if fingerprint:  # the fingerprint taken for this hook call (immutable, so it may be shared)
+                if group not in self._fresh:
+                    self._fresh[group] = self.store.take(self._named(engine, g))
+                self.phase[group] = self._fresh[group]
+            else:  # exact: the interval snapshot the check below takes (one copy fewer); the old one is free
+                del self.phase[group]
             self.phase_state[group] = engine.freezer.is_trainable(group)
             self.phase_step[group] = engine.step
             self.phase_epoch[group] = engine.epoch
         if failures:
             self._report(engine, failures)
         self._checkpoint(engine, reason=reason)
+        if share:
+            self.phase[group] = self.ref[group]  # a snapshot of the weights at the transition, shared
 
     @hookimpl(trylast=True)
     def on_freeze(self, engine: Any, group: str) -> None:
+        self._begin()
         self._transition(engine, group, reason=f"freeze {group}")
 
     @hookimpl(trylast=True)
     def on_unfreeze(self, engine: Any, group: str) -> None:
+        self._begin()
         self._transition(engine, group, reason=f"unfreeze {group}")
 
     @hookimpl(trylast=True)
     def on_fit_end(self, engine: Any) -> None:
         from moola_engine.core.plan import promised_groups
 
+        # No step ran since the last interval check (the last epoch end): its fingerprints and its distances
+        # from the pretrained weights stand for the weights now, so the phase checks need no pass of their own.
+        if engine.step == self.ref_step:
+            self._fresh = dict(self.ref) if hasattr(self.store, "compare") else {}
+        else:
+            self._begin()
         failures: list[str] = []
         for group in self.phase:
             failures += self._close_phase(engine, group)
@@ -421,17 +505,24 @@ class GradFlowCheck(_Observer):
         self.phase = 0
         self.waiting: list[tuple[Any, ...]] = []  # phases checked but not yet read back (device tensors)
 
+    def _arm(self, engine: Any) -> None:
+        """A phase starts: check after its first step (after_step is called again: want_step_hooks)."""
+        self.pending = True
+        want = getattr(engine, "want_step_hooks", None)
+        if want is not None:
+            want(self, until_step=None)
+
     @hookimpl(trylast=True)
     def on_fit_start(self, engine: Any) -> None:
-        self.pending = True
+        self._arm(engine)
 
     @hookimpl(trylast=True)
     def on_freeze(self, engine: Any) -> None:
-        self.pending = True
+        self._arm(engine)
 
     @hookimpl(trylast=True)
     def on_unfreeze(self, engine: Any) -> None:
-        self.pending = True
+        self._arm(engine)
 
     @hookimpl(trylast=True)
     def after_step(self, engine: Any, step: int) -> None:
@@ -439,13 +530,16 @@ class GradFlowCheck(_Observer):
         if not self.pending or engine.freezer.pending:
             return
         self.pending = False
+        want = getattr(engine, "want_step_hooks", None)
+        if want is not None:  # nothing to do until the next phase: no call on the other steps of this one
+            want(self, until_step=step + 1)
         self.phase += 1
         self.run(engine, step)
 
     def run(self, engine: Any, step: int) -> None:
         member = optimizer_membership(engine.optimizer)
         problems: dict[str, list[str]] = {}
-        stats: list[torch.Tensor] = []  # per param: [finite, nonzero, grad norm²]
+        stats: list[torch.Tensor] = []  # per param: [min, max, norm] of its gradient (_grad_stats)
         where: list[tuple[str, str]] = []
         for g in engine.groups:
             group_trainable = engine.freezer.is_trainable(g.name)
@@ -466,9 +560,7 @@ class GradFlowCheck(_Observer):
                                 f"{name} is trainable but got no gradient (grad None): the loss does not reach it "
                                 "(detached branch or unused module?)")
                     else:
-                        gd = p.grad.detach()
-                        stats.append(torch.stack([torch.isfinite(gd).all().double(), (gd != 0).any().double(),
-                                                  gd.double().pow(2).sum()]).to(engine.device))
+                        stats.append(_grad_stats(p.grad.detach(), engine.device))
                         where.append((g.name, name))
                 else:
                     where_frozen = f"frozen group {g.name}" if not group_trainable else f"the frozen mask of {g.name}"
@@ -506,7 +598,10 @@ class GradFlowCheck(_Observer):
                       trainable_now: dict[str, bool]) -> None:
         values = stacked.tolist() if stacked is not None else []  # the one host read of this check
         norms: dict[str, float] = {}
-        for (gname, pname), (finite, nonzero, sq) in zip(where, values, strict=True):
+        for (gname, pname), (lo, hi, norm) in zip(where, values, strict=True):
+            finite = math.isfinite(lo) and math.isfinite(hi)  # aminmax propagates NaN
+            nonzero = lo != 0.0 or hi != 0.0
+            sq = norm * norm
             norms[gname] = norms.get(gname, 0.0) + (sq if math.isfinite(sq) else math.inf)
             if not finite:
                 problems[gname].append(f"{pname} has a non-finite gradient")
@@ -592,6 +687,16 @@ class LrMaskCheck(_Observer):
             else:
                 engine.log.info(Event.LR_MASK_CHECK, **fields)
         self._fail(engine, failures)
+def _grad_stats(gd: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """[min, max, L2 norm] of one gradient as float64 on ``device``: finite iff min and max are (NaN propagates),
+    non-zero iff either is.  Two reductions that allocate nothing the size of the gradient (a float64 copy and
+    a boolean mask per check were most of this check's cost on a large model); the norm is accumulated in
+    float32 (or wider), so ``grad_norm`` reads inf above about 1e19."""
+    if not gd.numel():
+        return torch.zeros(3, dtype=torch.float64, device=device)  # no element: reported as all zeros
+    lo, hi = torch.aminmax(gd)
+    norm = torch.linalg.vector_norm(gd, dtype=torch.float32 if gd.element_size() < 4 else None)
+    return torch.stack([lo.double(), hi.double(), norm.double()]).to(device)
 
 
 def build_checks(checks: ChecksConfig) -> list[tuple[str, Any]]:

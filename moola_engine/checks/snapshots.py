@@ -8,28 +8,29 @@ as tensors; the caller reads them back in one host sync per check.
     A copy of the checked tensors, packed into one flat buffer per dtype and
     device (memory: one more copy of the checked tensors).  ``changed`` compares
     the bit patterns (so -0.0 vs 0.0 and NaN payloads count), ``max_abs_delta``
-    and ``||dw|| / ||w||`` are exact.  The copy taken to compare is kept as the
-    next snapshot (``delta_and_take``), so a check interval costs one copy.
+    and ``||dw|| / ||w||`` are exact.  The snapshot is refreshed in place by the
+    comparison (``delta_and_take(..., reuse=True)``): a group under ``SMALL``
+    elements is packed into a second buffer set and compared whole-buffer, a
+    larger one is compared against the live tensors block by block and copied
+    into its own buffers while each block is in the cache.  No interval
+    allocates; on the CPU a frozen group above ``SMALL`` costs one ``torch.equal``
+    per tensor and no copy.
 
 ``fingerprint``
-    Per tensor a few numbers instead of a copy: two modular checksums of the
-    bit patterns under fixed random weights, the squared norm, and
-    ``PROJECTIONS`` fixed Gaussian random projections.  Memory is constant per
-    tensor (temporary work memory is one tensor's size while a fingerprint is
-    computed).  Trade-offs:
+    No copy: per chunk of ``CHUNK`` (1024) elements of each tensor, ``CHECKSUMS`` (5) exact integer
+    checksums of the bit patterns and ``PROJECTIONS`` (2) ±1 random projections of the values, plus each
+    tensor's squared norm; computed on the tensor's device in one blocked pass (two small matrix
+    products per block), so memory is about 1.2% of a float32 tensor and no temporary is larger than a
+    block.  Trade-offs:
 
-    * a change is detected unless it is invisible to both checksums: a single
-      changed element is always caught (the checksum weights are non-zero
-      modulo a prime and the bit difference of one element is not a multiple
-      of both primes); several changes cancel in both checksums with
-      probability about 2**-62;
+    * a change is detected unless every checksum of its chunk cancels: a single changed element (a sign
+      flip, one ulp, a NaN payload, ...) is always caught (non-zero integer weights, exact integer
+      arithmetic); several changed elements in one chunk go unnoticed with probability at most
+      ``4096**-5 = 2**-60`` per chunk over the draw of the fixed weights (docs/verification.md);
     * ``max_abs_delta`` cannot be known (reported as NaN);
-    * ``||dw||`` is a Johnson-Lindenstrauss estimate from the projections
-      (unbiased for ``||dw||**2``; with 8 projections typically within ±50%),
-      so the relative delta and the distance from the pretrained weights are
-      estimates, flagged ``estimate = true`` in the events;
-    * regenerating the random weights costs compute at each check (checks run
-      per epoch and per transition only).
+    * ``||dw||`` is estimated from the projections (unbiased for ``||dw||**2``, exact for a change in one
+      element per chunk, the error shrinking with the number of chunks that changed); the relative delta
+      and the distance from the pretrained weights are flagged ``estimate = true`` in the events.
 """
 
 from __future__ import annotations
@@ -40,8 +41,10 @@ from typing import Any, Protocol
 
 import torch
 
-PROJECTIONS = 8
-_PRIMES = (2_147_483_647, 2_147_483_629)  # below 2**31: products of two residues fit in int64
+CHUNK = 1024  # elements per fingerprint chunk
+CHECKSUMS = 5  # exact integer checksums of the bit patterns per chunk
+PROJECTIONS = 2  # ±1 projections of the values per chunk (the ||dw|| estimate)
+WEIGHT_MAX = 2048  # checksum weights: uniform on ±1..2048; CHUNK * 2**31 * WEIGHT_MAX = 2**52 < 2**53 (exact)
 _BITS = {2: torch.int16, 4: torch.int32, 8: torch.int64, 1: torch.uint8}
 
 Named = Iterable[tuple[str, torch.Tensor]]
@@ -109,29 +112,66 @@ class Store(Protocol):
 class FlatSnapshot:
     """Copies of a set of named tensors, packed into one flat buffer per dtype and device.
 
-    One ``torch.cat`` takes the copy, and the comparison runs a handful of whole-buffer operations
-    instead of several per tensor: on a small model the per-tensor dispatch was most of the check's
-    cost.  ``views`` gives each tensor back (views into the buffers) for the rare call whose set of
-    names differs from the snapshot's.
+    One ``torch.cat`` takes the copy when the snapshot is created; after that the exact store
+    refreshes it in place (``copy_`` into the same buffers, see :meth:`ExactStore.delta_and_take`
+    with ``reuse=True``), so a check interval allocates nothing.  ``views`` gives each tensor back
+    (views into the buffers, built once).
     """
 
-    __slots__ = ("buffers", "keys", "names", "shapes")
+    __slots__ = ("_spare", "_views", "buffers", "keys", "names", "shapes")
 
     def __init__(self, named: list[tuple[str, torch.Tensor]]) -> None:
         self.names = [n for n, _ in named]
         self.shapes = [t.shape for _, t in named]
         self.keys = [_bucket(t) for _, t in named]
         self.buffers = _pack(named, self.keys)
+        self._views: dict[str, torch.Tensor] | None = None
+        self._spare: dict[tuple[Any, ...], torch.Tensor] | None = None  # small groups: the second buffer set
+
+    @classmethod
+    def referring(cls, named: list[tuple[str, torch.Tensor]]) -> FlatSnapshot:
+        """A snapshot that is the given tensors themselves (no copy): for tensors nothing writes to."""
+        out = cls.__new__(cls)
+        out.names = [n for n, _ in named]
+        out.shapes = [t.shape for _, t in named]
+        out.keys = [_bucket(t) for _, t in named]
+        out.buffers = {}
+        out._views = {n: t.detach() for n, t in named}
+        out._spare = None
+        return out
+
+    def numel(self) -> int:
+        return sum(s.numel() for s in self.shapes)
+
+    def refill(self, named: list[tuple[str, torch.Tensor]]) -> None:
+        """Swap in the spare buffers holding ``named`` as it is now (the old ones become the spare)."""
+        spare = self._spare
+        if spare is None:
+            spare = {k: torch.empty_like(b) for k, b in self.buffers.items()}
+        parts: dict[tuple[Any, ...], list[torch.Tensor]] = {}
+        for (_, t), key in zip(named, self.keys, strict=True):
+            parts.setdefault(key, []).append(t.detach().reshape(-1))
+        for key, ts in parts.items():
+            torch.cat(ts, out=spare[key])
+        self._spare, self.buffers, self._views = self.buffers, spare, None
 
     def views(self) -> dict[str, torch.Tensor]:
-        offsets: dict[tuple[Any, ...], int] = {}
-        out = {}
-        for name, shape, key in zip(self.names, self.shapes, self.keys, strict=True):
-            start = offsets.get(key, 0)
-            numel = shape.numel()
-            out[name] = self.buffers[key][start:start + numel].view(shape)
-            offsets[key] = start + numel
-        return out
+        if self._views is None:
+            offsets: dict[tuple[Any, ...], int] = {}
+            out = {}
+            for name, shape, key in zip(self.names, self.shapes, self.keys, strict=True):
+                start = offsets.get(key, 0)
+                numel = shape.numel()
+                out[name] = self.buffers[key][start:start + numel].view(shape)
+                offsets[key] = start + numel
+            self._views = out
+        return self._views
+
+    def same_layout(self, named: list[tuple[str, torch.Tensor]]) -> bool:
+        """True when ``named`` has this snapshot's names, shapes, dtypes and devices, in this order."""
+        return (len(named) == len(self.names)
+                and all(n == m and t.shape == s and _bucket(t) == k
+                        for (n, t), m, s, k in zip(named, self.names, self.shapes, self.keys, strict=True)))
 
 
 def _bucket(t: torch.Tensor) -> tuple[Any, ...]:
@@ -146,6 +186,20 @@ def _pack(named: list[tuple[str, torch.Tensor]], keys: list[tuple[Any, ...]]) ->
     return {key: torch.cat(ts) for key, ts in parts.items()}
 
 
+SMALL = 1 << 20  # elements: below this a group is compared whole-buffer (a spare copy), above it block by block
+
+
+def _block_size(device: torch.device) -> int:
+    """Elements per block of a blocked pass: on the CPU a block's temporaries stay in the cache, so the
+    subtraction, the two reductions and the copy of a block read memory once; on an accelerator larger
+    blocks keep the kernel launches few."""
+    return 1 << 18 if device.type == "cpu" else 1 << 24
+
+
+def _slices(numel: int, block: int) -> Iterable[slice]:
+    return (slice(i, min(i + block, numel)) for i in range(0, numel, block))
+
+
 class ExactStore:
     mode = "exact"
     estimate = False
@@ -157,20 +211,125 @@ class ExactStore:
     def take(self, named: Named) -> FlatSnapshot:
         return FlatSnapshot(list(named))
 
-    @torch.no_grad()
-    def delta(self, snap: FlatSnapshot, named: Named, device: torch.device) -> Delta:
-        return self.delta_and_take(snap, named, device)[0]
+    def refer(self, named: Named) -> FlatSnapshot:
+        """A snapshot of tensors that never change (the pretrained weights as loaded): they are the snapshot,
+        no copy.  Only for :meth:`delta` (``delta_and_take`` would refresh it in place)."""
+        return FlatSnapshot.referring(list(named))
 
     @torch.no_grad()
-    def delta_and_take(self, snap: FlatSnapshot, named: Named, device: torch.device) -> tuple[Delta, FlatSnapshot]:
-        """The change since ``snap`` and a new snapshot of ``named`` (the copy the comparison made anyway)."""
+    def delta(self, snap: FlatSnapshot, named: Named, device: torch.device) -> Delta:
+        """The change of ``named`` since ``snap``; reads the tensors where they are (no copy), ``snap`` unchanged."""
         named = list(named)
-        now = FlatSnapshot(named)
-        if (now.names, now.shapes, now.keys) != (snap.names, snap.shapes, snap.keys):
+        if not snap.same_layout(named):
+            before = snap.views()
+            return _compare([(t, before[n]) for n, t in named], device, self.host_reads)
+        if snap.buffers and snap.numel() < SMALL:  # a few whole-buffer operations beat per-tensor dispatch
+            now = FlatSnapshot(named)
+            return _compare([(now.buffers[k], snap.buffers[k]) for k in now.buffers], device, self.host_reads)
+        return _compare_live(named, snap, device, self.host_reads, update=False)
+
+    @torch.no_grad()
+    def delta_and_take(self, snap: FlatSnapshot, named: Named, device: torch.device,
+                       reuse: bool = False) -> tuple[Delta, FlatSnapshot]:
+        """The change since ``snap`` and a snapshot of ``named`` as it is now.
+
+        ``reuse=True`` (the caller gives ``snap`` up): the comparison copies each changed tensor into
+        ``snap``'s own buffers, block by block while the block is in the cache, and returns ``snap``
+        itself, now the snapshot of the present; nothing is allocated.  Otherwise a new snapshot is made.
+        """
+        named = list(named)
+        if not snap.same_layout(named):
             # a different set of tensors: compare name by name (a name missing from the snapshot is a KeyError)
+            now = FlatSnapshot(named)
             before, after = snap.views(), now.views()
             return _compare([(after[n], before[n]) for n in now.names], device, self.host_reads), now
-        return _compare([(now.buffers[k], snap.buffers[k]) for k in now.buffers], device, self.host_reads), now
+        if reuse and snap.numel() < SMALL:
+            # a small group: packed into the snapshot's second buffer set (one torch.cat(out=) per dtype, no
+            # allocation after the first time), compared whole-buffer, and swapped in
+            old = snap.buffers
+            snap.refill(named)
+            return _compare([(snap.buffers[k], old[k]) for k in old], device, self.host_reads), snap
+        if reuse:
+            return _compare_live(named, snap, device, self.host_reads, update=True), snap
+        if self.host_reads is not False and device.type == "cpu" and snap.numel() >= SMALL:
+            delta = _compare_live(named, snap, device, self.host_reads, update=False)
+            if delta.host_values is not None and not delta.host_values[0]:
+                return delta, snap  # unchanged: ``snap`` is a snapshot of now already (shared: no copy)
+            return delta, FlatSnapshot(named)
+        now = FlatSnapshot(named)
+        delta = _compare([(now.buffers[k], snap.buffers[k]) for k in now.buffers], device, self.host_reads)
+        if delta.host_values is not None and not delta.host_values[0]:
+            return delta, snap  # unchanged: keep sharing ``snap`` (one snapshot object while a group is frozen)
+        return delta, now
+
+
+def _compare_live(named: list[tuple[str, torch.Tensor]], snap: FlatSnapshot, device: torch.device,
+                  host_reads: bool | None, update: bool) -> Delta:
+    """``_compare`` of the live tensors against ``snap``'s views, block by block; ``update``: copy them into it."""
+    views = snap.views()
+    pairs = [(t.detach(), views[n]) for n, t in named if t.numel()]
+    if not pairs:
+        return Delta.host(device, False, 0.0, 0.0, 0.0)
+    if host_reads is None:
+        host_reads = device.type == "cpu" and all(t.device.type == "cpu" for t, _ in pairs)
+    if host_reads:
+        # a frozen group stops at one bitwise torch.equal per tensor: no arithmetic, no copy
+        moved = [(t, b) for t, b in pairs if not torch.equal(bits(t), bits(b))]
+        if not moved:
+            return Delta.host(device, False, 0.0, 0.0, 0.0)
+        maxima: list[float] = []
+        diff_sq = ref_sq = 0.0
+        moved_ids = {id(b) for _, b in moved}
+        for t, b in pairs:
+            if id(b) not in moved_ids:
+                if t.is_floating_point():
+                    ref_sq += float(torch.linalg.vector_norm(b)) ** 2
+                continue
+            tf, bf = t.reshape(-1), b.view(-1)
+            scratch = torch.empty(min(tf.numel(), _block_size(t.device)),
+                                  dtype=t.dtype if t.element_size() >= 4 else torch.float64, device=t.device)
+            for s in _slices(tf.numel(), _block_size(t.device)):
+                tb, bb = tf[s], bf[s]
+                if t.is_floating_point():
+                    d = scratch[:tb.numel()]  # one buffer for every block of this tensor
+                    if t.element_size() >= 4:
+                        torch.sub(tb, bb, out=d)
+                    else:
+                        d.copy_(tb)
+                        d.sub_(bb)
+                    lo, hi = torch.aminmax(d)  # max |d| in one pass, no |d| tensor
+                    maxima += [abs(float(lo)), abs(float(hi))]  # abs: never a -0.0 in the events
+                    diff_sq += float(torch.linalg.vector_norm(d)) ** 2
+                    ref_sq += float(torch.linalg.vector_norm(bb)) ** 2
+                else:
+                    maxima.append(float((tb.double() - bb.double()).abs().amax()))
+                if update:
+                    bb.copy_(tb)
+        max_abs = math.nan if any(math.isnan(v) for v in maxima) else max(maxima)  # NaN wins, as torch.amax
+        return Delta.host(device, True, max_abs, diff_sq, ref_sq)
+    # on an accelerator: device-side reductions only, read back later in the check's one sync
+    out = Delta(device)
+    changed, maxes, diff_sq_t, ref_sq_t = [], [], [], []
+    for t, b in pairs:
+        tf, bf = t.reshape(-1), b.view(-1)
+        for s in _slices(tf.numel(), _block_size(t.device)):
+            tb, bb = tf[s], bf[s]
+            changed.append((bits(tb) != bits(bb)).any().to(device))
+            if t.is_floating_point():
+                d = tb - bb if t.element_size() >= 4 else tb.double() - bb.double()
+                maxes.append(d.abs().amax().double().to(device))
+                diff_sq_t.append(torch.linalg.vector_norm(d).double().square().to(device))
+                ref_sq_t.append(torch.linalg.vector_norm(bb).double().square().to(device))
+            else:
+                maxes.append((tb.double() - bb.double()).abs().amax().to(device))
+            if update:
+                bb.copy_(tb)
+    out.changed = torch.stack(changed).any()
+    out.max_abs = torch.stack(maxes).amax()
+    if diff_sq_t:
+        out.diff_sq = torch.stack(diff_sq_t).sum()
+        out.ref_sq = torch.stack(ref_sq_t).sum()
+    return out
 
 
 def _compare(pairs: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device,
@@ -229,54 +388,139 @@ def _compare(pairs: list[tuple[torch.Tensor, torch.Tensor]], device: torch.devic
     return out
 
 
+class Fingerprint:
+    """One tensor's fingerprint: per chunk of ``CHUNK`` elements, ``CHECKSUMS`` exact integer checksums of
+    the bit patterns (float64 holding integers) and ``PROJECTIONS`` ±1 projections of the values; and the
+    tensor's squared norm (a device scalar)."""
+
+    __slots__ = ("checks", "proj", "sq")
+
+    def __init__(self, checks: torch.Tensor, proj: torch.Tensor, sq: torch.Tensor) -> None:
+        self.checks, self.proj, self.sq = checks, proj, sq
+
+
 class FingerprintStore:
+    """Chunked fingerprints: a small fixed number of numbers per chunk of ``CHUNK`` elements, no copy.
+
+    Each tensor is read once per fingerprint, block by block (a block's temporaries stay in the CPU
+    cache), on its own device: its bit patterns as integers (32-bit words; 8-byte types as two words)
+    go through one float64 matrix product with ``CHECKSUMS`` columns of fixed random integer weights,
+    and its values through one product with ``PROJECTIONS`` columns of fixed random signs.  The
+    weights are small enough that every partial sum is an integer below 2**53, so the checksums are
+    exact: equal bits always give equal checksums, and a single changed element (weight != 0) always
+    changes them.  See docs/verification.md for the bound on several changes.
+    """
+
     mode = "fingerprint"
     estimate = True
 
     def __init__(self, seed: int = 20251125) -> None:
         self.seed = seed
+        self._weights: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._scratch: dict[torch.device, torch.Tensor] = {}
 
-    def _gen(self, device: torch.device, name: str, salt: int) -> torch.Generator:
-        g = torch.Generator(device=device)
-        g.manual_seed((self.seed * 1_000_003 + hash_name(name) * 31 + salt) % (2**62))
-        return g
+    def weights(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(CHECKSUMS x CHUNK float64 integer weights, PROJECTIONS x CHUNK signs in ``dtype``) on ``device``."""
+        key = (device, dtype)
+        if key not in self._weights:
+            g = torch.Generator().manual_seed(self.seed)  # drawn on the CPU: the same weights on every device
+            w = torch.randint(1, WEIGHT_MAX + 1, (CHECKSUMS, CHUNK), generator=g, dtype=torch.int64)
+            sign = torch.randint(0, 2, (CHECKSUMS, CHUNK), generator=g, dtype=torch.int64) * 2 - 1
+            s = torch.randint(0, 2, (PROJECTIONS, CHUNK), generator=g, dtype=torch.int64) * 2 - 1
+            self._weights[key] = ((w * sign).double().to(device), s.to(dtype).to(device))
+        return self._weights[key]
 
     @torch.no_grad()
-    def fingerprint(self, name: str, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(int64 checksums [2], float64 [norm², projections...]) of one tensor."""
+    def fingerprint(self, t: torch.Tensor) -> Fingerprint:
+        """One tensor's fingerprint: checksums (CHECKSUMS x chunks), projections (PROJECTIONS x chunks), norm²."""
+        t = t.detach()
         dev = t.device
-        flat = bits(t).reshape(-1).long()
-        sums = []
-        for i, p in enumerate(_PRIMES):
-            w = torch.randint(1, p, flat.shape, generator=self._gen(dev, name, i), device=dev, dtype=torch.int64)
-            sums.append(((torch.remainder(flat, p) * w) % p).sum() % p)
-        checks = torch.stack(sums)
-        x = t.detach().reshape(-1).double()
-        if not t.is_floating_point():
-            return checks, torch.zeros(1 + PROJECTIONS, dtype=torch.float64, device=dev)
-        g = self._gen(dev, name, 99)
-        proj = [(torch.randn(x.shape, generator=g, device=dev, dtype=torch.float64) * x).sum() for _ in range(PROJECTIONS)]
-        return checks, torch.stack([(x * x).sum(), *proj])
+        words = _words(t)
+        values = t.reshape(-1) if t.is_floating_point() and t.numel() else None
+        vdtype = torch.float64 if t.dtype == torch.float64 else torch.float32
+        w, s = self.weights(dev, vdtype)
+        rows = max(1, _block_size(dev) // CHUNK)  # on the CPU 256 chunks per block: a 2 MB float64 block
+        # (weights) @ (block)^T: the small matrix on the left is about twice as fast as block @ weights
+        # the words of a block are converted into one reused float64 buffer: no allocation per block (freed
+        # blocks of a few MB otherwise pile up in the allocator and show in the process's peak memory)
+        scratch = self._scratch.get(dev)
+        if scratch is None or scratch.shape[0] < rows:
+            scratch = self._scratch[dev] = torch.empty(rows, CHUNK, dtype=torch.float64, device=dev)
+        checks = []
+        for x, c in _chunked(words, rows):
+            block = scratch[:x.shape[0], :c]
+            block.copy_(x)
+            checks.append(w[:, :c] @ block.t())
+        proj: list[torch.Tensor] = []
+        sq: list[torch.Tensor] = []
+        if values is not None:
+            for x, c in _chunked(values, rows):
+                x = x.to(vdtype)
+                proj.append(s[:, :c] @ x.t())
+                sq.append(torch.linalg.vector_norm(x).double().square())
+        return Fingerprint(
+            torch.cat(checks, 1) if checks else torch.zeros(CHECKSUMS, 0, dtype=torch.float64, device=dev),
+            torch.cat(proj, 1).double() if proj else torch.zeros(PROJECTIONS, 0, dtype=torch.float64, device=dev),
+            torch.stack(sq).sum() if sq else torch.zeros((), dtype=torch.float64, device=dev))
 
-    def take(self, named: Named) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        return {n: self.fingerprint(n, t) for n, t in named}
+    def take(self, named: Named) -> dict[str, Fingerprint]:
+        return {n: self.fingerprint(t) for n, t in named}
 
-    def delta(self, snap: dict[str, tuple[torch.Tensor, torch.Tensor]], named: Named, device: torch.device) -> Delta:
+    def delta(self, snap: dict[str, Fingerprint], named: Named, device: torch.device) -> Delta:
         return self.delta_and_take(snap, named, device)[0]
 
-    def delta_and_take(self, snap: dict[str, tuple[torch.Tensor, torch.Tensor]], named: Named,
-                       device: torch.device) -> tuple[Delta, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    def delta_and_take(self, snap: dict[str, Fingerprint], named: Named, device: torch.device,
+                       reuse: bool = False) -> tuple[Delta, dict[str, Fingerprint]]:
+        """One pass over ``named``: its fingerprints now, and the change since ``snap`` (``reuse``: no effect,
+        a fingerprint is a few numbers)."""
+        now = {n: self.fingerprint(t) for n, t in named}
+        return self.compare(snap, now, device), now
+
+    def compare(self, before: dict[str, Fingerprint], after: dict[str, Fingerprint], device: torch.device) -> Delta:
+        """The change between two fingerprint snapshots, without reading any tensor (names of ``after``; a name
+        missing from ``before`` is a KeyError)."""
         out = Delta(device)
         out.max_abs = torch.full((), float("nan"), dtype=torch.float64, device=device)
-        now = {}
-        for n, t in named:
-            c0, f0 = snap[n]
-            c1, f1 = now[n] = self.fingerprint(n, t)
-            out.changed = out.changed | ((c1 != c0).any() | (f1 != f0).any()).to(device)
-            dp = f1[1:] - f0[1:]
-            out.diff_sq = out.diff_sq + (dp * dp).mean().to(device)
-            out.ref_sq = out.ref_sq + f0[0].to(device)
-        return out, now
+        changed, diff_sq, ref_sq = [], [], []
+        for n, f1 in after.items():
+            f0 = before[n]
+            changed.append((f1.checks != f0.checks).any().to(device))
+            if f1.proj.numel():
+                dp = f1.proj - f0.proj
+                diff_sq.append(((dp * dp).sum() / PROJECTIONS).to(device))  # unbiased for ||dw||² (±1 signs)
+                ref_sq.append(f0.sq.to(device))
+        if changed:
+            out.changed = torch.stack(changed).any()
+        if diff_sq:
+            out.diff_sq = torch.stack(diff_sq).sum()
+            out.ref_sq = torch.stack(ref_sq).sum()
+        return out
+
+
+def _chunked(flat: torch.Tensor, rows: int) -> Iterable[tuple[torch.Tensor, int]]:
+    """``flat`` as (block, chunk length) pairs: blocks of up to ``rows`` full chunks (rows x CHUNK views), then
+    the partial last chunk as a 1 x c view."""
+    n = flat.numel()
+    full = n // CHUNK
+    for i in range(0, full, rows):
+        j = min(i + rows, full)
+        yield flat[i * CHUNK:j * CHUNK].view(j - i, CHUNK), CHUNK
+    if n > full * CHUNK:
+        yield flat[full * CHUNK:].view(1, n - full * CHUNK), n - full * CHUNK
+
+
+def _words(t: torch.Tensor) -> torch.Tensor:
+    """The tensor's bits as a flat integer tensor whose values are at most 2**31 in magnitude: types of 4 bytes
+    or more as int32 words (an 8-byte element is two words), 2-byte types as int16, 1-byte types as they are."""
+    flat = t.contiguous().reshape(-1)
+    if flat.dtype == torch.bool:
+        return flat.view(torch.uint8)
+    size = flat.element_size()
+    if size >= 4:
+        return flat if flat.dtype == torch.int32 else flat.view(torch.int32)
+    if size == 2:
+        return flat if flat.dtype == torch.int16 else flat.view(torch.int16)
+    return flat if flat.dtype in (torch.uint8, torch.int8) else flat.view(torch.uint8)
 
 
 def hash_name(name: str) -> int:

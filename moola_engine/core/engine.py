@@ -123,6 +123,13 @@ class Engine:
         self.es_best = math.nan  # best early-stopping metric so far (set by fit)
         self.best_state: dict[str, torch.Tensor] | None = None
         self.last_checkpoint: Path | None = None
+        self.on_exit: list[Callable[[bool], None]] = []
+        """Called with ``failing`` (True when ``fit`` is raising) when ``fit`` returns or raises, and before the
+        engine names the last good checkpoint in an error; last registered first.  Plugins with work in flight
+        (the checkpointer's background write) finish it there; when failing they must not raise.  Registered in
+        on_fit_start; may be called more than once."""
+        self._step_until: dict[int, tuple[Any, int]] = {}  # id(plugin) -> (plugin, first step it skips)
+        self._step_cache: dict[tuple[int, ...], tuple[Any, Any]] = {}
         self._hooks_with_impls: set[str] = set()
         self._proof_pending = False  # the load proof is re-taken right before the first training step
         self._model_fn: Callable[[torch.Tensor], torch.Tensor] = self.model
@@ -141,11 +148,37 @@ class Engine:
             register_checked(pm, distributed.ConsistencyCheck(self.dist), name="check:ddp.consistency")
 
     # ------------------------------------------------------------------ hooks
-    def _fire(self, name: str, *, skip: Sequence[Any] = (), **kwargs: Any) -> None:
-        """Call hook ``name`` (except on the ``skip`` plugins); then fire on_freeze/on_unfreeze for transitions
-        requested inside it."""
+    def want_step_hooks(self, plugin: Any, until_step: int | None = None) -> None:
+        """Call ``plugin``'s ``before_step``/``after_step`` only for steps before ``until_step`` (None: every step,
+        the default of every plugin).  A check that needs a phase's first step asks for the steps it needs and
+        costs nothing on the others: e.g. ``until_step=engine.step + 1`` inside ``after_step``: no more calls,
+        then ``until_step=None`` when the next phase starts.  Effective from the next step; reset at fit start."""
+        if until_step is None:
+            self._step_until.pop(id(plugin), None)
+        else:
+            self._step_until[id(plugin)] = (plugin, int(until_step))
+
+    def _step_callers(self, step: int) -> tuple[Any, Any]:
+        """(before_step caller or None, after_step caller or None) for ``step``: the plugins that want it."""
+        off = tuple(sorted(id(p) for p, until in self._step_until.values() if step >= until))
+        cached = self._step_cache.get(off)
+        if cached is None:
+            skip = [p for p, until in self._step_until.values() if id(p) in off]
+            callers = []
+            for name in ("before_step", "after_step"):
+                impls = [i for i in getattr(self.pm.hook, name).get_hookimpls() if id(i.plugin) not in off]
+                callers.append(None if not impls else
+                               self.pm.subset_hook_caller(name, remove_plugins=skip) if skip else
+                               getattr(self.pm.hook, name))
+            cached = self._step_cache[off] = (callers[0], callers[1])
+        return cached
+
+    def _fire(self, name: str, *, skip: Sequence[Any] = (), caller: Any = None, **kwargs: Any) -> None:
+        """Call hook ``name`` (except on the ``skip`` plugins; or through ``caller``, a subset caller of it);
+        then fire on_freeze/on_unfreeze for transitions requested inside it."""
         if name in self._hooks_with_impls:
-            hook = self.pm.subset_hook_caller(name, remove_plugins=skip) if skip else getattr(self.pm.hook, name)
+            hook = caller or (self.pm.subset_hook_caller(name, remove_plugins=skip) if skip
+                              else getattr(self.pm.hook, name))
             try:
                 hook(engine=self, **kwargs)
             except MoolaError:
@@ -186,7 +219,33 @@ class Engine:
 
     # ------------------------------------------------------------------ the loop
     def fit(self, start: Resumable | None = None) -> FitResult:
-        """Train from epoch 0, or continue an interrupted run from a checkpoint (``start``)."""
+        """Train from epoch 0, or continue an interrupted run from a checkpoint (``start``).
+
+        Whether it returns or raises, the ``on_exit`` callbacks run before it does: nothing a plugin started
+        in the background (a checkpoint being written) is still running when ``fit`` is over."""
+        self.on_exit = []
+        try:
+            result = self._fit(start)
+        except BaseException:
+            self._settle(failing=True)
+            self.on_exit = []
+            raise
+        callbacks, self.on_exit = self.on_exit, []
+        self._settle(failing=False, callbacks=callbacks)
+        return result
+
+    def _settle(self, failing: bool, callbacks: list[Callable[[bool], None]] | None = None) -> None:
+        """Run the ``on_exit`` callbacks (all of them; when not failing, the first error is raised after)."""
+        first: BaseException | None = None
+        for cb in reversed(self.on_exit if callbacks is None else callbacks):
+            try:
+                cb(failing)
+            except BaseException as err:
+                first = first or err
+        if first is not None and not failing:
+            raise first
+
+    def _fit(self, start: Resumable | None) -> FitResult:
         from moola_engine.core.plan import compute_plan, validate_plan
 
         cfg = self.config
@@ -208,6 +267,7 @@ class Engine:
 
         self._hooks_with_impls = {n for n in dir(self.pm.hook) if not n.startswith("_")
                                   and getattr(self.pm.hook, n).get_hookimpls()}
+        self._step_until, self._step_cache = {}, {}
         es = cfg.early_stopping
         self.es_best = math.inf if (es is None or es.mode == "min") else -math.inf
         self.best_state = None
@@ -470,9 +530,13 @@ class Engine:
                 else:
                     count = idx.shape[0]
                 xb, yb = data.x[idx], data.y[idx]
-                if step_hooks:
-                    bind(step=self.step)
-                    self._fire("before_step", epoch=epoch, step=self.step, batch=(xb, yb))
+                before = after = None
+                if step_hooks:  # only the plugins that want this step (want_step_hooks)
+                    before, after = self._step_callers(self.step)
+                    if before is not None or after is not None:
+                        bind(step=self.step)
+                if before is not None:
+                    self._fire("before_step", caller=before, epoch=epoch, step=self.step, batch=(xb, yb))
                     if self._wrap_stale:
                         self._rewrap()
                     if self._proof_pending:
@@ -496,8 +560,8 @@ class Engine:
                 detached = loss.detach()
                 losses.append(detached)
                 counts.append(count)
-                if step_hooks:
-                    self._fire("after_step", epoch=epoch, step=self.step, loss=detached)
+                if after is not None:
+                    self._fire("after_step", caller=after, epoch=epoch, step=self.step, loss=detached)
                 self.step += 1
         if self.step > first_step:
             bind(step=self.step - 1)
@@ -549,6 +613,7 @@ class Engine:
         groups = list(dict.fromkeys(g for g, _ in hits))
         tensor = hits[0][1] if hits else None
         what = "training loss" if loss_step == step else "gradient"
+        self._settle(failing=True)  # a checkpoint still being written counts once complete: name the newest
         self.log.error(Event.NONFINITE_DETECTED, what=what, at_step=step, groups=groups, tensor=tensor,
                        last_checkpoint=str(self.last_checkpoint) if self.last_checkpoint else None)
         where = f"group {', '.join(groups)} (first tensor: {tensor})" if groups else ""

@@ -20,6 +20,10 @@ and decodes it, and touches nothing private of the engine.
 It is written into a temporary folder, every file fsync'ed, renamed into
 place, and the parent fsync'ed: a kill at any moment leaves either the
 complete checkpoint or none.  Only the newest ``checkpoint.keep`` survive.
+The training loop only captures the state and copies the weights to host
+memory; the writing runs on a background thread, and a checkpoint counts
+(``engine.last_checkpoint``, ``checkpoint.saved``) once it is complete: at
+the next epoch end, at fit end, or before ``fit`` raises.
 
 Resuming (``moola-engine train --resume runs/<id>``) restores all of it,
 fires ``on_fit_start`` for the observers (never for the strategy: its state
@@ -60,6 +64,7 @@ from moola_engine.core.hookspecs import hookimpl
 from moola_engine.core.state import Unencodable, decode, encode, strategy_state
 from moola_engine.errors import CheckFailed, CheckpointError, ConfigError, MoolaError, WeightsError
 from moola_engine.logs import Event
+from moola_engine.runs.background import BackgroundWriter
 from moola_engine.runs.folders import ensure_writable
 from moola_engine.safeio import fsync_dir, fsync_file, load_safetensors, sha256
 
@@ -167,8 +172,46 @@ def checkpoint_name(epoch: int) -> str:
 
 
 def save_checkpoint(engine: Any, root: Path, epoch: int, reasons: list[str]) -> Path:
-    """Write the checkpoint of ``epoch`` under ``root`` atomically; returns its folder."""
+    """Write the checkpoint of ``epoch`` under ``root`` atomically, in this thread; returns its folder."""
     meta, tensors = capture(engine, epoch, reasons)
+    # one independent contiguous copy per entry: cuDNN packs LSTM weights into one flat buffer on CUDA,
+    # and safetensors refuses tensors that share storage
+    weights = {k: v.detach().contiguous().clone() for k, v in engine.model.state_dict().items()}
+    return write_checkpoint(root, epoch, meta, tensors, weights, engine.last_checkpoint)
+
+
+def host_copy(state: Mapping[str, torch.Tensor], buffers: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], Any]:
+    """The tensors of ``state`` copied into host memory, into ``buffers`` (reused from the last call when the
+    shapes and dtypes match: no allocation per checkpoint).  From CUDA the buffers are pinned and the copies
+    do not block: the returned event (None on the CPU) completes when they are done.  Each entry is its own
+    contiguous buffer (cuDNN packs LSTM weights into one flat buffer; safetensors refuses shared storage)."""
+    out: dict[str, torch.Tensor] = {}
+    cuda_devices = set()
+    for k, v in state.items():
+        v = v.detach()
+        buf = buffers.get(k)
+        if buf is None or buf.shape != v.shape or buf.dtype != v.dtype:
+            buf = buffers[k] = torch.empty(v.shape, dtype=v.dtype, device="cpu", pin_memory=v.is_cuda)
+        buf.copy_(v, non_blocking=v.is_cuda)
+        if v.is_cuda:
+            cuda_devices.add(v.device)
+        out[k] = buf
+    for name in [k for k in buffers if k not in state]:
+        del buffers[name]
+    events = []
+    for dev in cuda_devices:
+        ev = torch.cuda.Event()
+        ev.record(torch.cuda.current_stream(dev))
+        events.append(ev)
+    return out, events or None
+
+
+def write_checkpoint(root: Path, epoch: int, meta: dict[str, Any], tensors: dict[str, torch.Tensor],
+                     weights: dict[str, torch.Tensor], previous: Path | None, ready: Any = None) -> Path:
+    """Write a captured checkpoint atomically (files, fsync, rename, fsync of the parent); returns its folder.
+
+    Touches no engine: it runs on the checkpointer's background thread.  ``ready``: CUDA events to wait for
+    before ``weights`` may be read (their non-blocking copies).  ``previous`` is named in the error message."""
     final = root / checkpoint_name(epoch)
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
     try:
@@ -176,9 +219,8 @@ def save_checkpoint(engine: Any, root: Path, epoch: int, reasons: list[str]) -> 
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
-        # one independent contiguous copy per entry: cuDNN packs LSTM weights into one flat buffer on CUDA,
-        # and safetensors refuses tensors that share storage
-        weights = {k: v.detach().contiguous().clone() for k, v in engine.model.state_dict().items()}
+        for ev in ready or ():
+            ev.synchronize()
         save_file(weights, str(tmp / "model.safetensors"))
         save_file(tensors, str(tmp / "state.safetensors"))
         meta["files"] = {f: {"bytes": (tmp / f).stat().st_size, "sha256": sha256(tmp / f)}
@@ -198,7 +240,7 @@ def save_checkpoint(engine: Any, root: Path, epoch: int, reasons: list[str]) -> 
         fsync_dir(root)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        last = f"; the previous checkpoint {engine.last_checkpoint} is intact" if engine.last_checkpoint else ""
+        last = f"; the previous checkpoint {previous} is intact" if previous else ""
         raise CheckpointError(f"cannot write checkpoint {final}: {exc.strerror or exc}{last}") from exc
     except Unencodable as exc:  # pragma: no cover - capture() encodes everything first
         shutil.rmtree(tmp, ignore_errors=True)
@@ -247,11 +289,32 @@ class Checkpointer:
         self.root = Path(run_dir) / DIRNAME
         self.cfg = cfg
         self._transitioned = False
+        self._writer: BackgroundWriter | None = None
+        self._pending: dict[str, Any] | None = None  # the write in flight: what to log once it is complete
+        self._host: dict[str, torch.Tensor] = {}  # host buffers of the weights, reused checkpoint to checkpoint
 
     @hookimpl(trylast=True)
     def on_fit_start(self, engine: Any) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         prune(self.root, self.cfg.keep)  # leftovers of a save interrupted by a kill
+        if self._writer is None:
+            self._writer = BackgroundWriter("moola-checkpoint")
+        if hasattr(engine, "on_exit"):
+            engine.on_exit.append(lambda failing: self._finish(engine, raise_errors=not failing))
+
+    @hookimpl(trylast=True)
+    def on_fit_end(self, engine: Any) -> None:
+        self._finish(engine, raise_errors=True)
+
+    def _finish(self, engine: Any, raise_errors: bool) -> None:
+        """Wait for the write in flight.  A failure raises (``raise_errors``) or, when the run is already
+        failing, is logged as ``checkpoint.failed`` so that the error that stopped the run stays the one raised."""
+        try:
+            self._collect(engine)
+        except CheckpointError as exc:
+            if raise_errors:
+                raise
+            engine.log.error(Event.CHECKPOINT_FAILED, error=str(exc))
 
     @hookimpl(trylast=True)
     def on_freeze(self, engine: Any) -> None:
@@ -273,17 +336,42 @@ class Checkpointer:
         if epoch == engine.epochs - 1:
             reasons.append("last")
         self._transitioned = False
+        # the previous write is complete (or its error surfaces) before this epoch's state is taken: one write
+        # in flight at most, and its host buffers are free to reuse
+        self._collect(engine)
         if not reasons:
             return
         t0 = time.perf_counter()
-        path = save_checkpoint(engine, self.root, epoch, reasons)
-        engine.last_checkpoint = path
-        removed = prune(self.root, self.cfg.keep)
+        meta, tensors = capture(engine, epoch, reasons)
+        meta = copy.deepcopy(meta)  # JSON data only; the background thread must not see the run's later changes
+        weights, ready = host_copy(engine.model.state_dict(), self._host)
         unsaved = strategy_state(engine.strategy)[1]
-        engine.log.info(Event.CHECKPOINT_SAVED, path=str(path), reasons=reasons, at_step=engine.step,
+        if self._writer is None:  # used without on_fit_start (no on_exit wait: the caller collects)
+            self._writer = BackgroundWriter("moola-checkpoint")
+        self._pending = {"reasons": reasons, "at_step": engine.step, "t0": t0, "unsaved": unsaved,
+                         "blocking": time.perf_counter() - t0}
+        self._writer.submit(self._write, epoch, meta, tensors, weights, engine.last_checkpoint, ready)
+
+    def _write(self, epoch: int, meta: dict[str, Any], tensors: dict[str, torch.Tensor],
+               weights: dict[str, torch.Tensor], previous: Path | None, ready: Any) -> tuple[Path, list[Path]]:
+        """On the background thread: the files, fsync, the atomic rename (the commit point), then pruning."""
+        path = write_checkpoint(self.root, epoch, meta, tensors, weights, previous, ready)
+        return path, prune(self.root, self.cfg.keep)
+
+    def _collect(self, engine: Any) -> None:
+        """Wait for the write in flight, if any: a complete checkpoint becomes ``engine.last_checkpoint`` and is
+        logged (``checkpoint.saved``); a failed write raises its CheckpointError here, in the training thread."""
+        pending, self._pending = self._pending, None
+        if pending is None or self._writer is None:
+            return
+        path, removed = self._writer.result()
+        engine.last_checkpoint = path
+        unsaved = pending["unsaved"]
+        engine.log.info(Event.CHECKPOINT_SAVED, path=str(path), reasons=pending["reasons"], at_step=pending["at_step"],
                         bytes=sum((path / f).stat().st_size for f in ("model.safetensors", "state.safetensors",
                                                                       "state.json")),
-                        seconds=round(time.perf_counter() - t0, 4), removed=[p.name for p in removed],
+                        seconds=round(time.perf_counter() - pending["t0"], 4),
+                        blocking_seconds=round(pending["blocking"], 4), removed=[p.name for p in removed],
                         resumable=not unsaved, **({"unsaved": unsaved} if unsaved else {}))
 
 
