@@ -3,26 +3,29 @@
 from __future__ import annotations
 
 import math
-import random
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import pluggy
 import torch
 from torch import nn
 
 from moola_engine.config import ChecksConfig, GroupSpec, TrainConfig
 from moola_engine.core import distributed
+from moola_engine.core.batches import eval_batches, forward, train_batches
 from moola_engine.core.context import FitResult, Resumable
-from moola_engine.core.data import TensorData
+from moola_engine.core.data import Data, LoaderData, TensorData
+from moola_engine.core.dispatch import HookDispatch
 from moola_engine.core.freezing import Freezer, ParamGroup, apply_module_modes, resolve_groups
+from moola_engine.core.guards import LossGuard
 from moola_engine.core.hostsync import sync_guard
 from moola_engine.core.metrics import classification_metrics
-from moola_engine.core.schedulers import build_lr_schedule
-from moola_engine.errors import CheckFailed, MoolaError, PluginError
+from moola_engine.core.schedulers import PER_STEP, build_lr_schedule
+from moola_engine.core.state import EngineState
+from moola_engine.core.stopping import EarlyStopping
+from moola_engine.errors import ConfigError, MoolaError
 from moola_engine.logs import Event, bind, get_logger
 
 if TYPE_CHECKING:
@@ -52,7 +55,7 @@ def build_optimizer(groups: Sequence[ParamGroup], cfg: TrainConfig) -> torch.opt
     return torch.optim.AdamW(param_groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-class Engine:
+class Engine(HookDispatch, EngineState, EarlyStopping, LossGuard):
     """Runs the epoch loop on one device and fires the hooks.
 
     Strategies and observers reach the run through this object: ``freezer``,
@@ -69,8 +72,8 @@ class Engine:
         groups: Sequence[GroupSpec] | None = None,
         pm: pluggy.PluginManager,
         strategy: Any,
-        train_data: TensorData,
-        val_data: TensorData | None = None,
+        train_data: Data,
+        val_data: Data | None = None,
         checks: ChecksConfig | None = None,
         loss_fn: LossFn | None = None,
         eval_fn: EvalFn | None = None,
@@ -106,7 +109,12 @@ class Engine:
         self.groups = resolve_groups(self.model, specs)
         self.optimizer = build_optimizer(self.groups, train)
         self.freezer = Freezer(self.groups, base_lr=train.lr, optimizer=self.optimizer, logger=self.log)
-        self.lr_schedule = build_lr_schedule(self.optimizer, train, math.ceil(len(train_data) / train.batch_size))
+        steps = math.ceil(len(train_data) / train.batch_size)  # 0: an IterableDataset of unknown length
+        if isinstance(train_data, LoaderData) and (self.dist.active or (not steps and train.scheduler in PER_STEP)):
+            raise ConfigError("[data]", "a Dataset-backed data kind cannot run under DDP" if self.dist.active else
+                              f"train.scheduler = {train.scheduler!r} needs the steps per epoch; this dataset has "
+                              "no length (an IterableDataset): give it __len__ or use another scheduler")
+        self.lr_schedule = build_lr_schedule(self.optimizer, train, steps)
         self.freezer.lr_schedule = self.lr_schedule  # scale changes rescale the scheduler's per-group lrs
         self.train_data = train_data.to(self.device)
         self.val_data = val_data.to(self.device) if val_data is not None else None
@@ -147,76 +155,6 @@ class Engine:
             self.dist.broadcast_module(self.model)  # every rank starts from rank 0's weights
             register_checked(pm, distributed.ConsistencyCheck(self.dist), name="check:ddp.consistency")
 
-    # ------------------------------------------------------------------ hooks
-    def want_step_hooks(self, plugin: Any, until_step: int | None = None) -> None:
-        """Call ``plugin``'s ``before_step``/``after_step`` only for steps before ``until_step`` (None: every step,
-        the default of every plugin).  A check that needs a phase's first step asks for the steps it needs and
-        costs nothing on the others: e.g. ``until_step=engine.step + 1`` inside ``after_step``: no more calls,
-        then ``until_step=None`` when the next phase starts.  Effective from the next step; reset at fit start."""
-        if until_step is None:
-            self._step_until.pop(id(plugin), None)
-        else:
-            self._step_until[id(plugin)] = (plugin, int(until_step))
-
-    def _step_callers(self, step: int) -> tuple[Any, Any]:
-        """(before_step caller or None, after_step caller or None) for ``step``: the plugins that want it."""
-        off = tuple(sorted(id(p) for p, until in self._step_until.values() if step >= until))
-        cached = self._step_cache.get(off)
-        if cached is None:
-            skip = [p for p, until in self._step_until.values() if id(p) in off]
-            callers = []
-            for name in ("before_step", "after_step"):
-                impls = [i for i in getattr(self.pm.hook, name).get_hookimpls() if id(i.plugin) not in off]
-                callers.append(None if not impls else
-                               self.pm.subset_hook_caller(name, remove_plugins=skip) if skip else
-                               getattr(self.pm.hook, name))
-            cached = self._step_cache[off] = (callers[0], callers[1])
-        return cached
-
-    def _fire(self, name: str, *, skip: Sequence[Any] = (), caller: Any = None, **kwargs: Any) -> None:
-        """Call hook ``name`` (except on the ``skip`` plugins; or through ``caller``, a subset caller of it);
-        then fire on_freeze/on_unfreeze for transitions requested inside it."""
-        if name in self._hooks_with_impls:
-            hook = caller or (self.pm.subset_hook_caller(name, remove_plugins=skip) if skip
-                              else getattr(self.pm.hook, name))
-            try:
-                hook(engine=self, **kwargs)
-            except MoolaError:
-                raise
-            except Exception as exc:
-                plugin = self._blame(name, exc)
-                self.log.error(Event.PLUGIN_FAILED, plugin=plugin, hook=name, error=f"{type(exc).__name__}: {exc}")
-                raise PluginError(
-                    f'plugin "{plugin}" raised in hook {name}: {type(exc).__name__}: {exc}'
-                ) from exc
-        if self.freezer.pending and name not in ("on_freeze", "on_unfreeze"):
-            self._flush_transitions()
-
-    def _flush_transitions(self) -> None:
-        while self.freezer.pending:
-            for t in self.freezer.take_pending():
-                self._on_transition()
-                if t.to_state == "frozen":
-                    self._fire("on_freeze", group=t.group, epoch=t.epoch, reason=t.reason)
-                else:
-                    self._fire("on_unfreeze", group=t.group, epoch=t.epoch, lr=t.lr, reason=t.reason)
-
-    def _blame(self, hook_name: str, exc: BaseException) -> str:
-        """The plugin whose implementation of ``hook_name`` raised, read off the traceback."""
-        hook = getattr(self.pm.hook, hook_name)
-        codes = {}
-        for impl in hook.get_hookimpls():
-            fn = getattr(impl.function, "__func__", impl.function)
-            code = getattr(fn, "__code__", None)
-            if code is not None:
-                codes[code] = impl.plugin_name
-        tb = exc.__traceback__
-        while tb is not None:
-            if tb.tb_frame.f_code in codes:
-                return codes[tb.tb_frame.f_code]
-            tb = tb.tb_next
-        return "?"
-
     # ------------------------------------------------------------------ the loop
     def fit(self, start: Resumable | None = None) -> FitResult:
         """Train from epoch 0, or continue an interrupted run from a checkpoint (``start``).
@@ -233,17 +171,6 @@ class Engine:
         callbacks, self.on_exit = self.on_exit, []
         self._settle(failing=False, callbacks=callbacks)
         return result
-
-    def _settle(self, failing: bool, callbacks: list[Callable[[bool], None]] | None = None) -> None:
-        """Run the ``on_exit`` callbacks (all of them; when not failing, the first error is raised after)."""
-        first: BaseException | None = None
-        for cb in reversed(self.on_exit if callbacks is None else callbacks):
-            try:
-                cb(failing)
-            except BaseException as err:
-                first = first or err
-        if first is not None and not failing:
-            raise first
 
     def _fit(self, start: Resumable | None) -> FitResult:
         from moola_engine.core.plan import compute_plan, validate_plan
@@ -313,184 +240,6 @@ class Engine:
             self._warn_restored_before_transition(result)
         return result
 
-    def _warn_restored_before_transition(self, result: FitResult) -> None:
-        """``restore_best`` can hand back weights from before an unfreeze: say so loudly (a warning event,
-        ``result.json``, and a ``verify`` failure under expectations that the group moves)."""
-        from moola_engine.core.plan import compute_plan
-
-        replayed = compute_plan(self.strategy, self.freezer.groups, self.freezer.head_groups, self.epochs,
-                                self.config.lr, name=self.strategy_name, model_groups=self.groups, train=self.config,
-                                history=self.history)
-        seen: dict[tuple[str, int, str], dict[str, Any]] = {}
-        for t in [*self.plan.transitions, *replayed.transitions]:  # scheduled, and as the run's metrics made them
-            if t["group"] in self.freezer.head_groups or not 0 < t["epoch"] < result.epochs_run:
-                continue
-            if t["epoch"] > result.best_epoch:
-                seen.setdefault((t["group"], t["epoch"], t["to_state"]),
-                                {"group": t["group"], "epoch": t["epoch"], "to_state": t["to_state"]})
-        result.restored_before = sorted(seen.values(), key=lambda t: (t["epoch"], t["group"]))
-        if result.restored_before:
-            first = result.restored_before[0]
-            self.log.warning(
-                Event.RESTORE_BEST_BEFORE_TRANSITION, best_epoch=result.best_epoch, transitions=result.restored_before,
-                message=f"restore_best returned the weights of epoch {result.best_epoch}, from before "
-                        f"{len(result.restored_before)} transition(s) of encoder groups (first: {first['group']} "
-                        f"{'unfreezes' if first['to_state'] == 'trainable' else 'freezes'} at epoch {first['epoch']}): "
-                        "the delivered model does not have them trained as scheduled; set train.restore_best = "
-                        "false to keep the last epoch's weights")
-
-    def _resume(self, start: Resumable) -> int:
-        """Restore a checkpoint; returns the epoch to continue at (``epochs``: none left)."""
-        first = start.restore(self)  # weights and load_state_dict(): optimizer, freezer, scheduler, strategy, RNG
-        self.result.epochs_run = first
-        rng = self.rng_state()
-        # observers start as in any run; the strategy does not: its state was restored
-        self._fire("on_fit_start", skip=[self.strategy])
-        start.restore_plugins(self)  # after their on_fit_start, which resets them
-        self.set_rng_state(rng)  # last: whatever a plugin drew while starting, the batch order goes on unchanged
-        # the interrupted run's last epoch ended with early stopping's bookkeeping, after the save
-        if first > 0 and self._early_stopping(first - 1, self.history[-1]):
-            return self.epochs
-        return first
-
-    # ------------------------------------------------------------------ resumable state
-    def rng_state(self) -> dict[str, Any]:
-        """Every random stream the run draws from: the batch order's generator, torch (CPU, CUDA), numpy, random."""
-        state: dict[str, Any] = {
-            "torch": torch.get_rng_state(),
-            "engine": self._gen.get_state(),
-            "numpy": np.random.get_state(legacy=False),
-            "python": random.getstate(),
-        }
-        if torch.cuda.is_available():
-            state["cuda"] = list(torch.cuda.get_rng_state_all())
-        return state
-
-    def set_rng_state(self, state: Mapping[str, Any]) -> None:
-        torch.set_rng_state(state["torch"])
-        self._gen.set_state(state["engine"])
-        np.random.set_state(state["numpy"])
-        random.setstate(state["python"])
-        if "cuda" in state and torch.cuda.is_available():
-            cuda = state["cuda"]
-            if len(cuda) != torch.cuda.device_count():
-                raise MoolaError(f"the checkpoint holds RNG states of {len(cuda)} GPUs, this machine has "
-                                 f"{torch.cuda.device_count()}: the run cannot continue exactly")
-            torch.cuda.set_rng_state_all(cuda)
-
-    def state_dict(self) -> dict[str, Any]:
-        """Everything but the model's weights that the run needs to continue bitwise equal from here.
-
-        Keys: ``step``, ``epoch``, ``history``, ``freezer``, ``optimizer``, ``scheduler`` (the lr schedule),
-        ``rng`` (:meth:`rng_state`), ``early_stopping`` (best value, best epoch and metric, epochs since the
-        last improvement, the best weights kept for ``restore_best``) and ``strategy`` (``state``: the
-        strategy's ``state_dict()`` or its JSON-safe attributes; ``unsaved``: attributes that could not be
-        kept).  Values hold live tensors: copy them before the run goes on (the checkpointer encodes them).
-        Taken at an epoch end (the checkpointer's ``on_epoch_end``).
-        """
-        from moola_engine.core.state import strategy_state
-
-        strat, unsaved = strategy_state(self.strategy)
-        result = self.result
-        # transitions requested inside on_epoch_end are applied but their hooks (and the clock reset in
-        # _on_transition) come right after it: the saved clock must be the one the next epoch starts with
-        since_improved = 0 if self.freezer.pending else self._since_improved
-        return {
-            "step": self.step,
-            "epoch": self.epoch,
-            "history": [dict(h) for h in self.history],
-            "freezer": self.freezer.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.lr_schedule.state_dict(),
-            "rng": self.rng_state(),
-            "early_stopping": {"best": self.es_best, "best_epoch": result.best_epoch,
-                               "best_metric": result.best_metric, "since_improved": since_improved,
-                               "best_state": self.best_state},
-            "strategy": {"state": strat, "unsaved": unsaved},
-        }
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore :meth:`state_dict` (the model's weights are the caller's).  Nothing is logged or fired."""
-        from moola_engine.core.state import load_strategy_state
-
-        self.freezer.load_state_dict(state["freezer"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.lr_schedule.load_state_dict(state["scheduler"])
-        load_strategy_state(self.strategy, state["strategy"]["state"])
-        self.step = int(state["step"])
-        self.epoch = self.freezer.epoch = int(state["epoch"])
-        self.history[:] = [dict(h) for h in state["history"]]
-        es = state["early_stopping"]
-        self.es_best, self._since_improved = es["best"], int(es["since_improved"])
-        self.result.best_epoch, self.result.best_metric = es["best_epoch"], es["best_metric"]
-        best = es["best_state"]
-        self.best_state = {k: v.to(self.device) for k, v in best.items()} if best is not None else None
-        self.set_rng_state(state["rng"])
-
-    def _early_stopping(self, epoch: int, metrics: Mapping[str, float]) -> bool:
-        """Update the early-stopping state with this epoch's metrics; True to stop.
-
-        Patience counts from the last transition, and the run never stops before
-        the plan's last scheduled transition.
-        """
-        es, result = self.config.early_stopping, self.result
-        if es is None:
-            return False
-        value = metrics.get(es.metric, math.nan)
-        if math.isnan(value):
-            raise MoolaError(f"train.early_stopping.metric = {es.metric!r} is not a metric of this run; "
-                             f"metrics: {', '.join(sorted(metrics))}")
-        improved = value < self.es_best - es.min_delta if es.mode == "min" else value > self.es_best + es.min_delta
-        if improved:
-            self.es_best, result.best_epoch, result.best_metric = value, epoch, value
-            if self.config.restore_best:
-                self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-            self._since_improved = 0
-        else:
-            self._since_improved += 1
-        hold_until = self.plan.last_scheduled_transition()  # never stop before a promised transition
-        if self._since_improved >= es.patience and (hold_until is None or epoch >= hold_until):
-            result.stopped_early, result.stop_reason = True, "early_stopping"
-            self.log.info(Event.EARLY_STOP, metric=es.metric, best=self.es_best, best_epoch=result.best_epoch,
-                          patience=es.patience)
-            return True
-        return False
-
-    def _on_transition(self) -> None:
-        # A transition restarts the early-stopping clock: the new phase gets its full patience.
-        self._since_improved = 0
-        # DDP registers only parameters that required grad when built: rebuild before the next step.
-        self._wrap_stale = self.dist.active
-
-    def _prove_loaded(self, hooks: Sequence[str], *, final: bool = True) -> None:
-        """Re-take the load proof: every pretrained tensor still bitwise the file's (``weights.reverified``).
-
-        Called after ``on_fit_start`` and right before the first training step (after every setup hook and
-        the DDP broadcast).  A tensor that changed stops the run, naming it and the plugins implementing the
-        hooks that ran since the load (observers excluded).  The file's tensors stay in ``pretrained`` for the
-        distance-from-pretrained figures of the weight-delta check."""
-        if not self._proof_pending or self.pretrained is None:
-            return
-        from moola_engine.core.state import changed_since_load
-
-        changed = changed_since_load(self.model, self.pretrained)
-        if not changed and not final:
-            return
-        self._proof_pending = False
-        suspects = sorted({impl.plugin_name for h in hooks for impl in getattr(self.pm.hook, h).get_hookimpls()
-                           if not impl.plugin_name.startswith("check:") and impl.plugin_name != "checkpointer"})
-        fields = {"ok": not changed, "tensors": len(self.pretrained), "changed": changed, "hooks": list(hooks),
-                  "suspects": suspects if changed else []}
-        if not changed:
-            self.log.info(Event.WEIGHTS_REVERIFIED, **fields)
-            return
-        self.log.error(Event.WEIGHTS_REVERIFIED, **fields)
-        where = f"plugin(s) {', '.join(suspects)}" if suspects else "no plugin (the engine's own setup?)"
-        raise CheckFailed(
-            f"{len(changed)} pretrained tensor(s) no longer equal the file before the first training step: "
-            f"{', '.join(changed[:8])}{', ...' if len(changed) > 8 else ''}; changed in {' / '.join(hooks)} by "
-            f"{where}: a setup hook re-initialised them (reset_parameters()/init_weights() after loading?)")
-
     def _rewrap(self) -> None:
         self._step_fn = None  # type: ignore[assignment]  # release the old wrapper first
         self._step_fn = self.dist.wrap(self.model, compile=self.config.compile) or self._model_fn
@@ -506,8 +255,6 @@ class Engine:
         everything = [p for g in self.groups for p in g.tensors]
         grad_amax: list[torch.Tensor] = []  # per step: |grad| of every tensor (NaN/inf propagate), no host sync
         no_grad = torch.zeros((), device=self.device)
-        n = len(data)
-        perm = torch.randperm(n, generator=self._gen, device=self.device)
         bf16 = cfg.precision == "bf16"
         # Hot path.  Per-step losses stay device tensors (no host sync); they are weighted, summed and
         # checked for non-finite values once, after the loop.  Binding the step into the log context and
@@ -522,14 +269,10 @@ class Engine:
             self._rewrap()
         if self._proof_pending and not step_hooks:
             self._prove_loaded(("on_fit_start", "on_epoch_start"))
+        batches = train_batches(data, batch_size=cfg.batch_size, generator=self._gen, device=self.device, shard=shard,
+                                seed=cfg.seed, epoch=epoch)
         with sync_guard(self.device, self.sync_debug):
-            for idx in perm.split(cfg.batch_size):
-                scale = 1.0
-                if shard is not None:  # DDP: this rank's slice of the global batch
-                    idx, count, scale = shard(idx)
-                else:
-                    count = idx.shape[0]
-                xb, yb = data.x[idx], data.y[idx]
+            for xb, yb, count, scale in batches:
                 before = after = None
                 if step_hooks:  # only the plugins that want this step (want_step_hooks)
                     before, after = self._step_callers(self.step)
@@ -544,9 +287,9 @@ class Engine:
                 self.optimizer.zero_grad(set_to_none=True)
                 if bf16:
                     with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16):
-                        loss = self.loss_fn(self._step_fn(xb).float(), yb)
+                        loss = self.loss_fn(forward(self._step_fn, xb).float(), yb)
                 else:
-                    loss = self.loss_fn(self._step_fn(xb), yb)
+                    loss = self.loss_fn(forward(self._step_fn, xb), yb)
                 (loss * scale if shard is not None else loss).backward()
                 if everything:  # before clipping smears one NaN over every gradient
                     # an L2 norm is NaN/inf exactly when an element is (or when it overflows, above ~1e19 in
@@ -565,75 +308,22 @@ class Engine:
                 self.step += 1
         if self.step > first_step:
             bind(step=self.step - 1)
+        n = len(data) if isinstance(data, TensorData) else sum(counts)  # the global rows (DDP: every rank's)
         return {"train_loss": self._epoch_loss(losses, counts, n, epoch, first_step, grad_amax)}
 
-    def _epoch_loss(self, losses: list[torch.Tensor], counts: list[int], n: int, epoch: int, first_step: int,
-                    grad_amax: list[torch.Tensor]) -> float:
-        """Mean training loss of the epoch (over all ranks); refuses a non-finite loss or gradient.
-
-        One host read per epoch: the weighted loss sum and one probe of the gradient norms (their float64 sum,
-        finite exactly when every norm is: norms are >= 0, so nothing cancels).  Only when something is not
-        finite does a second pass find the first bad step and tensor (:meth:`_first_nonfinite_steps`)."""
-        if not losses:
-            return math.nan
-        stacked = torch.stack(losses).float()
-        total = (stacked * torch.tensor(counts, dtype=stacked.dtype, device=stacked.device)).sum().double()
-        probe = torch.stack(grad_amax).double().sum() if grad_amax else torch.zeros_like(total)
-        rows = self.dist.gather(torch.stack([total, probe]))  # (world, 2): every rank decides alike
-        values = rows.tolist()  # the epoch's host read
-        if all(math.isfinite(v) for row in values for v in row):
-            return sum(row[0] for row in values) / max(n, 1)
-        finite = torch.isfinite(stacked)
-        none_bad = torch.tensor(float(len(losses)), device=stacked.device)
-        first_bad = torch.where(finite, none_bad, torch.arange(len(losses), device=stacked.device).float()).amin()
-        bad = int(self.dist.gather(first_bad.reshape(1)).amin())
-        grad_steps = self._first_nonfinite_steps(grad_amax, first_step)
-        loss_step = first_step + bad if bad < len(losses) else -1
-        if loss_step >= 0 or max(grad_steps, default=-1) >= 0:
-            self._nonfinite(epoch, loss_step, grad_steps)
-        # every value of this rank is finite, yet a sum is not (an overflow, or another rank's): never go on quietly
-        raise MoolaError(f"epoch {epoch}: the epoch's loss or gradient-norm sums are not finite on some rank "
-                         f"(per rank [loss sum, gradient-norm sum]: {values}); lower train.lr or set train.grad_clip")
-
-    @staticmethod
     @torch.no_grad()
-    def _first_nonfinite_steps(grad_amax: list[torch.Tensor], first_step: int) -> list[int]:
-        """Per tensor, the first step of the epoch whose gradient held a NaN/inf (-1: none)."""
-        if not grad_amax:
-            return []
-        bad = ~torch.isfinite(torch.stack(grad_amax))  # (steps, tensors)
-        first = bad.float().argmax(dim=0)
-        return torch.where(bad.any(dim=0), first + first_step, -1).tolist()
-
-    def _nonfinite(self, epoch: int, loss_step: int, grad_steps: list[int]) -> None:
-        """Stop the run, naming the first bad step and the group(s) whose gradients went non-finite there."""
-        names = [(g.name, pname) for g in self.groups for pname, _ in g.params]
-        step = min(s for s in [loss_step, *grad_steps] if s >= 0)
-        hits = [names[i] for i, s in enumerate(grad_steps) if s == step]
-        groups = list(dict.fromkeys(g for g, _ in hits))
-        tensor = hits[0][1] if hits else None
-        what = "training loss" if loss_step == step else "gradient"
-        self._settle(failing=True)  # a checkpoint still being written counts once complete: name the newest
-        self.log.error(Event.NONFINITE_DETECTED, what=what, at_step=step, groups=groups, tensor=tensor,
-                       last_checkpoint=str(self.last_checkpoint) if self.last_checkpoint else None)
-        where = f"group {', '.join(groups)} (first tensor: {tensor})" if groups else ""
-        msg = f"non-finite {what} at step {step} (epoch {epoch})"
-        if where:
-            msg += f" in {where}" if what == "gradient" else f"; gradients non-finite in {where}"
-        keep = f"; last good checkpoint: {self.last_checkpoint}" if self.last_checkpoint else ""
-        raise MoolaError(f"{msg}; lower train.lr or set train.grad_clip{keep}")
-
-    @torch.no_grad()
-    def predict(self, data: TensorData, batch_size: int = 1024) -> torch.Tensor:
-        """Model outputs for ``data`` (on any device: moved to the engine's) in eval mode, on the device."""
-        data = data.to(self.device)  # no copy when it is there already (train/val); held-out splits are not
+    def outputs(self, data: Data, batch_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+        """(model outputs, targets) for ``data`` in eval mode, on the engine's device."""
         was_training = self.model.training
         self.model.eval()
-        outs = [self._model_fn(data.x[i:i + batch_size]).float() for i in range(0, len(data), batch_size)]
+        pairs = [(forward(self._model_fn, x).float(), y) for x, y in eval_batches(data, batch_size, self.device)]
         self.model.train(was_training)
-        return torch.cat(outs)
+        return torch.cat([o for o, _ in pairs]), torch.cat([y for _, y in pairs])
 
-    def evaluate(self, data: TensorData, prefix: str = "") -> dict[str, float]:
-        data = data.to(self.device)
-        metrics = self.eval_fn(self.predict(data), data.y)
+    def predict(self, data: Data, batch_size: int = 1024) -> torch.Tensor:
+        """Model outputs for ``data`` (on any device: moved to the engine's) in eval mode, on the device."""
+        return self.outputs(data, batch_size)[0]
+
+    def evaluate(self, data: Data, prefix: str = "") -> dict[str, float]:
+        metrics = self.eval_fn(*self.outputs(data))
         return {f"{prefix}{k}": v for k, v in metrics.items()}

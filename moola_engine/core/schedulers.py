@@ -39,6 +39,9 @@ from moola_engine.errors import MoolaError
 _GROUP_KEYS = ("initial_lr", "max_lr", "min_lr")
 
 
+PER_STEP = ("onecycle", "cosine")
+"""Schedulers stepped after every optimizer step (they need the steps per epoch)."""
+
 class LrSchedule:
     """The run's scheduler behind three calls the engine makes: after each step, after validation, rescale."""
 
@@ -51,7 +54,7 @@ class LrSchedule:
 
     @property
     def per_step(self) -> bool:
-        return self.kind in ("onecycle", "cosine")
+        return self.kind in PER_STEP
 
     def after_step(self) -> None:
         """After ``optimizer.step()``: advance per-step schedulers."""
