@@ -85,7 +85,7 @@ class LoaderData:
             return 0  # an IterableDataset without __len__: counted while iterating
 
     def loader(self, batch_size: int, *, shuffle: bool, generator: torch.Generator | None, device: torch.device,
-               drop_last: bool = False) -> torch.utils.data.DataLoader:
+               drop_last: bool = False) -> torch.utils.data.DataLoader[Any]:
         opts = self.options
         workers = opts.num_workers
         return torch.utils.data.DataLoader(
@@ -488,6 +488,7 @@ def build_splits(cfg: DataConfig, *, base_dir: Path, seed: int, source: str = "c
 
         datasets = default_registries()["dataset"]
     comp = resolve(datasets, cfg.kind, source=source, key="$.data.kind", base_dir=base_dir)
+    options: Any  # the kind's params class (any attrs class), or a plain dict when it registered none
     if comp.params is not None:
         options = structure(cfg.options, comp.params, source=source, path="$.data.options")
     elif cfg.options and comp.source != "import path":

@@ -56,7 +56,8 @@ from torch.func import functional_call, grad_and_value, vmap
 
 from moola_engine.checks.delta import GradFlowCheck
 from moola_engine.config import ExperimentConfig
-from moola_engine.core.engine import Engine, FitResult
+from moola_engine.core.context import FitResult
+from moola_engine.core.engine import Engine
 from moola_engine.core.freezing import _BN_TYPES, _DROPOUT_TYPES, apply_module_modes
 from moola_engine.errors import MoolaError
 from moola_engine.logs import Event, bind

@@ -22,8 +22,9 @@ from moola_engine.checks.loading import load_pretrained
 from moola_engine.config import ExperimentConfig, unstructure
 from moola_engine.core import distributed
 from moola_engine.core.components import registries
+from moola_engine.core.context import FitResult
 from moola_engine.core.data import build_splits
-from moola_engine.core.engine import Engine, FitResult, select_device
+from moola_engine.core.engine import Engine, select_device
 from moola_engine.core.export import save_weights
 from moola_engine.core.plugins import (
     NamedStrategy,
