@@ -443,7 +443,7 @@ def _train_epoch(stack: _Stack, runs: list[_Run], epoch: int, n: int, bs: int,
     norms: list[torch.Tensor] = []
     counts: list[int] = []
     zeros = torch.zeros(stack.k, len(stack.names), device=dev)
-    for idx in perms.split(bs, dim=1):
+    for idx in perms.split(bs, dim=1):  # type: ignore[no-untyped-call]  # torch leaves Tensor.split unannotated
         xb = stack.x[k_all[:, None], idx]
         yb = stack.y[k_all[:, None], idx]
         trained, fixed = stack.split(need)

@@ -135,7 +135,7 @@ def save_predictions(path: Path, engine: Engine, splits: Any) -> None:
             arrays[f"{split}_y"] = data.y.cpu().numpy()
     if arrays:
         tmp = path.with_name(f".{path.stem}.tmp.npz")
-        np.savez(tmp, **arrays)
+        np.savez(tmp, allow_pickle=True, **arrays)  # numpy's default, spelled out: else mypy lets **arrays fill the bool
         os.replace(tmp, path)
 
 
@@ -228,7 +228,8 @@ def train(
         splits = build_splits(cfg.data, base_dir=base_dir, seed=cfg.train.seed, source=cfg.source, task=pre.task,
                               datasets=registries(pm)["dataset"])
         write_json_atomic(run_dir / "data.json", splits.meta)  # spans, label, standardisation statistics
-        log.info(Event.DATA_LOADED, kind=cfg.data.kind, train=len(splits.train), val=len(splits.val),
+        log.info(Event.DATA_LOADED, kind=cfg.data.kind, train=len(splits.train),
+                 val=len(splits.val) if splits.val is not None else 0,
                  test=len(splits.test) if splits.test is not None else 0, train_cut_date=splits.meta.get("train_cut_date"))
         if pretrained is not None and cfg.model.pretrained is not None:
             check_encoder_cut(cfg.resolve(cfg.model.pretrained.path), splits.meta, log)
