@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast lint docs clean
+.PHONY: setup demo test test-fast lint typecheck docs clean
 
 $(STAMP): pyproject.toml ohlc/pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -34,6 +34,11 @@ test-fast: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check moola_engine ohlc plugins tests
+	$(BIN)/mypy
+
+# mypy --strict over moola_engine (the settings live in pyproject.toml [tool.mypy])
+typecheck: $(STAMP)
+	$(BIN)/mypy
 
 # the docs site (mkdocs.yml): a broken link or anchor fails the build; the test suite runs the same build
 docs: $(STAMP)

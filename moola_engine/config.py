@@ -73,22 +73,22 @@ class FieldValueError(ValueError):
         self.field = field
 
 
-def _positive(inst: Any, attr: attrs.Attribute, value: Any) -> None:
+def _positive(inst: Any, attr: attrs.Attribute[Any], value: Any) -> None:
     if value is not None and value <= 0:
         raise FieldValueError(attr.name, f"expected a value > 0, got {value!r}")
 
 
-def _non_negative(inst: Any, attr: attrs.Attribute, value: Any) -> None:
+def _non_negative(inst: Any, attr: attrs.Attribute[Any], value: Any) -> None:
     if value is not None and value < 0:
         raise FieldValueError(attr.name, f"expected a value >= 0, got {value!r}")
 
 
-def _fraction(inst: Any, attr: attrs.Attribute, value: Any) -> None:
+def _fraction(inst: Any, attr: attrs.Attribute[Any], value: Any) -> None:
     if not 0.0 < value < 1.0:
         raise FieldValueError(attr.name, f"expected a value between 0 and 1 (exclusive), got {value!r}")
 
 
-def _device(inst: Any, attr: attrs.Attribute, value: Any) -> None:
+def _device(inst: Any, attr: attrs.Attribute[Any], value: Any) -> None:
     if not re.fullmatch(r"auto|mps|(cpu|cuda)(:\d+)?", value):
         raise FieldValueError(attr.name, f'expected "auto", "cpu", "cuda", "cuda:N" or "mps", got {value!r}')
 

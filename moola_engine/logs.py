@@ -20,7 +20,7 @@ import math
 import os
 import sys
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TextIO, cast
 
 import structlog
 from structlog.contextvars import bind_contextvars, clear_contextvars, merge_contextvars
@@ -232,7 +232,8 @@ class RunLog:
                     structlog.dev.ConsoleRenderer(colors=_colors(out), sort_keys=False, pad_event_to=22)
                 )
         self.logger = structlog.wrap_logger(
-            structlog.PrintLogger(out),
+            # structlog types the file as TextIO; PrintLogger only writes and flushes, which any IO[str] does
+            structlog.PrintLogger(cast(TextIO, out)),
             processors=processors,
             wrapper_class=structlog.make_filtering_bound_logger(10),
             cache_logger_on_first_use=False,

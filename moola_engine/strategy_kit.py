@@ -25,7 +25,7 @@ from moola_engine.errors import ScheduleError
 from moola_engine.logs import Event
 
 
-def _decay_factor(inst: Any, attr: attrs.Attribute, value: Any) -> None:
+def _decay_factor(inst: Any, attr: attrs.Attribute[Any], value: Any) -> None:
     if value is not None and not 0.0 < value <= 1.0:
         raise FieldValueError(attr.name, f"expected 0 < value <= 1, got {value!r}")
 
@@ -35,7 +35,8 @@ decay_factor = _decay_factor
 
 def decayed_scale(freezer: Any, group: str, decay: float, scale: float = 1.0) -> float:
     """``scale x decay ^ distance_from_head(group)``: 1 step of decay per group below the head."""
-    return scale * decay ** freezer.distance_from_head(group)
+    distance: int = freezer.distance_from_head(group)
+    return scale * decay ** distance
 
 
 @attrs.frozen(kw_only=True)

@@ -299,7 +299,8 @@ class WeightDeltaCheck(_DeltaObserver):
 
     def _begin(self) -> None:
         super()._begin()
-        self._dist_before, self._dist = getattr(self, "_dist", {}), {}
+        self._dist_before: dict[str, float] = getattr(self, "_dist", {})
+        self._dist: dict[str, float] = {}
 
     def _unchanged(self, groups: list[str]) -> None:
         # the distance from the pretrained weights of a group that did not change is the one measured last time
@@ -327,9 +328,11 @@ class WeightDeltaCheck(_DeltaObserver):
         snap, names = self.pretrained[group]
         now = self._fresh.get(group)  # fingerprints of now, taken in this hook call
         if now is not None and all(n in now for n in names):
-            return self.store.compare(snap, {n: now[n] for n in names}, engine.device).as_list()[3]  # type: ignore[attr-defined]
+            compared: float = self.store.compare(snap, {n: now[n] for n in names}, engine.device).as_list()[3]  # type: ignore[attr-defined]  # fingerprint stores only
+            return compared
         params = dict(next(g for g in engine.groups if g.name == group).params)
-        return self.store.delta(snap, [(n, params[n]) for n in names], engine.device).as_list()[3]
+        distance: float = self.store.delta(snap, [(n, params[n]) for n in names], engine.device).as_list()[3]
+        return distance
 
     def _message(self, engine: Any, group: str, expected: str, trainable: bool, max_abs: float, steps: int,
                  scope: str) -> str:

@@ -104,7 +104,7 @@ class Store(Protocol):
 
     def delta(self, snap: Any, named: Named, device: torch.device) -> Delta: ...
 
-    def delta_and_take(self, snap: Any, named: Named, device: torch.device) -> tuple[Delta, Any]:
+    def delta_and_take(self, snap: Any, named: Named, device: torch.device, reuse: bool = False) -> tuple[Delta, Any]:
         """``delta`` plus a snapshot of ``named`` as it is now (what ``take`` would return), in one pass."""
         ...
 

@@ -200,8 +200,8 @@ def _groups(events: list[Mapping[str, Any]]) -> list[str]:
 
 
 def _last_epoch(events: list[Mapping[str, Any]]) -> int | None:
-    done = [e.get("epoch") for e in events if e.get("event") == Event.EPOCH_COMPLETED]
-    done = [d for d in done if isinstance(d, int)]
+    epochs = [e.get("epoch") for e in events if e.get("event") == Event.EPOCH_COMPLETED]
+    done = [d for d in epochs if isinstance(d, int)]
     return max(done) if done else None
 
 

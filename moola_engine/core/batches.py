@@ -51,7 +51,7 @@ def train_batches(data: Data, *, batch_size: int, generator: torch.Generator, de
     """One epoch of shuffled training batches on ``device``."""
     if isinstance(data, TensorData):
         perm = torch.randperm(len(data), generator=generator, device=device)
-        for idx in perm.split(batch_size):
+        for idx in perm.split(batch_size):  # type: ignore[no-untyped-call]  # torch leaves Tensor.split unannotated
             rows, scale = idx.shape[0], 1.0
             if shard is not None:  # DDP: this rank's slice of the global batch
                 idx, rows, scale = shard(idx)

@@ -85,7 +85,7 @@ class LoaderData:
             return 0  # an IterableDataset without __len__: counted while iterating
 
     def loader(self, batch_size: int, *, shuffle: bool, generator: torch.Generator | None, device: torch.device,
-               drop_last: bool = False) -> torch.utils.data.DataLoader:
+               drop_last: bool = False) -> torch.utils.data.DataLoader[Any]:
         opts = self.options
         workers = opts.num_workers
         return torch.utils.data.DataLoader(
@@ -112,6 +112,18 @@ def _iter_items(dataset: Any) -> Any:
 
 
 Data = TensorData | LoaderData
+
+
+def has_rows(data: Data | None) -> bool:
+    """True unless ``data`` is absent or known to be empty (an IterableDataset without a length has rows)."""
+    if data is None:
+        return False
+    if isinstance(data, LoaderData) and data.iterable:
+        try:
+            return len(data.dataset) > 0
+        except TypeError:
+            return True
+    return len(data) > 0
 
 
 @attrs.frozen(kw_only=True)
@@ -488,6 +500,7 @@ def build_splits(cfg: DataConfig, *, base_dir: Path, seed: int, source: str = "c
 
         datasets = default_registries()["dataset"]
     comp = resolve(datasets, cfg.kind, source=source, key="$.data.kind", base_dir=base_dir)
+    options: Any  # the kind's params class (any attrs class), or a plain dict when it registered none
     if comp.params is not None:
         options = structure(cfg.options, comp.params, source=source, path="$.data.options")
     elif cfg.options and comp.source != "import path":

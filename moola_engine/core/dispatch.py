@@ -3,28 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import pluggy
-
-from moola_engine.core.freezing import Freezer
+from moola_engine.core.enginebase import EngineBase
 from moola_engine.errors import MoolaError, PluginError
 from moola_engine.logs import Event
 
 
-class HookDispatch:
+class HookDispatch(EngineBase):
     """Part of :class:`~moola_engine.core.engine.Engine`: firing hooks and blaming the plugin that raised."""
-
-    pm: pluggy.PluginManager
-    freezer: Freezer
-    log: Any
-    _hooks_with_impls: set[str]
-    _step_until: dict[int, tuple[Any, int]]
-    _step_cache: dict[tuple[int, ...], tuple[Any, Any]]
-    on_exit: list[Callable[[bool], None]]
-
-    if TYPE_CHECKING:  # provided by the engine (EarlyStopping)
-        def _on_transition(self) -> None: ...
 
     def want_step_hooks(self, plugin: Any, until_step: int | None = None) -> None:
         """Call ``plugin``'s ``before_step``/``after_step`` only for steps before ``until_step`` (None: every step,
@@ -82,7 +69,7 @@ class HookDispatch:
     def _blame(self, hook_name: str, exc: BaseException) -> str:
         """The plugin whose implementation of ``hook_name`` raised, read off the traceback."""
         hook = getattr(self.pm.hook, hook_name)
-        codes = {}
+        codes: dict[Any, str] = {}
         for impl in hook.get_hookimpls():
             fn = getattr(impl.function, "__func__", impl.function)
             code = getattr(fn, "__code__", None)

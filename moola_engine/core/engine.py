@@ -16,7 +16,7 @@ from moola_engine.config import ChecksConfig, GroupSpec, TrainConfig
 from moola_engine.core import distributed
 from moola_engine.core.batches import eval_batches, forward, train_batches
 from moola_engine.core.context import FitResult, Resumable
-from moola_engine.core.data import Data, LoaderData, TensorData
+from moola_engine.core.data import Data, LoaderData, TensorData, has_rows
 from moola_engine.core.dispatch import HookDispatch
 from moola_engine.core.freezing import Freezer, ParamGroup, apply_module_modes, resolve_groups
 from moola_engine.core.guards import LossGuard
@@ -142,7 +142,7 @@ class Engine(HookDispatch, EngineState, EarlyStopping, LossGuard):
         self._proof_pending = False  # the load proof is re-taken right before the first training step
         self._model_fn: Callable[[torch.Tensor], torch.Tensor] = self.model
         if train.compile:
-            self._model_fn = torch.compile(self.model)  # type: ignore[assignment]
+            self._model_fn = torch.compile(self.model)
         # The training step calls _step_fn: the model itself, or under DDP a wrapper rebuilt after every
         # transition (_wrap_stale); predict/evaluate always call the unwrapped model (no collectives).
         self._step_fn: Callable[[torch.Tensor], torch.Tensor] = self._model_fn
@@ -218,7 +218,7 @@ class Engine(HookDispatch, EngineState, EarlyStopping, LossGuard):
 
             # --- validation: host floats once per epoch
             metrics = dict(train_metrics)
-            if self.val_data is not None and len(self.val_data):
+            if self.val_data is not None and has_rows(self.val_data):
                 # every rank validates on the full set; rank 0's metrics decide for all (DDP)
                 metrics.update(self.dist.agree(self.evaluate(self.val_data, prefix="val_")))
             metrics["epoch"] = epoch
@@ -290,7 +290,7 @@ class Engine(HookDispatch, EngineState, EarlyStopping, LossGuard):
                         loss = self.loss_fn(forward(self._step_fn, xb).float(), yb)
                 else:
                     loss = self.loss_fn(forward(self._step_fn, xb), yb)
-                (loss * scale if shard is not None else loss).backward()
+                (loss * scale if shard is not None else loss).backward()  # type: ignore[no-untyped-call]
                 if everything:  # before clipping smears one NaN over every gradient
                     # an L2 norm is NaN/inf exactly when an element is (or when it overflows, above ~1e19 in
                     # float32: a blow-up all the same); 15x cheaper on CPU than the max-abs norm

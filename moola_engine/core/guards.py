@@ -3,26 +3,16 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
 import torch
 
-from moola_engine.core.freezing import ParamGroup
+from moola_engine.core.enginebase import EngineBase
 from moola_engine.errors import MoolaError
 from moola_engine.logs import Event
 
 
-class LossGuard:
+class LossGuard(EngineBase):
     """Part of :class:`~moola_engine.core.engine.Engine`: the epoch's loss, and a refused non-finite loss or gradient."""
-
-    dist: Any
-    groups: list[ParamGroup]
-    log: Any
-    last_checkpoint: Path | None
-
-    if TYPE_CHECKING:  # provided by the engine (HookDispatch)
-        def _settle(self, failing: bool) -> None: ...
 
     def _epoch_loss(self, losses: list[torch.Tensor], counts: list[int], n: int, epoch: int, first_step: int,
                     grad_amax: list[torch.Tensor]) -> float:
@@ -37,7 +27,7 @@ class LossGuard:
         total = (stacked * torch.tensor(counts, dtype=stacked.dtype, device=stacked.device)).sum().double()
         probe = torch.stack(grad_amax).double().sum() if grad_amax else torch.zeros_like(total)
         rows = self.dist.gather(torch.stack([total, probe]))  # (world, 2): every rank decides alike
-        values = rows.tolist()  # the epoch's host read
+        values: list[list[float]] = rows.tolist()  # the epoch's host read
         if all(math.isfinite(v) for row in values for v in row):
             return sum(row[0] for row in values) / max(n, 1)
         finite = torch.isfinite(stacked)

@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from moola_engine.config import TrainConfig
-from moola_engine.core.freezing import _BN_TYPES, Freezer, ParamGroup
+from moola_engine.core.freezing import _BN_TYPES, Freezer, ParamGroup, Transition
 from moola_engine.core.hookspecs import hookimpl  # noqa: F401 - re-exported for strategy authors reading this module
 from moola_engine.core.plugins import new_plugin_manager
 from moola_engine.errors import ConfigError, ScheduleError
@@ -213,7 +213,7 @@ def _train_notes(plan: Plan, train: Any) -> list[str]:
     return notes
 
 
-def _effective_epoch(t: Any, rows: list[EpochPlan]) -> int:
+def _effective_epoch(t: Transition, rows: list[EpochPlan]) -> int:
     # A transition requested in on_validation_end of epoch e takes effect at epoch e + 1.
     for row in rows:
         if row.epoch >= t.epoch and row.trainable[t.group] == (t.to_state == "trainable"):

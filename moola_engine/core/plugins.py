@@ -26,10 +26,10 @@ from typing import Any
 import attrs
 import pluggy
 
-from moola_engine.config import ConfigError, closest, read_toml, structure
+from moola_engine.config import closest, read_toml, structure
 from moola_engine.core import hookspecs
 from moola_engine.core.protocol import check_strategy
-from moola_engine.errors import PluginError
+from moola_engine.errors import ConfigError, PluginError
 
 ENTRY_POINT_GROUP = "moola_engine"
 
@@ -329,7 +329,7 @@ def load_strategies(path: str | Path, registry: StrategyRegistry) -> dict[str, N
             continue
         info = registry[plugin]
         try:
-            params = structure(table, info.params, source=source, path=where)
+            params: Any = structure(table, info.params, source=source, path=where)
         except ConfigError as exc:
             problems.extend(exc.problems)
             continue

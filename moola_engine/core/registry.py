@@ -155,7 +155,8 @@ def resolve(registry: Registry, name: str, *, source: str, key: str, base_dir: P
         if not callable(obj):
             raise ConfigError(source, f"{name!r} is not callable @ {key}")
         params = getattr(obj, "params_class", None)
-        return Component(kind=registry.kind, name=name, factory=obj, params=params if attrs.has(params) else None,
+        return Component(kind=registry.kind, name=name, factory=obj,
+                         params=params if params is not None and attrs.has(params) else None,
                          description=describe(obj, None), source="import path")
     if name in registry:
         return registry[name]

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from moola_engine.core.context import EngineView
+from moola_engine.core.enginebase import EngineBase
 from moola_engine.errors import CheckFailed, CheckpointError, MoolaError
 from moola_engine.logs import Event
 
@@ -154,28 +155,8 @@ def changed_since_load(model: nn.Module, loaded: Mapping[str, torch.Tensor]) -> 
 # --------------------------------------------------------------------------- the engine's resumable state
 
 
-class EngineState:
+class EngineState(EngineBase):
     """Part of :class:`~moola_engine.core.engine.Engine`: its resumable state and the re-taken load proof."""
-
-    # attributes the engine owns (declared for the type checker)
-    step: int
-    epoch: int
-    history: list[dict[str, float]]
-    freezer: Any
-    optimizer: Any
-    lr_schedule: Any
-    strategy: Any
-    model: Any
-    device: Any
-    log: Any
-    pm: Any
-    pretrained: Any
-    es_best: float
-    best_state: dict[str, torch.Tensor] | None
-    result: Any
-    _gen: torch.Generator
-    _since_improved: int
-    _proof_pending: bool
 
     def rng_state(self) -> dict[str, Any]:
         """Every random stream the run draws from: the batch order's generator, torch (CPU, CUDA), numpy, random."""

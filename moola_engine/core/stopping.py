@@ -7,28 +7,15 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-import torch
-
-from moola_engine.config import TrainConfig
 from moola_engine.core.context import FitResult
+from moola_engine.core.enginebase import EngineBase
 from moola_engine.errors import MoolaError
 from moola_engine.logs import Event
 
 
-class EarlyStopping:
+class EarlyStopping(EngineBase):
     """Part of :class:`~moola_engine.core.engine.Engine`: patience counts from the last transition, and the run
     never stops before the plan's last scheduled transition."""
-
-    config: TrainConfig
-    result: FitResult
-    plan: Any
-    log: Any
-    model: Any
-    dist: Any
-    es_best: float
-    best_state: dict[str, torch.Tensor] | None
-    _since_improved: int
-    _wrap_stale: bool
 
     def _early_stopping(self, epoch: int, metrics: Mapping[str, float]) -> bool:
         """Update the early-stopping state with this epoch's metrics; True to stop.

@@ -89,9 +89,10 @@ def read_marker(grid: Grid, cell: Cell) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        marker: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))  # written by this module: a dict
     except json.JSONDecodeError:
         return None  # cannot happen with atomic writes; treat as not done
+    return marker
 
 
 def _write_marker(grid: Grid, cell: Cell, run_dir: Path, seconds: float, adopted: bool = False) -> None:

@@ -56,7 +56,9 @@ from torch.func import functional_call, grad_and_value, vmap
 
 from moola_engine.checks.delta import GradFlowCheck
 from moola_engine.config import ExperimentConfig
-from moola_engine.core.engine import Engine, FitResult
+from moola_engine.core.context import FitResult
+from moola_engine.core.data import TensorData
+from moola_engine.core.engine import Engine
 from moola_engine.core.freezing import _BN_TYPES, _DROPOUT_TYPES, apply_module_modes
 from moola_engine.errors import MoolaError
 from moola_engine.logs import Event, bind
@@ -162,6 +164,8 @@ class StackedOptimizer:
 def batch_problem(engine: Engine) -> str | None:
     """Why this run cannot join a batched group (None: it can), checked on its built engine."""
     cfg = engine.config
+    if not isinstance(engine.train_data, TensorData):
+        return "Dataset-backed data (a DataLoader): only in-memory tensors are stacked"
     if engine.dist.active:
         return "DDP (WORLD_SIZE > 1) runs are not batched"
     if cfg.compile:
@@ -192,6 +196,7 @@ def signature(engine: Engine) -> tuple[Any, ...]:
     params = tuple((g.name, tuple((n, tuple(p.shape), str(p.dtype)) for n, p in g.params)) for g in engine.groups)
     buffers = tuple((n, tuple(b.shape), str(b.dtype)) for n, b in engine.model.named_buffers())
     data = engine.train_data
+    assert isinstance(data, TensorData)  # batch_problem refused the others
     return (type(engine.model).__qualname__, params, buffers, tuple(data.x.shape), str(data.x.dtype),
             tuple(data.y.shape), cfg.batch_size, cfg.optimizer, cfg.precision, str(engine.device),
             _loss_key(engine.loss_fn))
@@ -250,8 +255,10 @@ class _Stack:
         for k, pr in enumerate(per_run):  # each run's parameters become views of its slice
             for n in self.names:
                 pr[n].data = self.params[n][k]
-        self.x = torch.stack([r.engine.train_data.x for r in runs])
-        self.y = torch.stack([r.engine.train_data.y for r in runs])
+        data = [r.engine.train_data for r in runs]
+        assert all(isinstance(d, TensorData) for d in data)  # batch_problem refused the others
+        self.x = torch.stack([d.x for d in data])  # type: ignore[union-attr]
+        self.y = torch.stack([d.y for d in data])  # type: ignore[union-attr]
         self.opt = StackedOptimizer(e0.config.optimizer)
         dev = self.device
         self.wd = torch.tensor([r.engine.config.weight_decay for r in runs], device=dev)
@@ -442,7 +449,7 @@ def _train_epoch(stack: _Stack, runs: list[_Run], epoch: int, n: int, bs: int,
     norms: list[torch.Tensor] = []
     counts: list[int] = []
     zeros = torch.zeros(stack.k, len(stack.names), device=dev)
-    for idx in perms.split(bs, dim=1):
+    for idx in perms.split(bs, dim=1):  # type: ignore[no-untyped-call]  # torch leaves Tensor.split unannotated
         xb = stack.x[k_all[:, None], idx]
         yb = stack.y[k_all[:, None], idx]
         trained, fixed = stack.split(need)

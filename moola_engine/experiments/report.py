@@ -236,7 +236,8 @@ def _mean_curve(series: list[list[float]]) -> np.ndarray:
         arr[i, : len(s)] = s
     with warnings.catch_warnings():  # an epoch no run reached is NaN, not a warning
         warnings.simplefilter("ignore", category=RuntimeWarning)
-        return np.nanmean(arr, axis=0)
+        mean: np.ndarray = np.nanmean(arr, axis=0)
+    return mean
 
 
 def figures(records: Sequence[RunRecord], results: dict[str, Any] | None = None) -> tuple[dict[str, str], list[str]]:
@@ -475,5 +476,6 @@ def write_report(grid: Grid, results: dict[str, Any], records: Sequence[RunRecor
 
 
 def load_results(path: str | Path) -> dict[str, Any]:
-    return jsonsafe.loads(Path(path).read_text(encoding="utf-8"))
+    results: dict[str, Any] = jsonsafe.loads(Path(path).read_text(encoding="utf-8"))  # results.json: an object
+    return results
 

@@ -377,10 +377,10 @@ def _summarize(grid: Grid, records: list[RunRecord], missing: list[Cell], view: 
     if near_majority and all(w is True for w in near_majority):
         msg = ("every arm's accuracy is within noise of the majority-class rate: no arm beat always predicting the "
                "most frequent class")
-        over = (ref or {}).get("vs_majority") or {}
-        if over.get("lo") is not None and over["lo"] > FLOAT_TOLERANCE:
-            msg += (f"; the {ref['label']} baseline does (accuracy - majority {over['mean']:+.3f}, 95% CI "
-                    f"{over['lo']:+.3f}..{over['hi']:+.3f}), so the labels are learnable: suspect the networks")
+        ref_over: dict[str, Any] = (ref or {}).get("vs_majority") or {}
+        if ref is not None and ref_over.get("lo") is not None and ref_over["lo"] > FLOAT_TOLERANCE:
+            msg += (f"; the {ref['label']} baseline does (accuracy - majority {ref_over['mean']:+.3f}, 95% CI "
+                    f"{ref_over['lo']:+.3f}..{ref_over['hi']:+.3f}), so the labels are learnable: suspect the networks")
         red.append(_flag("near-majority", None, msg))
 
     majority = [r.majority for r in records]

@@ -91,8 +91,9 @@ def stateful_plugins(engine: Any) -> dict[str, Any]:
 
 
 def rng_state(engine: Any) -> dict[str, Any]:
-    """The engine's random streams (:meth:`~moola_engine.engine.Engine.rng_state`)."""
-    return engine.rng_state()
+    """The engine's random streams (:meth:`~moola_engine.core.engine.Engine.rng_state`)."""
+    state: dict[str, Any] = engine.rng_state()
+    return state
 
 
 def set_rng_state(engine: Any, state: Mapping[str, Any]) -> None:
@@ -200,7 +201,7 @@ def host_copy(state: Mapping[str, torch.Tensor], buffers: dict[str, torch.Tensor
         del buffers[name]
     events = []
     for dev in cuda_devices:
-        ev = torch.cuda.Event()
+        ev = torch.cuda.Event()  # type: ignore[no-untyped-call]  # torch leaves Event.__init__ unannotated
         ev.record(torch.cuda.current_stream(dev))
         events.append(ev)
     return out, events or None
@@ -597,6 +598,6 @@ def resume_strategy(run_dir: Path, extra_plugins: tuple[Any, ...] = ()) -> tuple
         raise CheckpointError(f'{source}: strategy plugin "{rec["plugin"]}" is not installed; installed plugins: '
                               f"{', '.join(registry.names())}")
     info = registry[rec["plugin"]]
-    params = structure(rec["params"], info.params, source=source, path="$.params")
+    params: Any = structure(rec["params"], info.params, source=source, path="$.params")
     return pm, NamedStrategy(name=rec["strategy"], plugin=rec["plugin"], params=params,
                              description=info.description, info=info, source=source)

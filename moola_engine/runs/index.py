@@ -83,7 +83,7 @@ class RunInfo:
         out["history"] = {str(k): v for k, v in self.history.items()}
         out["timelines"] = {g: {"planned": self.timeline(g, observed=False), "observed": self.timeline(g)}
                             for g in self.groups}
-        return _json_safe(out)
+        return _json_safe_dict(out)
 
 
 def _json_safe(obj: Any) -> Any:
@@ -94,6 +94,11 @@ def _json_safe(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return [_json_safe(v) for v in obj]
     return obj
+
+
+def _json_safe_dict(obj: dict[str, Any]) -> dict[str, Any]:
+    """:func:`_json_safe` of a dict, typed as one."""
+    return {k: _json_safe(v) for k, v in obj.items()}
 
 
 def _number(value: Any) -> float | None:
@@ -365,7 +370,7 @@ def render_show(r: RunInfo) -> str:
 def compare_json(infos: Sequence[RunInfo]) -> dict[str, Any]:
     keys = sorted({k for r in infos for k in r.final})
     groups = list(dict.fromkeys(g for r in infos for g in r.groups))
-    return _json_safe({
+    return _json_safe_dict({
         "runs": [r.id for r in infos],
         "status": {r.id: r.status for r in infos},
         "best": {r.id: {"metric": r.best_metric, "value": r.best_value, "epoch": r.best_epoch} for r in infos},

@@ -27,7 +27,7 @@ from moola_engine.config import ExperimentConfig, non_negative, positive, struct
 from moola_engine.core.hookspecs import hookimpl
 
 
-def _device(inst: Any, attr: attrs.Attribute, value: Any) -> None:
+def _device(inst: Any, attr: attrs.Attribute[Any], value: Any) -> None:
     if value is not None:
         from moola_engine.config import _device as check
 

@@ -38,9 +38,9 @@ from typing import Any
 import attrs
 import pluggy
 
-from moola_engine.config import ConfigError, ExperimentConfig, closest, structure
+from moola_engine.config import ExperimentConfig, closest, structure
 from moola_engine.core.hookspecs import hookimpl
-from moola_engine.errors import PluginError
+from moola_engine.errors import ConfigError, PluginError
 from moola_engine.logs import Event
 
 # Fields of epoch.completed that are not metrics (the run context structlog binds, and the event's own keys).

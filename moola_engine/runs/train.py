@@ -13,7 +13,7 @@ import socket
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, cast
 
 import attrs
 import numpy as np
@@ -22,8 +22,9 @@ from moola_engine.checks.loading import load_pretrained
 from moola_engine.config import ExperimentConfig, unstructure
 from moola_engine.core import distributed
 from moola_engine.core.components import registries
-from moola_engine.core.data import build_splits
-from moola_engine.core.engine import Engine, FitResult, select_device
+from moola_engine.core.context import FitResult
+from moola_engine.core.data import build_splits, has_rows
+from moola_engine.core.engine import Engine, select_device
 from moola_engine.core.export import save_weights
 from moola_engine.core.plugins import (
     NamedStrategy,
@@ -129,12 +130,13 @@ def save_predictions(path: Path, engine: Engine, splits: Any) -> None:
     arrays: dict[str, np.ndarray] = {}
     for split in ("val", "test"):
         data = getattr(splits, split)
-        if data is not None and len(data):
-            arrays[f"{split}_outputs"] = engine.predict(data).cpu().numpy()
-            arrays[f"{split}_y"] = data.y.cpu().numpy()
+        if has_rows(data):
+            outputs, targets = engine.outputs(data)
+            arrays[f"{split}_outputs"] = outputs.cpu().numpy()
+            arrays[f"{split}_y"] = targets.cpu().numpy()
     if arrays:
         tmp = path.with_name(f".{path.stem}.tmp.npz")
-        np.savez(tmp, **arrays)
+        cast(Any, np.savez)(tmp, **arrays)  # numpy's stub lets **arrays fill its keyword flags
         os.replace(tmp, path)
 
 
@@ -227,7 +229,8 @@ def train(
         splits = build_splits(cfg.data, base_dir=base_dir, seed=cfg.train.seed, source=cfg.source, task=pre.task,
                               datasets=registries(pm)["dataset"])
         write_json_atomic(run_dir / "data.json", splits.meta)  # spans, label, standardisation statistics
-        log.info(Event.DATA_LOADED, kind=cfg.data.kind, train=len(splits.train), val=len(splits.val),
+        log.info(Event.DATA_LOADED, kind=cfg.data.kind, train=len(splits.train),
+                 val=len(splits.val) if splits.val is not None else 0,
                  test=len(splits.test) if splits.test is not None else 0, train_cut_date=splits.meta.get("train_cut_date"))
         if pretrained is not None and cfg.model.pretrained is not None:
             check_encoder_cut(cfg.resolve(cfg.model.pretrained.path), splits.meta, log)

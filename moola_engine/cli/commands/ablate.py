@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+from collections.abc import Callable
 
 from moola_engine.cli.commands.argtypes import positive_int, writable_output
 from moola_engine.errors import ConfigError
@@ -14,7 +15,7 @@ from moola_engine.experiments.grid import Grid, build_grid, default_out, load_gr
 from moola_engine.experiments.workers import default_jobs
 
 
-def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> argparse.ArgumentParser:
     p = sub.add_parser("ablate", help="compare strategies against a random-encoder control (seeds x folds, resumable)")
     p.add_argument("--config", help="experiment TOML (default: the preset's)")
     p.add_argument("--preset", help="a predefined ablation a plugin registered (config, strategies, seeds), e.g. seed")
@@ -131,7 +132,7 @@ def manifest_labels(out: object) -> list[int] | None:
     return None
 
 
-def ray_executor(args: argparse.Namespace) -> object | None:
+def ray_executor(args: argparse.Namespace) -> Callable[..., None] | None:
     """``--backend ray``: a RayExecutor from the flags (None: the local pool)."""
     ray_only = [f for f, v in (("--address", args.address), ("--cpus-per-cell", args.cpus_per_cell != 1.0),
                                ("--gpus-per-cell", args.gpus_per_cell != 0.0), ("--retries", args.retries != 0)) if v]

@@ -23,7 +23,7 @@ from moola_engine.core.tasks import build_task
 from moola_engine.errors import ConfigError
 
 
-def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> argparse.ArgumentParser:
     p = sub.add_parser("baseline", help="reference baselines (e.g. logistic regression on range features), per seed")
     p.add_argument("--config", help="experiment TOML (default: data.kind = \"ohlc\" with its defaults)")
     p.add_argument("--baseline", help="one registered baseline (default: every one that can read this data)")

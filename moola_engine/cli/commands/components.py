@@ -10,7 +10,7 @@ from moola_engine.core.components import default_registries
 from moola_engine.core.registry import KINDS
 
 
-def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> argparse.ArgumentParser:
     p = sub.add_parser("components", help="list installed models, data kinds, tasks, objectives, baselines, presets")
     p.add_argument("kind", nargs="?", choices=sorted(KINDS), help="only this kind (default: every kind)")
     p.add_argument("--json", action="store_true", help="machine-readable output")

@@ -18,7 +18,7 @@ from moola_engine.experiments.ablation import run_grid
 from moola_engine.experiments.grid import build_grid, default_out, get_preset, load_grid_config
 
 
-def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="pretrain on the bundled data (if needed) and run a small seed ablation")
     p.add_argument("--preset", default="seed", help="the preset to run, registered by a plugin (default: %(default)s)")
     p.add_argument("--seeds", type=positive_int, help="seeds (default: the preset's demo size, 6 for seed)")

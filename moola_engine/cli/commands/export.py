@@ -20,7 +20,7 @@ from moola_engine.errors import ConfigError, MoolaError
 RUN_REF = "a run id (folder name under --runs-dir, or a unique prefix of one), a run folder path, or 'latest'"
 
 
-def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="write a run's final weights (or one module of them) as .safetensors",
                        description="Write a run's final weights, or the groups/modules --module names, to a "
                                    ".safetensors file with a .json sidecar.")

@@ -14,7 +14,7 @@ from moola_engine.core.preflight import preflight
 from moola_engine.runs.train import resolve_strategy
 
 
-def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="print a strategy's schedule: epoch -> trainable groups -> lr")
     p.add_argument("--config", help="experiment TOML (default: built-in SimpleLSTM groups)")
     p.add_argument("--strategy", required=True, help="name of a [strategy.NAME] table of strategies.toml")

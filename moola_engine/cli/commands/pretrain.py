@@ -24,7 +24,7 @@ from moola_engine.errors import ConfigError
 COMMON = ("epochs", "lr", "batch_size", "seed", "device", "threads")
 
 
-def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> argparse.ArgumentParser:
     p = sub.add_parser("pretrain", help="run a pretraining objective on the experiment's data; writes the encoder")
     p.add_argument("--config", help="experiment TOML: its [data] and [model], and [pretrain] objective/params")
     p.add_argument("--objective", help="objective name or import path (default: [pretrain] objective)")

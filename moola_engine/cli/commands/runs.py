@@ -24,7 +24,7 @@ from moola_engine.runs.index import (
 RUN_REF = "a run id (folder name under --runs-dir, or a unique prefix of one), a run folder path, or 'latest'"
 
 
-def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> argparse.ArgumentParser:
     p = sub.add_parser("runs", help="list, show and compare run folders (read back from their event logs)",
                        description="Browse run folders: list them, show one run's plan against what happened, "
                                    "compare runs' metrics and freeze timelines.")

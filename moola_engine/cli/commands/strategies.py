@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Sequence
 
 from moola_engine.core.plugins import build_plugin_manager, default_strategies_file, load_strategies
 
 
-def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> argparse.ArgumentParser:
     p = sub.add_parser("strategies", help="list named strategies and strategy plugins")
     p.add_argument("action", choices=["list"], nargs="?", default="list",
                    help="what to do (only \"list\", the default): print the named strategies and the plugins")
@@ -38,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _table(header: list[str], rows: list[list[str]]) -> None:
+def _table(header: list[str], rows: Sequence[Sequence[object]]) -> None:
     widths = [max(len(str(c)) for c in col) for col in zip(header, *rows, strict=False)]
     for row in [header, *rows]:
         print("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=False)).rstrip())

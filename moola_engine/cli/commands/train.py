@@ -30,7 +30,7 @@ def progress(cfg: ExperimentConfig) -> Iterator[tuple[TrainProgress, ...]]:
         bar.close()
 
 
-def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train one model with a named strategy",
                        description="Train one model with a named strategy. The last line printed names the run "
                                    "folder; --run-dir-file writes it to a file (race-free under concurrent runs).")

@@ -10,7 +10,7 @@ from moola_engine.errors import ExitCode, MoolaError
 from moola_engine.logs import read_events
 
 
-def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> argparse.ArgumentParser:
     p = sub.add_parser("verify", help="re-read a run's event log; exit 1 if a check failed or an expectation is not met")
     p.add_argument("events", help="runs/<id>/events.jsonl (or the run folder); a symlink such as runs/latest is "
                                   "resolved once, when the log is read")
