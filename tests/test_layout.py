@@ -110,3 +110,9 @@ def test_the_layer_check_sees_an_upward_import(tmp_path: Path) -> None:
     deps = imports(fake, modules())
     assert deps & {"moola_engine.runs.folders"}
     assert LAYERS.index(layer("moola_engine.runs.folders")) > LAYERS.index(layer("moola_engine.core.engine"))
+
+
+def test_the_engine_module_is_the_loop_in_at_most_300_lines() -> None:
+    """engine.py reads top to bottom as the loop; its other jobs live in dispatch, state, stopping and guards."""
+    lines = (PKG / "core" / "engine.py").read_text(encoding="utf-8").splitlines()
+    assert len(lines) <= 300, f"core/engine.py has {len(lines)} lines: move a job that is not the loop out of it"

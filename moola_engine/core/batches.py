@@ -7,12 +7,16 @@ are a tensor, a tuple of tensors (``model(*inputs)``) or a dict of tensors (``mo
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 
+from moola_engine.config import TrainConfig
 from moola_engine.core.data import Data, LoaderData, TensorData
+from moola_engine.core.schedulers import PER_STEP
+from moola_engine.errors import ConfigError
 
 
 def to_device(obj: Any, device: torch.device) -> Any:
@@ -43,6 +47,16 @@ def loader_generator(seed: int, epoch: int) -> torch.Generator:
     """The DataLoader's shuffling generator of one epoch: a function of (seed, epoch) only, so a resumed run
     draws the same batches with no state to checkpoint."""
     return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+
+
+def steps_per_epoch(data: Data, train: TrainConfig, distributed: bool) -> int:
+    """Optimizer steps in one epoch (0: an IterableDataset of unknown length); refuses what a Dataset cannot do."""
+    steps = math.ceil(len(data) / train.batch_size)
+    if isinstance(data, LoaderData) and (distributed or (not steps and train.scheduler in PER_STEP)):
+        raise ConfigError("[data]", "a Dataset-backed data kind cannot run under DDP" if distributed else
+                          f"train.scheduler = {train.scheduler!r} needs the steps per epoch; this dataset has "
+                          "no length (an IterableDataset): give it __len__ or use another scheduler")
+    return steps
 
 
 def train_batches(data: Data, *, batch_size: int, generator: torch.Generator, device: torch.device,

@@ -14,18 +14,18 @@ from torch import nn
 
 from moola_engine.config import ChecksConfig, GroupSpec, TrainConfig
 from moola_engine.core import distributed
-from moola_engine.core.batches import eval_batches, forward, train_batches
+from moola_engine.core.batches import eval_batches, forward, steps_per_epoch, train_batches
 from moola_engine.core.context import FitResult, Resumable
-from moola_engine.core.data import Data, LoaderData, TensorData, has_rows
+from moola_engine.core.data import Data, TensorData, has_rows
 from moola_engine.core.dispatch import HookDispatch
-from moola_engine.core.freezing import Freezer, ParamGroup, apply_module_modes, resolve_groups
+from moola_engine.core.freezing import Freezer, apply_module_modes, resolve_groups
 from moola_engine.core.guards import LossGuard
 from moola_engine.core.hostsync import sync_guard
 from moola_engine.core.metrics import classification_metrics
-from moola_engine.core.schedulers import PER_STEP, build_lr_schedule
+from moola_engine.core.optim import build_optimizer, select_device
+from moola_engine.core.schedulers import build_lr_schedule
 from moola_engine.core.state import EngineState
 from moola_engine.core.stopping import EarlyStopping
-from moola_engine.errors import ConfigError, MoolaError
 from moola_engine.logs import Event, bind, get_logger
 
 if TYPE_CHECKING:
@@ -33,26 +33,6 @@ if TYPE_CHECKING:
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 EvalFn = Callable[[torch.Tensor, torch.Tensor], dict[str, float]]
-
-
-def select_device(name: str) -> torch.device:
-    """``auto``: CUDA when present, else CPU.  An explicit device that is absent is an error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise MoolaError(f"train.device = {name!r} but CUDA is not available here (use \"auto\" or \"cpu\")")
-    return dev
-
-
-def build_optimizer(groups: Sequence[ParamGroup], cfg: TrainConfig) -> torch.optim.Optimizer:
-    """One optimizer param group per model group, every parameter included from step 0."""
-    param_groups = [{"params": g.tensors, "lr": cfg.lr, "group": g.name} for g in groups]
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(param_groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(param_groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(param_groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 class Engine(HookDispatch, EngineState, EarlyStopping, LossGuard):
@@ -109,12 +89,7 @@ class Engine(HookDispatch, EngineState, EarlyStopping, LossGuard):
         self.groups = resolve_groups(self.model, specs)
         self.optimizer = build_optimizer(self.groups, train)
         self.freezer = Freezer(self.groups, base_lr=train.lr, optimizer=self.optimizer, logger=self.log)
-        steps = math.ceil(len(train_data) / train.batch_size)  # 0: an IterableDataset of unknown length
-        if isinstance(train_data, LoaderData) and (self.dist.active or (not steps and train.scheduler in PER_STEP)):
-            raise ConfigError("[data]", "a Dataset-backed data kind cannot run under DDP" if self.dist.active else
-                              f"train.scheduler = {train.scheduler!r} needs the steps per epoch; this dataset has "
-                              "no length (an IterableDataset): give it __len__ or use another scheduler")
-        self.lr_schedule = build_lr_schedule(self.optimizer, train, steps)
+        self.lr_schedule = build_lr_schedule(self.optimizer, train, steps_per_epoch(train_data, train, self.dist.active))
         self.freezer.lr_schedule = self.lr_schedule  # scale changes rescale the scheduler's per-group lrs
         self.train_data = train_data.to(self.device)
         self.val_data = val_data.to(self.device) if val_data is not None else None
@@ -131,11 +106,7 @@ class Engine(HookDispatch, EngineState, EarlyStopping, LossGuard):
         self.es_best = math.nan  # best early-stopping metric so far (set by fit)
         self.best_state: dict[str, torch.Tensor] | None = None
         self.last_checkpoint: Path | None = None
-        self.on_exit: list[Callable[[bool], None]] = []
-        """Called with ``failing`` (True when ``fit`` is raising) when ``fit`` returns or raises, and before the
-        engine names the last good checkpoint in an error; last registered first.  Plugins with work in flight
-        (the checkpointer's background write) finish it there; when failing they must not raise.  Registered in
-        on_fit_start; may be called more than once."""
+        self.on_exit: list[Callable[[bool], None]] = []  # see EngineBase.on_exit
         self._step_until: dict[int, tuple[Any, int]] = {}  # id(plugin) -> (plugin, first step it skips)
         self._step_cache: dict[tuple[int, ...], tuple[Any, Any]] = {}
         self._hooks_with_impls: set[str] = set()

@@ -56,6 +56,10 @@ class EngineBase:
     best_state: dict[str, torch.Tensor] | None
     last_checkpoint: Path | None
     on_exit: list[Callable[[bool], None]]
+    """Called with ``failing`` (True when ``fit`` is raising) when ``fit`` returns or raises, and before the
+    engine names the last good checkpoint in an error; last registered first.  Plugins with work in flight
+    (the checkpointer's background write) finish it there; when failing they must not raise.  Registered in
+    on_fit_start; may be called more than once."""
     _gen: torch.Generator
     _since_improved: int
     _hooks_with_impls: set[str]

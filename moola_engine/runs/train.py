@@ -24,8 +24,9 @@ from moola_engine.core import distributed
 from moola_engine.core.components import registries
 from moola_engine.core.context import FitResult
 from moola_engine.core.data import build_splits, has_rows
-from moola_engine.core.engine import Engine, select_device
+from moola_engine.core.engine import Engine
 from moola_engine.core.export import save_weights
+from moola_engine.core.optim import select_device
 from moola_engine.core.plugins import (
     NamedStrategy,
     build_plugin_manager,
