@@ -13,9 +13,9 @@ from torch import nn
 from moola_engine import hookimpl
 from moola_engine.config import ChecksConfig, EarlyStoppingConfig, GroupSpec, TrainConfig
 from moola_engine.core.engine import Engine
-from moola_engine.core.optim import build_optimizer, select_device
 from moola_engine.core.freezing import resolve_groups
 from moola_engine.core.hookspecs import all_hook_names
+from moola_engine.core.optim import build_optimizer, select_device
 from moola_engine.core.plugins import build_plugin_manager, collect_strategies, register_checked
 from moola_engine.errors import GroupError, PluginError, ScheduleError
 from moola_engine.logs import Event, RunLog, read_events

@@ -260,3 +260,16 @@ def test_check_scaling_benchmark_runs_each_variant_in_its_own_process(tmp_path: 
         [run] = row["runs"][v]
         assert run["seconds"] > 0 and run["peak_rss_mb"] > 50  # a process of its own with torch loaded
         assert row[v]["median_ratio"] == pytest.approx(run["seconds"] / row["runs"]["off"][0]["seconds"])
+
+
+def test_dataloader_benchmark_quick_smoke(tmp_path: Any) -> None:
+    """The DataLoader-path benchmark runs both variants (a smoke test: it times nothing it asserts)."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "dl.json"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "dataloader.py"), "--quick", "--json", str(out)],
+                   check=True, capture_output=True, timeout=300)
+    res = json.loads(out.read_text())
+    assert len(res["times"]["plain"]) == len(res["times"]["engine"]) == 2 and len(res["ratios"]) == 2
