@@ -362,7 +362,7 @@ def _fit_three_epochs(info: Any) -> Any:
     fields = {f.name: 1 for f in attrs.fields(info.params)
               if f.type in (int, "int") and isinstance(f.default, int) and f.default >= 3} if attrs.has(info.params) else {}
     obj = info.factory(structure(fields, info.params, source="test"))
-    obj.name = info.plugin
+    obj.name = info.name
     return obj
 
 
