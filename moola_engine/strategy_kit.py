@@ -8,13 +8,14 @@
   strategy parameter classes inherit it.
 * :class:`PlateauWatcher`: "the metric has not improved for ``patience`` epochs".
 * :func:`decayed_scale`: ``scale x decay ^ distance_from_head`` (discriminative lrs, ULMFiT).
+* :class:`Strategy`: the skeleton of a strategy class (``name``, ``params``); subclass it and add hooks.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any, Generic, Literal, TypeVar
 
 import attrs
 
@@ -31,6 +32,19 @@ def _decay_factor(inst: Any, attr: attrs.Attribute[Any], value: Any) -> None:
 
 
 decay_factor = _decay_factor
+
+
+P = TypeVar("P")
+
+
+class Strategy(Generic[P]):
+    """The skeleton of a strategy: built with its parameters (``Strategy[MyParams]`` types ``self.params``);
+    ``name`` is set to its ``[strategy.NAME]`` when built from strategies.toml.  Add hook implementations."""
+
+    name: str | None = None
+
+    def __init__(self, params: P) -> None:
+        self.params = params
 
 
 def decayed_scale(freezer: Any, group: str, decay: float, scale: float = 1.0) -> float:

@@ -301,7 +301,7 @@ def test_every_named_strategy_in_strategies_toml_plans_30_epochs() -> None:
 
     from moola_engine.core.freezing import resolve_groups
     from moola_engine.core.plan import compute_plan, validate_plan
-    from moola_engine.core.plugins import build_plugin_manager, load_strategies
+    from moola_engine.core.plugins import build_plugin_manager
     from moola_ohlc.models import SimpleLSTM
 
     _, registry = build_plugin_manager()
@@ -323,3 +323,18 @@ def test_groups_spec_for_custom_head_is_respected() -> None:
     engine.fit()
     assert [sorted(g for g, t in e.trainable.items() if t) for e in engine.plan.epochs] == [
         ["top"], ["b", "top"], ["a", "b", "top"]]
+
+
+def test_the_strategy_skeleton_keeps_its_params_and_takes_its_name_from_strategies_toml() -> None:
+    from moola_engine.core.plugins import build_plugin_manager
+    from moola_engine.strategy_kit import Strategy
+
+    class Mine(Strategy[int]):
+        pass
+
+    assert Mine(3).params == 3 and Mine(3).name is None
+    _, registry = build_plugin_manager()
+    for plugin in ("frozen", "immediate", "bitfit", "discriminative"):
+        assert issubclass(registry[plugin].factory, Strategy)
+    built = named("frozen")
+    assert isinstance(built, Strategy) and built.name == "frozen" and built.params is not None
