@@ -301,7 +301,7 @@ def test_every_named_strategy_in_strategies_toml_plans_30_epochs() -> None:
 
     from moola_engine.core.freezing import resolve_groups
     from moola_engine.core.plan import compute_plan, validate_plan
-    from moola_engine.core.plugins import build_plugin_manager
+    from moola_engine.core.plugins import build_plugin_manager, load_strategies
     from moola_ohlc.models import SimpleLSTM
 
     _, registry = build_plugin_manager()
