@@ -338,3 +338,21 @@ def test_the_strategy_skeleton_keeps_its_params_and_takes_its_name_from_strategi
         assert issubclass(registry[plugin].factory, Strategy)
     built = named("frozen")
     assert isinstance(built, Strategy) and built.name == "frozen" and built.params is not None
+
+
+def test_an_epoch_field_defaults_when_not_given_and_is_refused_with_plateau() -> None:
+    import attrs
+
+    from moola_engine.config import FieldValueError, positive
+    from moola_engine.strategy_kit import MetricTrigger, epoch_field
+
+    @attrs.frozen(kw_only=True)
+    class MyParams(MetricTrigger):
+        warmup: int | None = epoch_field(4, validator=positive)
+
+    assert MyParams().epoch_value("warmup") == 4 and MyParams(warmup=2).epoch_value("warmup") == 2
+    with pytest.raises(FieldValueError, match='warmup applies to unfreeze_on = "epoch"'):
+        MyParams(unfreeze_on="plateau", max_epoch=5, warmup=2)
+    with pytest.raises(FieldValueError, match='patience applies to unfreeze_on = "plateau" only'):
+        MyParams(patience=2)
+    assert named("lp-ft").transition_epoch() == 10 and named("two-phase", unfreeze_after=0).transition_epoch() == 0
