@@ -150,10 +150,13 @@ class ModelConfig:
 
 @attrs.frozen(kw_only=True)
 class EarlyStoppingConfig:
-    metric: str = "val_loss"
-    mode: Literal["min", "max"] = "min"
+    """``[train.early_stopping]``: stop when ``metric`` has not improved by ``min_delta`` for ``patience`` epochs."""
+
     patience: int = attrs.field(default=10, validator=_positive)
     min_delta: float = attrs.field(default=0.0, validator=_non_negative)
+    metric: str = "val_loss"
+    mode: Literal["min", "max"] = "min"
+    """``min``: lower is better (a loss); ``max``: higher is better (accuracy)."""
 
 
 @attrs.frozen(kw_only=True)

@@ -88,7 +88,8 @@ def load_torch_file(path: str | Path) -> Any:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise WeightsError(
             f"{path}: refused: loading it would need arbitrary unpickling, which can run code "
-            f"({first}). Only tensors are loaded; re-save the weights as .safetensors or as a plain state_dict"
+            f"({first}). Only tensors are loaded (torch.load(weights_only=True) runs no code); re-save the weights "
+            f"as .safetensors or as a plain state_dict"
         ) from exc
     except FileNotFoundError:
         raise WeightsError(f"{path}: no such file") from None

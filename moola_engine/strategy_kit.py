@@ -5,16 +5,17 @@
   (``invalid value, expected 0 < value <= 1, got 0 @ $.strategy.ulmfit.lr_decay``).
 * :class:`MetricTrigger`: the parameters of a metric-driven transition
   (``unfreeze_on = "epoch" | "plateau"``, ``patience``, ``max_epoch``, ``metric``, ...);
-  strategy parameter classes inherit it.
+  strategy parameter classes inherit it and declare their fixed-epoch field with :func:`epoch_field`.
 * :class:`PlateauWatcher`: "the metric has not improved for ``patience`` epochs".
 * :func:`decayed_scale`: ``scale x decay ^ distance_from_head`` (discriminative lrs, ULMFiT).
+* :class:`Strategy`: the skeleton of a strategy class (``name``, ``params``); subclass it and add hooks.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any, Generic, Literal, TypeVar
 
 import attrs
 
@@ -33,10 +34,33 @@ def _decay_factor(inst: Any, attr: attrs.Attribute[Any], value: Any) -> None:
 decay_factor = _decay_factor
 
 
+P = TypeVar("P")
+
+
+class Strategy(Generic[P]):
+    """The skeleton of a strategy: built with its parameters (``Strategy[MyParams]`` types ``self.params``);
+    ``name`` is set to its ``[strategy.NAME]`` when built from strategies.toml.  Add hook implementations."""
+
+    name: str | None = None
+
+    def __init__(self, params: P) -> None:
+        self.params = params
+
+
 def decayed_scale(freezer: Any, group: str, decay: float, scale: float = 1.0) -> float:
     """``scale x decay ^ distance_from_head(group)``: 1 step of decay per group below the head."""
     distance: int = freezer.distance_from_head(group)
     return scale * decay ** distance
+
+
+_EPOCH_DEFAULT = "moola_engine.epoch_default"
+
+
+def epoch_field(default: int, *, validator: Any) -> Any:
+    """A :class:`MetricTrigger` subclass's field of ``unfreeze_on = "epoch"`` (the fixed transition epoch):
+    None when not given, so that giving it with ``"plateau"`` is refused; read through
+    :meth:`MetricTrigger.epoch_value`, which answers ``default`` for None."""
+    return attrs.field(default=None, validator=validator, metadata={_EPOCH_DEFAULT: default})
 
 
 @attrs.frozen(kw_only=True)
@@ -62,6 +86,18 @@ class MetricTrigger:
     """Plateau only: "min" when lower is better, "max" when higher is better."""
     min_delta: float = attrs.field(default=0.0, validator=non_negative)
     """Plateau only: the smallest change that counts as an improvement."""
+
+    def __attrs_post_init__(self) -> None:
+        """The :func:`epoch_field` fields checked against the mode (a subclass may call :meth:`_check_trigger`
+        itself instead)."""
+        self._check_trigger({f.name: getattr(self, f.name) for f in attrs.fields(type(self))
+                             if _EPOCH_DEFAULT in f.metadata})
+
+    def epoch_value(self, key: str) -> int:
+        """The :func:`epoch_field` ``key``: its value, or its default when not given."""
+        value: int | None = getattr(self, key)
+        default: int = attrs.fields_dict(type(self))[key].metadata[_EPOCH_DEFAULT]
+        return default if value is None else value
 
     def _check_trigger(self, epoch_fields: Mapping[str, Any]) -> None:
         """Refuse parameters of the other mode: they would be silently ignored."""
@@ -174,7 +210,9 @@ class OneTransition:
         return self.name or self.words.label
 
     def transition_epoch(self) -> int:
-        raise NotImplementedError
+        """The fixed epoch: the params' :func:`epoch_field` named by ``words.epoch_key``."""
+        epoch: int = self.params.epoch_value(self.words.epoch_key)
+        return epoch
 
     def _begin(self, engine: EngineView) -> None:
         raise NotImplementedError

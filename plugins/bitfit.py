@@ -15,6 +15,7 @@ import attrs
 
 from moola_engine import EngineView, hookimpl
 from moola_engine.config import positive
+from moola_engine.strategy_kit import Strategy
 
 
 def is_bias(name: str) -> bool:
@@ -27,13 +28,8 @@ class BitFitParams:
     """lr of the encoder biases relative to the base lr (BitFit often uses a larger lr than full fine-tuning)."""
 
 
-class BitFit:
+class BitFit(Strategy[BitFitParams]):
     """encoder biases and the head train, nothing else"""
-
-    name: str | None = None
-
-    def __init__(self, params: BitFitParams) -> None:
-        self.params = params
 
     def promised_params(self, group: str, names: list[str], head_groups: list[str]) -> list[str]:
         return list(names) if group in head_groups else [n for n in names if is_bias(n)]

@@ -14,7 +14,7 @@ from typing import Any
 import attrs
 
 from moola_engine import EngineView, hookimpl
-from moola_engine.strategy_kit import decay_factor, decayed_scale
+from moola_engine.strategy_kit import Strategy, decay_factor, decayed_scale
 
 
 @attrs.frozen(kw_only=True)
@@ -23,13 +23,8 @@ class DiscriminativeParams:
     """lr multiplier per group of distance from the head (0 < decay <= 1)."""
 
 
-class Discriminative:
+class Discriminative(Strategy[DiscriminativeParams]):
     """all groups train; lr shrinks by decay per group below the head"""
-
-    name: str | None = None
-
-    def __init__(self, params: DiscriminativeParams) -> None:
-        self.params = params
 
     @hookimpl
     def on_fit_start(self, engine: EngineView) -> None:

@@ -9,23 +9,19 @@ from __future__ import annotations
 from typing import Any
 
 from moola_engine import EngineView, hookimpl
+from moola_engine.strategy_kit import Strategy
 
 
-class Frozen:
+class Frozen(Strategy[Any]):
     """encoder never trains (linear probe)"""
-
-    name: str | None = None
-
-    def __init__(self, params: Any = None) -> None:
-        self.params = params
-
-    def promised_groups(self, groups: list[str], head_groups: list[str]) -> list[str]:
-        return list(head_groups)
 
     @hookimpl
     def on_fit_start(self, engine: EngineView) -> None:
         for g in engine.freezer.encoder_groups:
             engine.freezer.freeze(g, reason="frozen")
+
+    def promised_groups(self, groups: list[str], head_groups: list[str]) -> list[str]:
+        return list(head_groups)
 
 
 @hookimpl

@@ -5,15 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 from moola_engine import EngineView, hookimpl
+from moola_engine.strategy_kit import Strategy
 
 
-class Immediate:
+class Immediate(Strategy[Any]):
     """everything trains from the first step"""
-
-    name: str | None = None
-
-    def __init__(self, params: Any = None) -> None:
-        self.params = params
 
     @hookimpl
     def on_fit_start(self, engine: EngineView) -> None:

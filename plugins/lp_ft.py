@@ -17,24 +17,7 @@ import attrs
 
 from moola_engine import EngineView, hookimpl
 from moola_engine.config import positive
-from moola_engine.strategy_kit import MetricTrigger, OneTransition, TransitionWords, decay_factor, decayed_scale
-
-
-@attrs.frozen(kw_only=True)
-class LpFtParams(MetricTrigger):
-    probe_epochs: int | None = attrs.field(default=None, validator=positive)
-    """Epochs of linear probing (default 10)."""
-    lr_scale: float = attrs.field(default=0.1, validator=positive)
-    """lr of every group during full fine-tuning, relative to the base lr."""
-    lr_decay: float = attrs.field(default=1.0, validator=decay_factor)
-    """Encoder groups during fine-tuning: lr_scale x lr_decay ^ distance_from_head."""
-
-    def __attrs_post_init__(self) -> None:
-        self._check_trigger({"probe_epochs": self.probe_epochs})
-
-    @property
-    def probe(self) -> int:
-        return self.probe_epochs if self.probe_epochs is not None else 10
+from moola_engine.strategy_kit import MetricTrigger, OneTransition, TransitionWords, decay_factor, decayed_scale, epoch_field
 
 
 class LpFt(OneTransition):
@@ -43,9 +26,6 @@ class LpFt(OneTransition):
     words = TransitionWords(label="lp-ft", epoch_key="probe_epochs", outcome="full fine-tuning", never="start",
                             note_what="full fine-tuning starts", plateau_action="full fine-tuning",
                             epoch_reason="lp-ft: probe_epochs done", max_epoch_reason="lp-ft: max_epoch")
-
-    def transition_epoch(self) -> int:
-        return self.params.probe
 
     def plateau_reason(self) -> str:
         p = self.params
@@ -62,6 +42,16 @@ class LpFt(OneTransition):
             fz.set_lr_scale(g, p.lr_scale, reason=reason)
         for g in fz.encoder_groups:
             fz.unfreeze(g, lr_scale=decayed_scale(fz, g, p.lr_decay, p.lr_scale), reason=reason)
+
+
+@attrs.frozen(kw_only=True)
+class LpFtParams(MetricTrigger):
+    probe_epochs: int | None = epoch_field(10, validator=positive)
+    """Epochs of linear probing (default 10)."""
+    lr_scale: float = attrs.field(default=0.1, validator=positive)
+    """lr of every group during full fine-tuning, relative to the base lr."""
+    lr_decay: float = attrs.field(default=1.0, validator=decay_factor)
+    """Encoder groups during fine-tuning: lr_scale x lr_decay ^ distance_from_head."""
 
 
 @hookimpl

@@ -17,24 +17,17 @@ import attrs
 
 from moola_engine import EngineView, hookimpl
 from moola_engine.config import non_negative, positive
-from moola_engine.strategy_kit import MetricTrigger, OneTransition, TransitionWords, decay_factor, decayed_scale
+from moola_engine.strategy_kit import MetricTrigger, OneTransition, TransitionWords, decay_factor, decayed_scale, epoch_field
 
 
 @attrs.frozen(kw_only=True)
 class TwoPhaseParams(MetricTrigger):
-    unfreeze_after: int | None = attrs.field(default=None, validator=non_negative)
+    unfreeze_after: int | None = epoch_field(10, validator=non_negative)
     """Epochs of head-only training; the encoder trains from this epoch on (0 = from the start). Default 10."""
     lr_scale: float = attrs.field(default=0.3, validator=positive)
     """Encoder lr after unfreezing, relative to the base lr."""
     lr_decay: float = attrs.field(default=1.0, validator=decay_factor)
     """Each encoder group's lr is lr_scale x lr_decay ^ distance_from_head (1 = same lr for all)."""
-
-    def __attrs_post_init__(self) -> None:
-        self._check_trigger({"unfreeze_after": self.unfreeze_after})
-
-    @property
-    def after(self) -> int:
-        return 10 if self.unfreeze_after is None else self.unfreeze_after
 
 
 class TwoPhase(OneTransition):
@@ -44,11 +37,8 @@ class TwoPhase(OneTransition):
                             note_what="the encoder unfreezes", plateau_action="unfreeze encoder",
                             epoch_reason="unfreeze_after")
 
-    def transition_epoch(self) -> int:
-        return self.params.after
-
     def _begin(self, engine: EngineView) -> None:
-        if self.params.unfreeze_on == "epoch" and self.params.after == 0:
+        if self.params.unfreeze_on == "epoch" and self.transition_epoch() == 0:
             self._fire(engine, "unfreeze_after=0")
             return
         for g in engine.freezer.encoder_groups:

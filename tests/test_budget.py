@@ -267,3 +267,31 @@ def test_the_budget_curve_table_shows_reference_baselines_per_budget() -> None:
     assert rows[2][1] == "0.700 (0.600..0.800); vs control +0.050 (+0.010..+0.090) p=0.060"
     assert rows[2][2].startswith("n/a")  # a budget an arm has no runs at says so
     assert rows[3][0] == f"logistic ({REFERENCE_MARK})" and rows[3][1].startswith("n/a")
+
+
+def test_the_budget_figure_draws_each_arm_with_its_band_and_the_control_only_on_the_left(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from moola_engine.experiments import report
+
+    est = {"mean": 0.7, "lo": 0.6, "hi": 0.8, "n": 5}
+    diff = {"mean": 0.05, "lo": 0.01, "hi": 0.09, "n": 5, "p": 0.06}
+    results = {"budget_curve": {
+        "metric": "accuracy", "labels": [10, 20], "control": "control",
+        "arms": {"control": [{"labels": 10, "metric": est}, {"labels": 20, "metric": est}],
+                 "frozen": [{"labels": 10, "metric": est, "vs_control": diff},
+                            {"labels": 20, "metric": {**est, "lo": None}, "vs_control": diff}]},
+        "references": {}}}
+    drawn: list[object] = []
+    monkeypatch.setattr(report, "_png", lambda fig: drawn.append(fig) or "png")
+    assert report.budget_figure(plt, results) == "png"
+    ax1, ax2 = drawn[0].axes  # type: ignore[attr-defined]
+    assert [line.get_label() for line in ax1.lines] == ["control", "frozen"]
+    assert [line.get_label() for line in ax2.lines if not line.get_label().startswith("_")] == ["frozen"]
+    assert len(ax1.collections) == 1  # the control's band; frozen has a point without a lower bound: no band
+    assert len(ax2.collections) == 1  # frozen's paired band
+    plt.close(drawn[0])  # type: ignore[arg-type]

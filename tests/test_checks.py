@@ -362,7 +362,7 @@ def _fit_three_epochs(info: Any) -> Any:
     fields = {f.name: 1 for f in attrs.fields(info.params)
               if f.type in (int, "int") and isinstance(f.default, int) and f.default >= 3} if attrs.has(info.params) else {}
     obj = info.factory(structure(fields, info.params, source="test"))
-    obj.name = info.plugin
+    obj.name = info.name
     return obj
 
 
@@ -547,3 +547,16 @@ def test_a_transition_reads_an_unchanged_group_once_for_its_phase_and_interval_c
     # epoch 0's interval check; at encoder.layer0's unfreeze one comparison for its phase and interval checks
     # (two before); at encoder.layer1's unfreeze (another hook call) the interval check of every group
     assert at_step_4 == ["enc0.weight"] * 3
+
+
+def test_grad_flow_check_answers_every_phase_start_and_end_hook() -> None:
+    from moola_engine.checks.delta import GradFlowCheck
+    from moola_engine.core.plugins import new_plugin_manager
+
+    pm = new_plugin_manager()
+    check = GradFlowCheck()
+    pm.register(check, name="grad-flow")
+    for hook in ("on_fit_start", "on_freeze", "on_unfreeze", "on_epoch_end", "on_fit_end", "after_step"):
+        impls = getattr(pm.hook, hook).get_hookimpls()
+        assert [i.plugin for i in impls] == [check], hook
+        assert impls[0].trylast, hook

@@ -434,3 +434,21 @@ def test_a_per_step_scheduler_needs_a_dataset_length(tmp_path: Path) -> None:
     cfg.write_text(cfg.read_text().replace("batch_size = 8\n", 'batch_size = 8\nscheduler = "onecycle"\n'))
     with pytest.raises(ConfigError, match="needs the steps per epoch; this dataset has no length"):
         train(load_config(cfg), strategy="immediate", strategies_file=str(ROOT / "strategies.toml"))
+
+
+def test_built_in_tasks_declare_their_attributes_and_a_subclass_keeps_or_overrides_them() -> None:
+    from moola_engine.core.tasks import Classification, MultiLabel, Regression, Task
+
+    got = [(t.name, t.primary, t.higher_is_better, t.classes) for t in (Classification, MultiLabel, Regression)]
+    assert got == [("classification", "accuracy", True, True), ("multi-label", "micro_f1", True, False),
+                   ("regression", "rmse", False, False)]
+
+    class Smoothed(Classification):
+        pass
+
+    class Lenient(Regression, primary="mae"):
+        pass
+
+    assert (Smoothed.name, Smoothed.primary) == ("classification", "accuracy")
+    assert (Lenient.name, Lenient.primary, Regression.primary) == ("regression", "mae", "rmse")
+    assert isinstance(Lenient(), Task) and Lenient().params is None

@@ -312,7 +312,7 @@ def test_a_factory_function_is_checked_when_the_strategy_is_built() -> None:
         def plan_note(self) -> list[str]:
             return []
 
-    info = StrategyInfo(plugin="fn", factory=lambda params: Bad(), params=NoParams, description="", source="test")
+    info = StrategyInfo(kind="strategy", name="fn", factory=lambda params: Bad(), params=NoParams, description="", source="test")
     named = NamedStrategy(name="fn", plugin="fn", params=NoParams(), description="", info=info, source="x")
     with pytest.raises(PluginError, match='strategy "fn" from test: .*did you mean "plan_notes"'):
         named.build()

@@ -161,3 +161,31 @@ def test_metrics_csv_of_a_killed_and_resumed_run_equals_an_uninterrupted_one(tmp
     train(run_config(killed), resume=killed)
     assert (killed / "metrics.csv").read_text() == (ref.run_dir / "metrics.csv").read_text()
     assert json.loads((killed / "result.json").read_text())["epochs_run"] == 3
+
+
+def test_a_sink_registered_with_a_misspelled_keyword_is_refused_naming_it_and_what_register_takes() -> None:
+    from moola_engine.core.plugins import new_plugin_manager
+    from moola_engine.errors import PluginError
+    from moola_engine.runs.sinks import collect_sinks
+
+    class Typo:
+        @hookimpl
+        def register_sinks(self, register: Any) -> None:
+            register("tb2", lambda params, run: None, requries=("tensorboard",))
+
+    pm = new_plugin_manager()
+    pm.register(Typo(), name="typo-plugin")
+    with pytest.raises(PluginError) as err:
+        collect_sinks(pm)
+    assert str(err.value) == ('sink "tb2" from typo-plugin: unknown keyword argument(s) requries of register; '
+                              "it takes params, description, requires, extra")
+
+
+def test_a_registered_sink_keeps_what_it_needs_installed() -> None:
+    from moola_engine.core.plugins import build_plugin_manager
+    from moola_engine.runs.sinks import NoSinkParams, collect_sinks
+
+    registry = collect_sinks(build_plugin_manager()[0])
+    assert registry["tensorboard"].fields == {"requires": ("tensorboard",), "extra": "tensorboard"}
+    assert registry["csv"].fields == {"requires": (), "extra": None}
+    assert registry["csv"].params is NoSinkParams

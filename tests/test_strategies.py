@@ -323,3 +323,36 @@ def test_groups_spec_for_custom_head_is_respected() -> None:
     engine.fit()
     assert [sorted(g for g, t in e.trainable.items() if t) for e in engine.plan.epochs] == [
         ["top"], ["b", "top"], ["a", "b", "top"]]
+
+
+def test_the_strategy_skeleton_keeps_its_params_and_takes_its_name_from_strategies_toml() -> None:
+    from moola_engine.core.plugins import build_plugin_manager
+    from moola_engine.strategy_kit import Strategy
+
+    class Mine(Strategy[int]):
+        pass
+
+    assert Mine(3).params == 3 and Mine(3).name is None
+    _, registry = build_plugin_manager()
+    for plugin in ("frozen", "immediate", "bitfit", "discriminative"):
+        assert issubclass(registry[plugin].factory, Strategy)
+    built = named("frozen")
+    assert isinstance(built, Strategy) and built.name == "frozen" and built.params is not None
+
+
+def test_an_epoch_field_defaults_when_not_given_and_is_refused_with_plateau() -> None:
+    import attrs
+
+    from moola_engine.config import FieldValueError, positive
+    from moola_engine.strategy_kit import MetricTrigger, epoch_field
+
+    @attrs.frozen(kw_only=True)
+    class MyParams(MetricTrigger):
+        warmup: int | None = epoch_field(4, validator=positive)
+
+    assert MyParams().epoch_value("warmup") == 4 and MyParams(warmup=2).epoch_value("warmup") == 2
+    with pytest.raises(FieldValueError, match='warmup applies to unfreeze_on = "epoch"'):
+        MyParams(unfreeze_on="plateau", max_epoch=5, warmup=2)
+    with pytest.raises(FieldValueError, match='patience applies to unfreeze_on = "plateau" only'):
+        MyParams(patience=2)
+    assert named("lp-ft").transition_epoch() == 10 and named("two-phase", unfreeze_after=0).transition_epoch() == 0

@@ -508,24 +508,16 @@ class GradFlowCheck(_Observer):
         self.phase = 0
         self.waiting: list[tuple[Any, ...]] = []  # phases checked but not yet read back (device tensors)
 
-    def _arm(self, engine: Any) -> None:
-        """A phase starts: check after its first step (after_step is called again: want_step_hooks)."""
+    @hookimpl(trylast=True)
+    def on_fit_start(self, engine: Any) -> None:
+        """A phase starts (the fit, a freeze, an unfreeze): check after its first step (after_step is called
+        again: want_step_hooks)."""
         self.pending = True
         want = getattr(engine, "want_step_hooks", None)
         if want is not None:
             want(self, until_step=None)
 
-    @hookimpl(trylast=True)
-    def on_fit_start(self, engine: Any) -> None:
-        self._arm(engine)
-
-    @hookimpl(trylast=True)
-    def on_freeze(self, engine: Any) -> None:
-        self._arm(engine)
-
-    @hookimpl(trylast=True)
-    def on_unfreeze(self, engine: Any) -> None:
-        self._arm(engine)
+    on_freeze = on_unfreeze = on_fit_start  # the same hook implementation under each phase-start hook
 
     @hookimpl(trylast=True)
     def after_step(self, engine: Any, step: int) -> None:
@@ -586,9 +578,7 @@ class GradFlowCheck(_Observer):
     def on_epoch_end(self, engine: Any) -> None:
         self.flush(engine)
 
-    @hookimpl(trylast=True)
-    def on_fit_end(self, engine: Any) -> None:
-        self.flush(engine)
+    on_fit_end = on_epoch_end
 
     def flush(self, engine: Any) -> None:
         """Read the statistics gathered after each phase's first step and log/raise the results."""

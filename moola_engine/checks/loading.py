@@ -33,7 +33,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import math
-import pickle
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -48,6 +47,7 @@ from moola_engine.core.freezing import ParamGroup
 from moola_engine.core.state import changed_since_load, equals_loaded  # noqa: F401  (re-exported: the proof)
 from moola_engine.errors import WeightsError
 from moola_engine.logs import Event, get_logger
+from moola_engine.safeio import load_torch_file
 
 # A freshly initialised tensor has the std its init gives (within sampling noise) and stays inside
 # the init's range.  Trained weights leave at least one of the two.
@@ -73,9 +73,6 @@ class TensorReport:
     std_ratio: float | None
     looks_fresh: bool | None
     exact: bool
-
-    def to_json(self) -> dict[str, Any]:
-        return attrs.asdict(self)
 
 
 @attrs.frozen(kw_only=True)
@@ -118,7 +115,7 @@ class LoadReport:
             "keys": self.loaded, "missing": self.missing, "unexpected": self.unexpected, "dropped": self.dropped,
             "mismatched": [{"key": k, "file_shape": a, "model_shape": b} for k, a, b in self.mismatched],
             "exact": self.exact, "all_fresh": self.all_fresh,
-            "tensors": [t.to_json() for t in self.tensors], "summary": self.summary(),
+            "tensors": [attrs.asdict(t) for t in self.tensors], "summary": self.summary(),
         }
 
 
@@ -149,16 +146,7 @@ def read_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], str]:
             return dict(load_file(str(path), device="cpu")), "safetensors"
         except (SafetensorError, OSError, ValueError) as exc:
             raise WeightsError(f"{path}: not a readable .safetensors file ({exc})") from exc
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise WeightsError(
-            f"{path}: refused: this checkpoint needs arbitrary code to unpickle, and torch.load(weights_only=True) "
-            f"does not run code ({first}). Save only tensors (a state_dict), preferably as .safetensors."
-        ) from exc
-    except (RuntimeError, OSError, EOFError, ValueError) as exc:
-        raise WeightsError(f"{path}: not a readable torch checkpoint ({type(exc).__name__}: {exc})") from exc
+    obj = load_torch_file(path)  # refuses a pickle that needs code, without running it
     tensors = _tensor_dict(obj)
     if tensors is None and isinstance(obj, Mapping):
         for key in _NESTED_KEYS:

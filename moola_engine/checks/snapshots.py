@@ -263,20 +263,35 @@ class ExactStore:
         return delta, now
 
 
+def _moved_on_host(pairs: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device,
+                   host_reads: bool | None) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+    """The (now, before) pairs whose bits differ, when the comparison reads values on the host (``host_reads``;
+    by default when everything is on the CPU, where a host read costs nothing): one bitwise ``torch.equal`` per
+    tensor, which stops at the first difference.  None: compare on the device.  No pairs: nothing moved."""
+    if not pairs:
+        return []
+    if host_reads is None:
+        host_reads = device.type == "cpu" and all(t.device.type == "cpu" for t, _ in pairs)
+    if not host_reads:
+        return None
+    return [(t, b) for t, b in pairs if not torch.equal(bits(t), bits(b))]
+
+
+def _moved_delta(device: torch.device, maxima: list[float], diff_sq: float, ref_sq: float) -> Delta:
+    """A host-read Delta of tensors that moved: the largest of ``maxima`` (NaN wins, as ``torch.amax``)."""
+    max_abs = math.nan if any(math.isnan(v) for v in maxima) else max(maxima)
+    return Delta.host(device, True, max_abs, diff_sq, ref_sq)
+
+
 def _compare_live(named: list[tuple[str, torch.Tensor]], snap: FlatSnapshot, device: torch.device,
                   host_reads: bool | None, update: bool) -> Delta:
     """``_compare`` of the live tensors against ``snap``'s views, block by block; ``update``: copy them into it."""
     views = snap.views()
     pairs = [(t.detach(), views[n]) for n, t in named if t.numel()]
-    if not pairs:
+    moved = _moved_on_host(pairs, device, host_reads)  # a frozen group: no arithmetic, no copy
+    if moved is not None and not moved:
         return Delta.host(device, False, 0.0, 0.0, 0.0)
-    if host_reads is None:
-        host_reads = device.type == "cpu" and all(t.device.type == "cpu" for t, _ in pairs)
-    if host_reads:
-        # a frozen group stops at one bitwise torch.equal per tensor: no arithmetic, no copy
-        moved = [(t, b) for t, b in pairs if not torch.equal(bits(t), bits(b))]
-        if not moved:
-            return Delta.host(device, False, 0.0, 0.0, 0.0)
+    if moved is not None:
         maxima: list[float] = []
         diff_sq = ref_sq = 0.0
         moved_ids = {id(b) for _, b in moved}
@@ -305,8 +320,7 @@ def _compare_live(named: list[tuple[str, torch.Tensor]], snap: FlatSnapshot, dev
                     maxima.append(float((tb.double() - bb.double()).abs().amax()))
                 if update:
                     bb.copy_(tb)
-        max_abs = math.nan if any(math.isnan(v) for v in maxima) else max(maxima)  # NaN wins, as torch.amax
-        return Delta.host(device, True, max_abs, diff_sq, ref_sq)
+        return _moved_delta(device, maxima, diff_sq, ref_sq)
     # on an accelerator: device-side reductions only, read back later in the check's one sync
     out = Delta(device)
     changed, maxes, diff_sq_t, ref_sq_t = [], [], [], []
@@ -340,17 +354,12 @@ def _compare(pairs: list[tuple[torch.Tensor, torch.Tensor]], device: torch.devic
     otherwise it uses device-side reductions only.  Both give the same numbers (tests/test_snapshots.py).
     """
     pairs = [(t, b) for t, b in pairs if t.numel()]
-    if not pairs:
+    moved = _moved_on_host(pairs, device, host_reads)
+    if moved is not None and not moved:
         return Delta.host(device, False, 0.0, 0.0, 0.0)
-    if host_reads is None:
-        host_reads = device.type == "cpu" and all(t.device.type == "cpu" for t, _ in pairs)
-    if host_reads:
-        # A host read costs nothing on the CPU: one bitwise torch.equal per buffer (it stops at the first
-        # difference), arithmetic only for the buffers that changed (the frozen groups need none), and the
-        # results as Python floats (no scalar tensors to build and stack).
-        moved = [(t, b) for t, b in pairs if not torch.equal(bits(t), bits(b))]
-        if not moved:
-            return Delta.host(device, False, 0.0, 0.0, 0.0)
+    if moved is not None:
+        # arithmetic only for the buffers that changed (the frozen groups need none), and the results as
+        # Python floats (no scalar tensors to build and stack)
         maxima: list[float] = []
         diff_sq = ref_sq = 0.0
         for t, b in moved:
@@ -364,8 +373,7 @@ def _compare(pairs: list[tuple[torch.Tensor, torch.Tensor]], device: torch.devic
         for t, b in pairs:
             if t.is_floating_point():
                 ref_sq += float(torch.linalg.vector_norm(b)) ** 2
-        max_abs = math.nan if any(math.isnan(v) for v in maxima) else max(maxima)  # NaN wins, as torch.amax
-        return Delta.host(device, True, max_abs, diff_sq, ref_sq)
+        return _moved_delta(device, maxima, diff_sq, ref_sq)
     # on an accelerator: device-side reductions only, read back later in the check's one sync
     out = Delta(device)
     # exact: any differing bit pattern (catches -0.0 vs 0.0 and NaN payloads that a float compare misses)

@@ -9,7 +9,7 @@ hard-coded list of defaults.  Loading goes through :func:`build_plugin_manager`:
 * ``check_pending()`` runs at once, so a misspelled hook (``on_epoch_strat``)
   is an error naming the plugin, not a silently ignored method;
 * ``register_strategies(register)`` collects each plugin's strategies into a
-  :class:`StrategyRegistry`; two plugins registering one name is an error.
+  :class:`~moola_engine.core.registry.Registry` (kind ``strategy``); two plugins registering one name is an error.
 """
 
 from __future__ import annotations
@@ -29,26 +29,18 @@ import pluggy
 from moola_engine.config import closest, read_toml, structure
 from moola_engine.core import hookspecs
 from moola_engine.core.protocol import check_strategy
+from moola_engine.core.registry import Component, Registry, collect
+from moola_engine.core.registry import NoParams as NoParams  # re-exported: strategies without params
 from moola_engine.errors import ConfigError, PluginError
 
 ENTRY_POINT_GROUP = "moola_engine"
 
 
-@attrs.frozen
-class NoParams:
-    """Parameters of a strategy that takes none."""
+StrategyInfo = Component
+"""A strategy plugin as registered (kind ``"strategy"``): ``name`` is the plugin name strategies.toml refers to."""
 
-
-@attrs.frozen(kw_only=True)
-class StrategyInfo:
-    """A strategy plugin as registered: ``plugin`` is the name strategies.toml refers to."""
-
-    plugin: str
-    factory: Callable[[Any], Any]
-    params: type
-    description: str
-    source: str
-    """Distribution and version that registered it, e.g. ``moola-engine 0.1.0``."""
+StrategyRegistry = Registry
+"""Every strategy plugin the installed plugins registered, by plugin name."""
 
 
 @attrs.frozen(kw_only=True)
@@ -79,33 +71,6 @@ class NamedStrategy:
             with contextlib.suppress(AttributeError):
                 obj.name = self.name
         return obj
-
-
-class StrategyRegistry:
-    """Every strategy plugin the installed plugins registered, by plugin name."""
-
-    def __init__(self) -> None:
-        self._infos: dict[str, StrategyInfo] = {}
-
-    def add(self, info: StrategyInfo) -> None:
-        if info.plugin in self._infos:
-            other = self._infos[info.plugin]
-            raise PluginError(
-                f'strategy plugin "{info.plugin}" is registered twice: by {other.source} and by {info.source}'
-            )
-        self._infos[info.plugin] = info
-
-    def __contains__(self, name: str) -> bool:
-        return name in self._infos
-
-    def __getitem__(self, name: str) -> StrategyInfo:
-        return self._infos[name]
-
-    def names(self) -> list[str]:
-        return sorted(self._infos)
-
-    def infos(self) -> list[StrategyInfo]:
-        return [self._infos[n] for n in self.names()]
 
 
 def new_plugin_manager() -> pluggy.PluginManager:
@@ -200,46 +165,15 @@ def register_checked(pm: pluggy.PluginManager, plugin: Any, name: str | None = N
     check(pm)
 
 
+def _check_strategy_class(name: str, factory: Callable[..., Any], source: str) -> None:
+    if inspect.isclass(factory):  # a factory function's object is checked when built
+        check_strategy(factory, name, source)
+
+
 def collect_strategies(pm: pluggy.PluginManager, sources: dict[str, str] | None = None) -> StrategyRegistry:
     """Call ``register_strategies`` on every plugin and gather what they register."""
-    registry = StrategyRegistry()
-    sources = sources or {}
-    for impl in reversed(pm.hook.register_strategies.get_hookimpls()):
-        pname = pm.get_name(impl.plugin) or "?"
-        source = sources.get(pname, pname)
-
-        def register(
-            name: str,
-            factory: Callable[[Any], Any],
-            *,
-            params: type | None = None,
-            description: str | None = None,
-            _source: str = source,
-        ) -> None:
-            if params is not None and not attrs.has(params):
-                raise PluginError(f'strategy "{name}" from {_source}: params must be an attrs class, got {params!r}')
-            if description is None:
-                lines = (factory.__doc__ or "").strip().splitlines()
-                description = lines[0] if lines else ""
-            if inspect.isclass(factory):  # a factory function's object is checked when built
-                check_strategy(factory, name, _source)
-            registry.add(
-                StrategyInfo(
-                    plugin=name,
-                    factory=factory,
-                    params=params or NoParams,
-                    description=description,
-                    source=_source,
-                )
-            )
-
-        try:
-            impl.function(register=register)
-        except PluginError:
-            raise
-        except Exception as exc:
-            raise PluginError(f'plugin "{pname}" failed in hook register_strategies: {exc}') from exc
-    return registry
+    return collect(pm, "strategy", sources, hook="register_strategies", label="strategy plugin",
+                   default_params=NoParams, check=_check_strategy_class)
 
 
 def build_plugin_manager(
@@ -329,7 +263,7 @@ def load_strategies(path: str | Path, registry: StrategyRegistry) -> dict[str, N
             continue
         info = registry[plugin]
         try:
-            params: Any = structure(table, info.params, source=source, path=where)
+            params: Any = structure(table, info.params or NoParams, source=source, path=where)
         except ConfigError as exc:
             problems.extend(exc.problems)
             continue

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import importlib
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -53,19 +53,22 @@ class Component:
     description: str
     source: str
     """Distribution and version that registered it, ``import path`` for an import path."""
+    fields: Mapping[str, Any] = attrs.field(factory=dict, hash=False)
+    """The kind's own keyword fields of ``register`` (a sink's ``requires`` and ``extra``), defaults filled in."""
 
 
 class Registry:
-    """Registered components of one kind, by name."""
+    """Registered components of one kind, by name; ``label`` names the kind in the registered-twice error."""
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, label: str | None = None) -> None:
         self.kind = kind
+        self.label = label or kind
         self._items: dict[str, Component] = {}
 
     def add(self, item: Component) -> None:
         if item.name in self._items:
             other = self._items[item.name]
-            raise PluginError(f'{self.kind} "{item.name}" is registered twice: by {other.source} and by {item.source}')
+            raise PluginError(f'{self.label} "{item.name}" is registered twice: by {other.source} and by {item.source}')
         self._items[item.name] = item
 
     def __contains__(self, name: str) -> bool:
@@ -88,25 +91,44 @@ def describe(factory: Callable[..., Any], description: str | None) -> str:
     return lines[0] if lines else ""
 
 
-def collect(pm: pluggy.PluginManager, kind: str, sources: dict[str, str] | None = None) -> Registry:
-    """Call ``register_<kind>s`` on every plugin and gather what they register."""
-    registry = Registry(kind)
-    hook_name = KINDS[kind]
+def collect(pm: pluggy.PluginManager, kind: str, sources: Mapping[str, str] | None = None, *,
+            hook: str | None = None, label: str | None = None, default_params: type | None = None,
+            check: Callable[[str, Callable[..., Any], str], None] | None = None,
+            fields: Mapping[str, Any] | None = None) -> Registry:
+    """Call the kind's registration hook on every plugin and gather what they register.
+
+    Components, strategies and sinks are all collected here.  ``hook`` defaults to ``KINDS[kind]``;
+    ``label`` names the kind in the registered-twice error; ``default_params`` stands in for a registration
+    without ``params``; ``check(name, factory, source)`` validates a registration further (a strategy's
+    protocol); ``fields`` are the kind's own keyword arguments of ``register`` with their defaults (a sink's
+    ``requires`` and ``extra``), kept in :attr:`Component.fields`.
+    """
+    registry = Registry(kind, label)
+    hook_name = hook or KINDS[kind]
     sources = sources or {}
+    defaults = dict(fields or {})
     for impl in reversed(getattr(pm.hook, hook_name).get_hookimpls()):
         pname = pm.get_name(impl.plugin) or "?"
         source = sources.get(pname, pname)
 
         def register(name: str, factory: Callable[..., Any], *, params: type | None = None,
-                     description: str | None = None, _source: str = source) -> None:
+                     description: str | None = None, _source: str = source, **kw: Any) -> None:
             if not isinstance(name, str) or not name:
                 raise PluginError(f"{kind} registered by {_source}: the name must be a non-empty string, got {name!r}")
             if not callable(factory):
                 raise PluginError(f'{kind} "{name}" from {_source}: the factory must be callable, got {factory!r}')
             if params is not None and not attrs.has(params):
                 raise PluginError(f'{kind} "{name}" from {_source}: params must be an attrs class, got {params!r}')
-            registry.add(Component(kind=kind, name=name, factory=factory, params=params,
-                                   description=describe(factory, description), source=_source))
+            unknown = sorted(set(kw) - set(defaults))
+            if unknown:
+                accepted = ", ".join(["params", "description", *defaults])
+                raise PluginError(f'{kind} "{name}" from {_source}: unknown keyword argument(s) {", ".join(unknown)} '
+                                  f"of register; it takes {accepted}")
+            if check is not None:
+                check(name, factory, _source)
+            registry.add(Component(kind=kind, name=name, factory=factory, params=params or default_params,
+                                   description=describe(factory, description), source=_source,
+                                   fields={**defaults, **kw}))
 
         try:
             impl.function(register=register)

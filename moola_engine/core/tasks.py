@@ -60,16 +60,26 @@ class NoTaskParams:
     """The built-in tasks take no parameters."""
 
 
-class Classification:
-    """Binary or multi-class classification: cross-entropy on (N, C) logits; accuracy, balanced accuracy, AUC."""
+class BuiltinTask:
+    """What the built-in tasks share: their :class:`Task` attributes, given as class keywords, and ``params``."""
 
-    name = "classification"
-    primary = "accuracy"
-    higher_is_better = True
-    classes = True
+    name: str
+    primary: str
+    higher_is_better: bool
+    classes: bool
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        for key in ("name", "primary", "higher_is_better", "classes"):  # a subclass may keep its base's
+            if key in kwargs:
+                setattr(cls, key, kwargs.pop(key))
+        super().__init_subclass__(**kwargs)
 
     def __init__(self, params: Any = None) -> None:
         self.params = params
+
+
+class Classification(BuiltinTask, name="classification", primary="accuracy", higher_is_better=True, classes=True):
+    """Binary or multi-class classification: cross-entropy on (N, C) logits; accuracy, balanced accuracy, AUC."""
 
     def targets(self, y: np.ndarray, *, where: str) -> torch.Tensor:
         y = np.asarray(y)
@@ -93,16 +103,8 @@ class Classification:
         return classification_metrics(outputs, targets)
 
 
-class MultiLabel:
+class MultiLabel(BuiltinTask, name="multi-label", primary="micro_f1", higher_is_better=True, classes=False):
     """Multi-label classification: BCE-with-logits on (N, K) outputs; subset accuracy, label accuracy, micro F1."""
-
-    name = "multi-label"
-    primary = "micro_f1"
-    higher_is_better = True
-    classes = False
-
-    def __init__(self, params: Any = None) -> None:
-        self.params = params
 
     def targets(self, y: np.ndarray, *, where: str) -> torch.Tensor:
         y = np.asarray(y)
@@ -130,16 +132,8 @@ class MultiLabel:
                 "micro_f1": 2 * tp_v / denom if denom else math.nan}
 
 
-class Regression:
+class Regression(BuiltinTask, name="regression", primary="rmse", higher_is_better=False, classes=False):
     """Regression: mean squared error on (N,) or (N, K) outputs; RMSE, MAE and R^2."""
-
-    name = "regression"
-    primary = "rmse"
-    higher_is_better = False
-    classes = False
-
-    def __init__(self, params: Any = None) -> None:
-        self.params = params
 
     def targets(self, y: np.ndarray, *, where: str) -> torch.Tensor:
         y = np.asarray(y)

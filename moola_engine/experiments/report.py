@@ -314,25 +314,24 @@ def figures(records: Sequence[RunRecord], results: dict[str, Any] | None = None)
     return figs, notes
 
 
+def _budget_band(ax: Any, points: list[dict[str, Any]], key: str, *, color: str, label: str) -> None:
+    """``points``' ``key`` mean per label budget, with its 95% CI band where every plotted point has one."""
+    pts = [p for p in points if p.get(key) and p[key].get("mean") is not None]
+    xs = [p["labels"] for p in pts]
+    ax.plot(xs, [p[key]["mean"] for p in pts], marker="o", color=color, label=label)
+    lo = [p[key]["lo"] for p in pts]
+    if xs and all(v is not None for v in lo):
+        ax.fill_between(xs, lo, [p[key]["hi"] for p in pts], color=color, alpha=0.15)
+
+
 def budget_figure(plt: Any, results: dict[str, Any]) -> str:
     """Left: each arm's metric per label budget (95% CI bands); right: each arm minus the control (paired CI)."""
     curve = results["budget_curve"]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
     for i, (arm, points) in enumerate(curve["arms"].items()):
-        pts = [p for p in points if p.get("metric") and p["metric"].get("mean") is not None]
-        xs = [p["labels"] for p in pts]
-        ax1.plot(xs, [p["metric"]["mean"] for p in pts], marker="o", color=f"C{i}", label=arm)
-        lo = [p["metric"]["lo"] for p in pts]
-        if xs and all(v is not None for v in lo):
-            ax1.fill_between(xs, lo, [p["metric"]["hi"] for p in pts], color=f"C{i}", alpha=0.15)
-        if arm == curve["control"]:
-            continue
-        dpts = [p for p in points if p.get("vs_control") and p["vs_control"].get("mean") is not None]
-        dx = [p["labels"] for p in dpts]
-        ax2.plot(dx, [p["vs_control"]["mean"] for p in dpts], marker="o", color=f"C{i}", label=arm)
-        dlo = [p["vs_control"]["lo"] for p in dpts]
-        if dx and all(v is not None for v in dlo):
-            ax2.fill_between(dx, dlo, [p["vs_control"]["hi"] for p in dpts], color=f"C{i}", alpha=0.15)
+        _budget_band(ax1, points, "metric", color=f"C{i}", label=arm)
+        if arm != curve["control"]:
+            _budget_band(ax2, points, "vs_control", color=f"C{i}", label=arm)
     for ref, points in (curve.get("references") or {}).items():
         pts = [p for p in points if p.get("metric") and p["metric"].get("mean") is not None]
         ax1.plot([p["labels"] for p in pts], [p["metric"]["mean"] for p in pts], color="0.3", linestyle="--",

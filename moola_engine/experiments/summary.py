@@ -42,10 +42,10 @@ PRETRAINED_DISTANCE_FIELD = "from_pretrained"
 
 @attrs.define(kw_only=True)
 class RunRecord:
+    metrics: dict[str, float]
     cell: Cell
     run_dir: Path
     split: str
-    metrics: dict[str, float]
     majority: float
     outputs: np.ndarray
     y: np.ndarray

@@ -589,7 +589,7 @@ def open_resume(run_dir: Path) -> tuple[Path, ResumeState | None]:
 
 def resume_strategy(run_dir: Path, extra_plugins: tuple[Any, ...] = ()) -> tuple[Any, Any]:
     """(plugin manager, NamedStrategy) as the run recorded them: strategies.toml is not read again."""
-    from moola_engine.core.plugins import NamedStrategy, build_plugin_manager
+    from moola_engine.core.plugins import NamedStrategy, NoParams, build_plugin_manager
 
     rec = run_record(run_dir)
     source = str(Path(run_dir) / "config.json")
@@ -598,6 +598,6 @@ def resume_strategy(run_dir: Path, extra_plugins: tuple[Any, ...] = ()) -> tuple
         raise CheckpointError(f'{source}: strategy plugin "{rec["plugin"]}" is not installed; installed plugins: '
                               f"{', '.join(registry.names())}")
     info = registry[rec["plugin"]]
-    params: Any = structure(rec["params"], info.params, source=source, path="$.params")
+    params: Any = structure(rec["params"], info.params or NoParams, source=source, path="$.params")
     return pm, NamedStrategy(name=rec["strategy"], plugin=rec["plugin"], params=params,
                              description=info.description, info=info, source=source)

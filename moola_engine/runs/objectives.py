@@ -93,7 +93,7 @@ class Supervised:
         from moola_engine.core.data import build_splits
         from moola_engine.core.engine import Engine
         from moola_engine.core.export import save_weights, select_state
-        from moola_engine.core.plugins import NamedStrategy, build_plugin_manager, register_checked
+        from moola_engine.core.plugins import NamedStrategy, NoParams, build_plugin_manager, register_checked
         from moola_engine.core.preflight import preflight
         from moola_engine.logs import Event, RunLog
         from moola_engine.runs.folders import write_json_atomic
@@ -102,7 +102,7 @@ class Supervised:
         pm, strategies = build_plugin_manager()
         info = strategies["immediate"]
         named = NamedStrategy(name="immediate", plugin="immediate",
-                              params=structure({}, info.params, source="supervised", path="$"),
+                              params=structure({}, info.params or NoParams, source="supervised", path="$"),
                               description=info.description, info=info, source="objective supervised")
         pre = preflight(run_cfg, pm=pm, named=named)
         keep = select_state(pre.model, pre.groups, self.params.module, source=f"{cfg.source} $.pretrain.params.module")

@@ -40,7 +40,8 @@ import pluggy
 
 from moola_engine.config import ExperimentConfig, closest, structure
 from moola_engine.core.hookspecs import hookimpl
-from moola_engine.errors import ConfigError, PluginError
+from moola_engine.core.registry import Component, NoParams, Registry, collect
+from moola_engine.errors import ConfigError
 from moola_engine.logs import Event
 
 # Fields of epoch.completed that are not metrics (the run context structlog binds, and the event's own keys).
@@ -62,66 +63,17 @@ class SinkRun:
     """A resumed run: the per-epoch metrics restored from its checkpoint (the epochs it does not run again)."""
 
 
-@attrs.frozen(kw_only=True)
-class SinkInfo:
-    name: str
-    factory: Callable[[Any, SinkRun], Any]
-    params: type
-    description: str
-    requires: tuple[str, ...]
-    extra: str | None
-    source: str
+SinkInfo = Component
+"""A registered sink (kind ``"sink"``); ``fields["requires"]`` and ``fields["extra"]`` are what it needs installed."""
+
+NoSinkParams = NoParams
+"""Options of a sink that takes none."""
 
 
-@attrs.frozen
-class NoSinkParams:
-    """Options of a sink that takes none."""
-
-
-class SinkRegistry:
-    def __init__(self) -> None:
-        self._infos: dict[str, SinkInfo] = {}
-
-    def add(self, info: SinkInfo) -> None:
-        if info.name in self._infos:
-            raise PluginError(f'sink "{info.name}" is registered twice: by {self._infos[info.name].source} '
-                              f"and by {info.source}")
-        self._infos[info.name] = info
-
-    def __contains__(self, name: str) -> bool:
-        return name in self._infos
-
-    def __getitem__(self, name: str) -> SinkInfo:
-        return self._infos[name]
-
-    def names(self) -> list[str]:
-        return sorted(self._infos)
-
-
-def collect_sinks(pm: pluggy.PluginManager) -> SinkRegistry:
+def collect_sinks(pm: pluggy.PluginManager) -> Registry:
     """Call ``register_sinks`` on every plugin and gather what they register."""
-    registry = SinkRegistry()
-    for impl in reversed(pm.hook.register_sinks.get_hookimpls()):
-        pname = pm.get_name(impl.plugin) or "?"
-
-        def register(name: str, factory: Callable[[Any, SinkRun], Any], *, params: type | None = None,
-                     description: str | None = None, requires: Sequence[str] = (), extra: str | None = None,
-                     _source: str = pname) -> None:
-            if params is not None and not attrs.has(params):
-                raise PluginError(f'sink "{name}" from {_source}: params must be an attrs class, got {params!r}')
-            if description is None:
-                lines = (factory.__doc__ or "").strip().splitlines()
-                description = lines[0] if lines else ""
-            registry.add(SinkInfo(name=name, factory=factory, params=params or NoSinkParams, description=description,
-                                  requires=tuple(requires), extra=extra, source=_source))
-
-        try:
-            impl.function(register=register)
-        except PluginError:
-            raise
-        except Exception as exc:
-            raise PluginError(f'plugin "{pname}" failed in hook register_sinks: {exc}') from exc
-    return registry
+    return collect(pm, "sink", hook="register_sinks", default_params=NoSinkParams,
+                   fields={"requires": (), "extra": None})
 
 
 def check_sinks(cfg: ExperimentConfig, pm: pluggy.PluginManager) -> list[tuple[SinkInfo, Any]]:
@@ -142,13 +94,14 @@ def check_sinks(cfg: ExperimentConfig, pm: pluggy.PluginManager) -> list[tuple[S
             continue
         seen.add(spec.name)
         info = registry[spec.name]
-        missing = [m for m in info.requires if importlib.util.find_spec(m) is None]
+        missing = [m for m in info.fields["requires"] if importlib.util.find_spec(m) is None]
         if missing:
-            how = f"pip install 'moola-engine[{info.extra}]'" if info.extra else f"pip install {' '.join(missing)}"
+            extra = info.fields["extra"]
+            how = f"pip install 'moola-engine[{extra}]'" if extra else f"pip install {' '.join(missing)}"
             problems.append(f'sink "{spec.name}" needs the Python package(s) {", ".join(missing)} ({how}) @ {where}')
             continue
         try:
-            params: Any = structure(dict(spec.options), info.params, source=cfg.source, path=where)
+            params: Any = structure(dict(spec.options), info.params or NoSinkParams, source=cfg.source, path=where)
         except ConfigError as exc:
             problems.extend(exc.problems)
             continue

@@ -25,8 +25,8 @@ def run(args: argparse.Namespace) -> int:
     rows = [{"name": n.name, "plugin": n.plugin, "source": n.info.source, "description": n.description}
             for n in named.values()]
     used = {n.plugin for n in named.values()}
-    plugins = [{"plugin": i.plugin, "source": i.source, "description": i.description,
-                "named_in_file": i.plugin in used} for i in registry.infos()]
+    plugins = [{"plugin": i.name, "source": i.source, "description": i.description,
+                "named_in_file": i.name in used} for i in registry.items()]
     if args.json:
         print(json.dumps({"strategies_file": str(path) if path else None, "strategies": rows, "plugins": plugins},
                          indent=2))
