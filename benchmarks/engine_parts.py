@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT.parent))
 import overhead  # noqa: E402
 
 from moola_engine import logs as L  # noqa: E402
-from moola_engine.checks.delta import delta as C  # noqa: E402
+from moola_engine.checks import delta as C  # noqa: E402
 from moola_engine.core import engine as E  # noqa: E402
 from moola_engine.core import plan as P  # noqa: E402
 
