@@ -24,7 +24,7 @@ import torch
 
 from moola_engine import hookimpl
 from moola_engine.config import load_config
-from moola_engine.runs.checkpoint import run_config
+from moola_engine.runs.resume import run_config
 from moola_engine.runs.train import train
 
 

@@ -17,16 +17,11 @@ from moola_engine import hookimpl
 from moola_engine.config import CheckpointConfig, EarlyStoppingConfig, TrainConfig
 from moola_engine.core.engine import Engine
 from moola_engine.core.plugins import build_plugin_manager, register_checked
+from moola_engine.core.state import decode, encode, strategy_state
 from moola_engine.errors import CheckFailed, CheckpointError
 from moola_engine.logs import RunLog
-from moola_engine.runs.checkpoint import (
-    Checkpointer,
-    ResumeState,
-    decode,
-    encode,
-    list_checkpoints,
-    strategy_state,
-)
+from moola_engine.runs.checkpoint import Checkpointer, list_checkpoints
+from moola_engine.runs.resume import ResumeState
 
 
 class Killed(BaseException):

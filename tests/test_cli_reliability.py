@@ -295,7 +295,7 @@ def test_state_json_is_strict_and_non_finite_floats_round_trip(tmp_path: Path) -
     from test_checkpoint import Killed, StopAt, build
 
     from moola_engine import jsonsafe
-    from moola_engine.runs.checkpoint import ResumeState
+    from moola_engine.runs.resume import ResumeState
 
     class Holder:
         def __init__(self) -> None:

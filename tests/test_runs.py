@@ -164,3 +164,18 @@ def test_a_broken_event_log_lists_as_unreadable_and_hides_no_other_run(tmp_path:
     rows = {r["id"]: r for r in json.loads(out)}
     assert rows["a-good-run"]["status"] == "finished"
     assert rows["b-bad-run"]["status"] == "unreadable" and "not a JSON event line" in rows["b-bad-run"]["error"]
+
+
+def test_latest_tilde_n_names_the_runs_before_the_newest(runs: dict[str, Any]) -> None:
+    from moola_engine.runs.index import run_folders
+
+    folders = run_folders(runs["runs_dir"])
+    assert resolve_run("latest~0", runs["runs_dir"]) == folders[-1]
+    assert resolve_run("latest~1", runs["runs_dir"]) == folders[-2]
+    with pytest.raises(MoolaError, match=rf"holds {len(folders)} run\(s\), so there is no run {len(folders)} before"):
+        resolve_run(f"latest~{len(folders)}", runs["runs_dir"])
+
+
+def test_an_unusable_runs_folder_name_is_an_error_not_a_traceback(runs: dict[str, Any]) -> None:
+    with pytest.raises(MoolaError, match="File name too long"):
+        resolve_run("latest", "x" * 300)

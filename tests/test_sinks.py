@@ -17,7 +17,7 @@ from test_verify import project
 from moola_engine import hookimpl
 from moola_engine.config import ConfigError, SinkConfig, load_config
 from moola_engine.logs import read_events
-from moola_engine.runs.checkpoint import run_config
+from moola_engine.runs.resume import run_config
 from moola_engine.runs.train import train
 
 ROOT = Path(__file__).resolve().parent.parent

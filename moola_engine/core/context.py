@@ -67,7 +67,7 @@ class EngineView(Protocol):
 
 @runtime_checkable
 class Resumable(Protocol):
-    """A checkpoint to continue a fit from (:class:`moola_engine.runs.checkpoint.ResumeState`)."""
+    """A checkpoint to continue a fit from (:class:`moola_engine.runs.resume.ResumeState`)."""
 
     def restore(self, engine: Any) -> int:
         """Put the weights and the engine's state back; return the epoch to continue at."""

@@ -40,9 +40,9 @@ def export_run(run_dir: Path, module: Sequence[str] | None, out: Path) -> dict[s
     from moola_engine.core.export import save_weights, select_state
     from moola_engine.core.freezing import resolve_groups
     from moola_engine.core.models import build_model, group_specs
-    from moola_engine.runs.checkpoint import run_config, run_record
     from moola_engine.runs.folders import write_json_atomic
     from moola_engine.runs.objectives import data_seen
+    from moola_engine.runs.resume import run_config, run_record
     from moola_engine.safeio import load_safetensors
 
     cfg = run_config(run_dir)

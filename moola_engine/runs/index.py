@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import socket
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -263,8 +264,23 @@ def run_folders(runs_dir: str | Path) -> list[Path]:
 
 
 def resolve_run(ref: str, runs_dir: str | Path) -> Path:
-    """A run named by id (folder name under ``runs_dir``, or a unique prefix of one), folder path, or ``latest``."""
+    """A run named by id (folder name under ``runs_dir``, or a unique prefix of one), folder path, ``latest``, or
+    ``latest~N`` (the N-th run before the newest, oldest-first order of :func:`run_folders`)."""
+    try:
+        return _resolve_run(ref, runs_dir)
+    except (OSError, ValueError) as exc:  # a name too long, a NUL byte, a folder that cannot be read
+        raise MoolaError(f"run {ref[:80]!r} in {str(runs_dir)[:80]!r}: {getattr(exc, 'strerror', None) or exc}") from exc
+
+
+def _resolve_run(ref: str, runs_dir: str | Path) -> Path:
     root = Path(runs_dir)
+    back = re.fullmatch(r"latest~(\d+)", ref)
+    if back:
+        folders = run_folders(root) if root.is_dir() else []
+        n = int(back.group(1))
+        if n >= len(folders):
+            raise MoolaError(f"run {ref!r}: {root} holds {len(folders)} run(s), so there is no run {n} before the newest")
+        return folders[-1 - n]
     as_path = Path(ref)
     if as_path.is_dir() and (as_path / "events.jsonl").is_file():
         return as_path

@@ -38,9 +38,9 @@ from moola_engine.core.plugins import (
 from moola_engine.core.preflight import preflight
 from moola_engine.errors import ConfigError, DataError, MoolaError
 from moola_engine.logs import Event, RunLog, bind, clear_contextvars
-from moola_engine.runs.checkpoint import ResumeState, open_resume, resume_strategy
 from moola_engine.runs.folders import create_run_dir, link_latest, new_run_id, write_json_atomic
 from moola_engine.runs.observers import build_observers
+from moola_engine.runs.resume import ResumeState, open_resume, resume_strategy
 from moola_engine.runs.sinks import SinkRun, check_sinks, open_sinks
 from moola_engine.version import __version__
 
@@ -157,7 +157,7 @@ def train(
     """Run one training as ``cfg`` describes; raises :class:`MoolaError` subclasses for user errors.
 
     ``resume``: a run folder to continue from its newest checkpoint, in place
-    (``cfg`` is then ``checkpoint.run_config(resume)``; the strategy comes from its config.json).
+    (``cfg`` is then ``resume.run_config(resume)``; the strategy comes from its config.json).
     A symlink (``runs/latest``) is resolved to its real folder before anything is read or written.
     ``on_run_dir``: called with the run folder as soon as it exists (before any training), e.g. to write its
     path to a file (``train --run-dir-file``): the race-free way to learn which folder this run writes.

@@ -12,8 +12,8 @@ import attrs
 from moola_engine.cli.commands.argtypes import positive_int, seed_int, writable_output
 from moola_engine.config import ExperimentConfig, load_config
 from moola_engine.errors import ConfigError, MoolaError
-from moola_engine.runs.checkpoint import run_config
 from moola_engine.runs.progress import TrainProgress
+from moola_engine.runs.resume import run_config
 from moola_engine.runs.train import resolve_run_dir, train
 
 
