@@ -104,15 +104,9 @@ def engine(args: argparse.Namespace, train: torch.utils.data.Dataset, val: torch
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rounds", type=int, default=7)
-    ap.add_argument("--epochs", type=int, default=4)
-    ap.add_argument("--n", type=int, default=8192)
-    ap.add_argument("--t", type=int, default=32)
-    ap.add_argument("--c", type=int, default=4)
-    ap.add_argument("--hidden", type=int, default=256)
-    ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--workers", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=1)
+    sizes = {"rounds": 7, "epochs": 4, "n": 8192, "t": 32, "c": 4, "hidden": 256, "batch": 64, "workers": 0, "threads": 1}
+    for name, default in sizes.items():  # rows (n), window (t x c), MLP width, DataLoader workers, torch threads
+        ap.add_argument(f"--{name}", type=int, default=default, help=f"default: {default}")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
