@@ -80,6 +80,9 @@ def main() -> int:
     if os.environ.get("MOOLA_KILL_AT_STEP"):
         plugins = (KillAt(int(os.environ["MOOLA_KILL_AT_STEP"])),)
     if os.environ.get("MOOLA_SIGINT_AT_STEP"):
+        # Ctrl-C raises KeyboardInterrupt here even when the process was started with SIGINT ignored (a shell
+        # ignores it for background jobs, and children inherit that)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         plugins = (InterruptAt(int(os.environ["MOOLA_SIGINT_AT_STEP"])),)
     if os.environ.get("MOOLA_KILL_IN_SAVE"):
         kill_in_save(int(os.environ["MOOLA_KILL_IN_SAVE"]))

@@ -199,8 +199,11 @@ def test_ctrl_c_stops_a_two_job_ablation_at_once_and_leaves_no_worker_behind(tmp
     cmd = [sys.executable, "-m", "moola_engine.cli", "ablate", "--config", str(cfg_path), "--strategies",
            "frozen,two_phase", "--seeds", "8", "--threads", "1", "--jobs", "2", "--out", str(out), "--no-figures"]
     # its own process group, as a shell gives a foreground job: Ctrl-C sends SIGINT to every process in it
+    # (a shell that starts pytest in the background ignores SIGINT for it, and children inherit that: restore the
+    # default, so Python turns Ctrl-C into KeyboardInterrupt as it does in a terminal)
     proc = subprocess.Popen(cmd, cwd=tmp_path, env={**os.environ, "PYTHONWARNINGS": "ignore"},
-                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 120
         pids: set[int] = set()
