@@ -27,19 +27,7 @@ ATOL = 1e-5
 RTOL = 1e-5
 
 
-class Mlp(nn.Module):
-    """(N, T, C) -> mean over T -> two encoder layers -> head."""
-
-    def __init__(self, c: int = 3, h: int = 8, classes: int = 2) -> None:
-        super().__init__()
-        self.enc0 = nn.Linear(c, h)
-        self.enc1 = nn.Linear(h, h)
-        self.head = nn.Linear(h, classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(torch.relu(self.enc1(torch.relu(self.enc0(x.mean(dim=1))))))
-
-
+# conftest.TinyNet: (N, T, C) -> mean over T -> enc0 -> enc1 -> head
 GROUPS = [{"name": "encoder.layer0", "modules": ["enc0"]}, {"name": "encoder.layer1", "modules": ["enc1"]},
           {"name": "head", "modules": ["head"], "head": True}]
 
@@ -51,7 +39,7 @@ def write_data(path: Path, n: int = 60) -> None:
     np.savez(path, x=x, y=y, x_test=x[:20], y_test=y[:20])
 
 
-def config(tmp: Path, seed: int, runs: str, *, model: str = "tests.test_batched:Mlp", params: dict[str, Any] | None = None,
+def config(tmp: Path, seed: int, runs: str, *, model: str = "tests.conftest:TinyNet", params: dict[str, Any] | None = None,
            groups: list[dict[str, Any]] | None = GROUPS, **train_kw: Any) -> ExperimentConfig:
     data = {
         "run": {"strategies_file": str(ROOT / "strategies.toml"), "console": "none", "runs_dir": str(tmp / runs)},
