@@ -12,6 +12,7 @@ import pytest
 from moola_engine.config import DataConfig
 from moola_engine.core.data import build_splits, stratified_kfold
 from moola_engine.errors import ConfigError, DataError
+from moola_engine.runs.train import check_pretrain_cut
 from moola_ohlc.pretrain import build_pretrain_data
 from moola_ohlc.series import (
     OhlcOptions,
@@ -20,7 +21,6 @@ from moola_ohlc.series import (
     bar_features,
     build_dataset,
     bundled_names,
-    check_pretrain_cut,
     make_windows,
     parse_options,
     plan_splits,

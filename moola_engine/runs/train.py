@@ -103,6 +103,16 @@ def resolve_strategy(cfg: ExperimentConfig, name: str | None, strategies_file: s
     return pm, select_strategy(chosen, named, str(path))
 
 
+def check_pretrain_cut(encoder_cut_date: str, meta: dict[str, Any], encoder: str = "encoder") -> None:
+    """Refuse an encoder pretrained on data after this run's training period (it has seen val/test): its
+    ``cut_date`` against the ``train_cut_date`` the data kind reports (ISO dates)."""
+    cut = meta.get("train_cut_date")
+    if cut is not None and np.datetime64(encoder_cut_date) > np.datetime64(str(cut)):
+        raise DataError(f"{encoder}: pretrained on data up to {encoder_cut_date}, but this run's training period "
+                        f"ends on {cut}: the encoder has seen the validation/test period. Pretrain again with "
+                        "the same [data] table (moola-engine pretrain --config ...)")
+
+
 def check_encoder_cut(path: Path, meta: dict[str, Any], log: Any) -> None:
     """Refuse an encoder pretrained on data after this run's training period.
 
@@ -119,10 +129,7 @@ def check_encoder_cut(path: Path, meta: dict[str, Any], log: Any) -> None:
         log.warning(Event.PRETRAIN_CUT_CHECK, ok=None, encoder=str(path), train_cut_date=cut,
                     message=f"{sidecar} has no cut_date: cannot prove the encoder never saw the validation/test period")
         return
-    if np.datetime64(str(encoder_cut)) > np.datetime64(str(cut)):
-        raise DataError(f"{path}: pretrained on data up to {encoder_cut}, but this run's training period ends on "
-                        f"{cut}: the encoder has seen the validation/test period. Pretrain again with the same "
-                        "[data] table (moola-engine pretrain --config ...)")
+    check_pretrain_cut(str(encoder_cut), meta, encoder=str(path))
     log.info(Event.PRETRAIN_CUT_CHECK, ok=True, encoder=str(path), encoder_cut_date=encoder_cut, train_cut_date=cut)
 
 

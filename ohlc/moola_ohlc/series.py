@@ -441,12 +441,3 @@ def pretrain_cut_date(series: OhlcSeries, opts: OhlcOptions, *, val_fraction: fl
     plan = plan_splits(len(series), opts.spec, val_fraction=val_fraction, test_fraction=opts.test_fraction,
                        folds=folds, fold=folds - 1, embargo=opts.embargo)
     return series.date(plan.last_train_bar())
-
-
-def check_pretrain_cut(encoder_cut_date: str, meta: dict[str, Any], encoder: str = "encoder") -> None:
-    """Refuse an encoder pretrained on bars after this run's training period (it has seen val/test)."""
-    cut = meta.get("train_cut_date")
-    if cut is not None and np.datetime64(encoder_cut_date) > np.datetime64(cut):
-        raise DataError(f"{encoder}: pretrained on data up to {encoder_cut_date}, but this run's training period "
-                        f"ends on {cut}: the encoder has seen the validation/test period. Pretrain again with "
-                        "the same [data] table (moola-engine pretrain --config ...)")
