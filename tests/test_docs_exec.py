@@ -446,6 +446,13 @@ def test_gradient_guard_norm_in_reliability_md() -> None:
     documented = re.findall(r"_foreach_norm\(grads, (\w+)\)", text)
     assert documented and set(documented) == {o.replace("math.", "") for o in orders}, (documented, orders)
     assert ("L2" in text) == ("2" in orders), "reliability.md names the guard's norm wrongly"
+    # the default guard's once-an-epoch probe of the trained weights (core/guards.py)
+    guards = (ROOT / "moola_engine" / "core" / "guards.py").read_text(encoding="utf-8")
+    probe = re.findall(r"_foreach_norm\(weights, (\w+)\)", guards)
+    assert probe and set(re.findall(r"_foreach_norm\(weights, (\w+)\)", text)) == set(probe), probe
+    assert re.search(r'grad_guard: Literal\["epoch", "step"\] = "epoch"',
+                     (ROOT / "moola_engine" / "config.py").read_text(encoding="utf-8")), "the default guard moved"
+    assert '`"epoch"` (the default)' in text
 
 
 def test_strategies_file_resolves_against_the_experiment_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

@@ -54,7 +54,8 @@ class PoisonInput:
 
 def test_nonfinite_gradient_names_step_and_group_and_keeps_last_good_checkpoint(tmp_path: Path) -> None:
     runlog = RunLog(tmp_path / "events.jsonl", console="none", capture=True)
-    engine = build(named("immediate"), tmp_path, epochs=4, extra=(PoisonGrad(9, "enc1.weight"),), runlog=runlog)
+    engine = build(named("immediate"), tmp_path, epochs=4, extra=(PoisonGrad(9, "enc1.weight"),), runlog=runlog,
+                   grad_guard="step")
     with pytest.raises(MoolaError, match=r"^non-finite gradient at step 9 \(epoch 2\) in group encoder.layer1 "
                                          r"\(first tensor: enc1.weight\); lower train.lr or set train.grad_clip; "
                                          r"last good checkpoint: .*epoch-0001$"):
@@ -62,19 +63,49 @@ def test_nonfinite_gradient_names_step_and_group_and_keeps_last_good_checkpoint(
     runlog.close()
     assert [p.name for p in list_checkpoints(tmp_path)] == ["epoch-0000", "epoch-0001"]  # nothing poisoned saved
     [event] = [e for e in runlog.events if e["event"] == "nonfinite.detected"]
-    assert {k: event[k] for k in ("what", "at_step", "groups", "tensor")} == {
-        "what": "gradient", "at_step": 9, "groups": ["encoder.layer1"], "tensor": "enc1.weight"}
+    assert {k: event[k] for k in ("what", "at_step", "groups", "tensor", "guard")} == {
+        "what": "gradient", "at_step": 9, "groups": ["encoder.layer1"], "tensor": "enc1.weight", "guard": "step"}
 
 
-def test_nonfinite_loss_names_step_and_every_group_it_reached() -> None:
-    engine = make_engine(named("two-phase", unfreeze_after=1), epochs=3, extra=(PoisonInput(2),))
-    with pytest.raises(MoolaError, match=r"^non-finite training loss at step 2 \(epoch 0\); gradients non-finite "
+def test_epoch_guard_names_the_epoch_and_the_weights_a_bad_gradient_reached(tmp_path: Path) -> None:
+    # the default guard: no per-step gradient norms; the bad gradient of the epoch's last step (11) leaves
+    # enc1.weight non-finite after the optimizer step, and the epoch-end probe of the trained weights finds it
+    runlog = RunLog(tmp_path / "events.jsonl", console="none", capture=True)
+    engine = build(named("immediate"), tmp_path, epochs=4, extra=(PoisonGrad(11, "enc1.weight"),), runlog=runlog)
+    assert engine.config.grad_guard == "epoch"
+    with pytest.raises(MoolaError, match=r"^non-finite weights after epoch 2 in group encoder.layer1 \(first tensor: "
+                                         r"enc1.weight\): a gradient or update went non-finite in steps 8..11 \(set "
+                                         r"train.grad_guard = \"step\" to name the step\); lower train.lr or set "
+                                         r"train.grad_clip; last good checkpoint: .*epoch-0001$"):
+        engine.fit()
+    runlog.close()
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["epoch-0000", "epoch-0001"]  # nothing poisoned saved
+    [event] = [e for e in runlog.events if e["event"] == "nonfinite.detected"]
+    assert {k: event[k] for k in ("what", "at_step", "groups", "tensor", "guard", "steps")} == {
+        "what": "weights", "at_step": None, "groups": ["encoder.layer1"], "tensor": "enc1.weight", "guard": "epoch",
+        "steps": [8, 11]}
+
+
+def test_epoch_guard_names_the_first_bad_loss_after_a_bad_gradient(tmp_path: Path) -> None:
+    # a bad gradient mid-epoch (step 9) makes the next step's loss non-finite: the epoch guard names that step
+    engine = build(named("immediate"), tmp_path, epochs=4, extra=(PoisonGrad(9, "enc1.weight"),))
+    with pytest.raises(MoolaError, match=r"^non-finite training loss at step 10 \(epoch 2\); weights non-finite in "
+                                         r"group encoder.layer0, encoder.layer1, head \(first tensor: enc0.weight\)"):
+        engine.fit()
+
+
+@pytest.mark.parametrize(("guard", "kind"), [("step", "gradients"), ("epoch", "weights")])
+def test_nonfinite_loss_names_step_and_every_group_it_reached(guard: str, kind: str) -> None:
+    engine = make_engine(named("two-phase", unfreeze_after=1), epochs=3, extra=(PoisonInput(2),),
+                         train_kwargs={"grad_guard": guard})
+    with pytest.raises(MoolaError, match=rf"^non-finite training loss at step 2 \(epoch 0\); {kind} non-finite "
                                          r"in group head \(first tensor: head.weight\)"):
         engine.fit()
 
 
-def test_gradient_guard_is_quiet_on_a_healthy_run_and_on_frozen_groups() -> None:
-    engine = make_engine(named("frozen"), epochs=2)
+@pytest.mark.parametrize("guard", ["step", "epoch"])
+def test_gradient_guard_is_quiet_on_a_healthy_run_and_on_frozen_groups(guard: str) -> None:
+    engine = make_engine(named("frozen"), epochs=2, train_kwargs={"grad_guard": guard})
     engine.fit()  # frozen groups have grad None: never flagged
     assert engine.result.epochs_run == 2
 

@@ -224,7 +224,7 @@ class Engine(HookDispatch, EngineState, EarlyStopping, LossGuard):
                            train_bn=cfg.train_bn, frozen_dropout=cfg.frozen_dropout)
         trainable = [p for g in self.groups if self.freezer.is_trainable(g.name) for p in g.tensors]
         everything = [p for g in self.groups for p in g.tensors]
-        grad_amax: list[torch.Tensor] = []  # per step: |grad| of every tensor (NaN/inf propagate), no host sync
+        grad_amax: list[torch.Tensor] = []  # grad_guard "step": every gradient's norm per step (no host sync)
         no_grad = torch.zeros((), device=self.device)
         bf16 = cfg.precision == "bf16"
         # Hot path.  Per-step losses stay device tensors (no host sync); they are weighted, summed and
@@ -262,7 +262,7 @@ class Engine(HookDispatch, EngineState, EarlyStopping, LossGuard):
                 else:
                     loss = self.loss_fn(forward(self._step_fn, xb), yb)
                 (loss * scale if shard is not None else loss).backward()  # type: ignore[no-untyped-call]
-                if everything:  # before clipping smears one NaN over every gradient
+                if cfg.grad_guard == "step" and everything:  # before clipping smears one NaN over every gradient
                     # an L2 norm is NaN/inf exactly when an element is (or when it overflows, above ~1e19 in
                     # float32: a blow-up all the same); 15x cheaper on CPU than the max-abs norm
                     grad_amax.append(torch.stack(torch._foreach_norm(
