@@ -141,7 +141,7 @@ def test_the_accelerator_path_asks_the_device_for_nothing() -> None:
         snap = store.take(before)
         with sync_guard(CPU, "error"):
             if host_reads:
-                with pytest.raises(HostSyncError, match="aten::equal"):
+                with pytest.raises(HostSyncError, match="aten::(equal|_local_scalar_dense)"):  # memcmp: no op
                     store.delta_and_take(snap, after, CPU)
             else:
                 delta, _ = store.delta_and_take(snap, after, CPU)
@@ -280,3 +280,52 @@ def test_delta_reads_the_live_tensors_without_touching_the_snapshot() -> None:
     p[-1] += 1.0
     assert store.delta(snap, [("p", p)], CPU).as_list()[:2] == [1.0, pytest.approx(1.0)]
     assert torch.equal(snap.views()["p"], kept)
+
+
+@pytest.mark.parametrize("use_memcmp", [True, False])
+def test_same_bits_sees_every_bit_with_and_without_memcmp(monkeypatch: pytest.MonkeyPatch, use_memcmp: bool) -> None:
+    from moola_engine.checks import snapshots
+
+    if not use_memcmp:
+        monkeypatch.setattr(snapshots, "_MEMCMP", None)
+    elif snapshots._MEMCMP is None:
+        pytest.skip("libc memcmp cannot be loaded here")
+    w = torch.randn(300, 7)
+    assert snapshots.same_bits(w, w.clone())
+    for i, value in ((0, 0.0), (2099, float("nan"))):
+        a, b = w.clone(), w.clone()
+        a.view(-1)[i], b.view(-1)[i] = value, -value if value == 0.0 else value
+        if value == 0.0:
+            assert not snapshots.same_bits(a, b)  # 0.0 and -0.0 are different bits
+        else:
+            b.view(torch.int32).view(-1)[i] ^= 1  # another NaN payload
+            assert not snapshots.same_bits(a, b)
+    last = w.clone()
+    last.view(-1)[-1] = torch.nextafter(last.view(-1)[-1], torch.tensor(math.inf))  # one ulp, at the very end
+    assert not snapshots.same_bits(w, last)
+    assert snapshots.same_bits(w.t(), w.clone().t())  # not contiguous: torch.equal on the bit patterns
+
+
+@pytest.mark.parametrize("small", [True, False])
+def test_the_interval_pass_measures_the_distance_to_a_second_snapshot(monkeypatch: pytest.MonkeyPatch,
+                                                                     small: bool) -> None:
+    from moola_engine.checks import snapshots
+
+    if not small:  # the block-by-block path of large groups, with blocks smaller than a tensor
+        monkeypatch.setattr(snapshots, "SMALL", 16)
+        monkeypatch.setattr(snapshots, "_block_size", lambda device: 64)
+    store = ExactStore()
+    pre = [("w", torch.randn(30, 20)), ("b", torch.randn(20)), ("h", torch.randn(5))]
+    start = [(n, t + 0.01) for n, t in pre]
+    snap = store.take(start)
+    pre_snap = store.take(pre[:2])  # the pretrained weights of two of the three tensors
+    now = [(n, t + torch.randn_like(t) * 0.1) for n, t in start]
+    delta, again = store.delta_and_take(snap, now, CPU, reuse=True, against=pre_snap)
+    assert again is snap and delta.as_list()[0] == 1.0
+    want = sum(float(((dict(now)[n] - t) ** 2).sum()) for n, t in pre[:2])
+    assert delta.against_sq == pytest.approx(want, rel=1e-5)
+    want_interval = reference(start, now)
+    assert delta.as_list() == pytest.approx(want_interval, rel=1e-5)
+    # unchanged since the snapshot: nothing measured (the caller keeps the distance it had)
+    unchanged, _ = store.delta_and_take(snap, now, CPU, reuse=True, against=pre_snap)
+    assert unchanged.as_list()[0] == 0.0 and unchanged.against_sq is None

@@ -51,7 +51,7 @@ from typing import Any
 
 import torch
 
-from moola_engine.checks.snapshots import Store, make_store
+from moola_engine.checks.snapshots import SMALL, ExactStore, Store, make_store
 from moola_engine.config import ChecksConfig
 from moola_engine.core.freezing import _BN_TYPES, ParamGroup
 from moola_engine.core.hookspecs import hookimpl
@@ -166,8 +166,15 @@ class _DeltaObserver(_Observer):
                 continue
             # the old snapshot is given up: the exact store refreshes its buffers in place (no allocation),
             # unless another snapshot (a phase start) still holds the same object
-            deltas[n], taken[n] = self.store.delta_and_take(snaps[n], named, engine.device,
-                                                            reuse=not self._held(n, snaps[n]))
+            reuse = not self._held(n, snaps[n])
+            against = self._against(n, named) if reuse else None
+            if against is None:
+                deltas[n], taken[n] = self.store.delta_and_take(snaps[n], named, engine.device, reuse=reuse)
+            else:  # the distance from the pretrained weights measured in the same pass
+                deltas[n], taken[n] = self.store.delta_and_take(snaps[n], named, engine.device, reuse=True,
+                                                                against=against)  # type: ignore[call-arg]
+                if deltas[n].against_sq is not None:
+                    self._measured_against(n, deltas[n].against_sq)
         if not deltas:
             return {}
         if all(d.host_values is not None for d in deltas.values()):  # the CPU path: floats already
@@ -189,6 +196,13 @@ class _DeltaObserver(_Observer):
     def _held(self, group: str, snap: Any) -> bool:
         """True when ``snap`` is kept elsewhere too (so it must not be refreshed in place)."""
         return False
+
+    def _against(self, group: str, named: list[tuple[str, torch.Tensor]]) -> Any:
+        """A second snapshot the interval comparison should also measure the distance to (None: none)."""
+        return None
+
+    def _measured_against(self, group: str, against_sq: float) -> None:
+        """What the interval comparison measured against :meth:`_against`'s snapshot: ||now - it||²."""
 
     def _checkpoint(self, engine: Any, reason: str) -> None:
         steps = engine.step - self.ref_step
@@ -289,12 +303,16 @@ class WeightDeltaCheck(_DeltaObserver):
         self.phase_step = dict.fromkeys(self.ref, engine.step)
         self.phase_epoch = dict.fromkeys(self.ref, engine.epoch)
         self.pretrained: dict[str, Any] = {}
+        self._pre_sq: dict[str, float] = {}  # ||w_pretrained||² per group (host path), measured once
         pre = getattr(engine, "pretrained", None) or {}
         for g in engine.groups:
             named = [(n, pre[n].to(engine.device)) for n, _ in g.params if n in pre]
             if named:
-                # the loaded tensors are never written to: the exact store refers to them instead of copying
-                refer = getattr(self.store, "refer", self.store.take)
+                # the loaded tensors are never written to: the exact store refers to them instead of copying,
+                # except a small group's (under SMALL elements), packed into one buffer so that the interval
+                # comparison measures its distance whole-buffer (a few MB at most)
+                small = isinstance(self.store, ExactStore) and sum(t.numel() for _, t in named) < SMALL
+                refer = self.store.take if small else getattr(self.store, "refer", self.store.take)
                 self.pretrained[g.name] = (refer(named), [n for n, _ in named])
 
     def _begin(self) -> None:
@@ -310,6 +328,22 @@ class WeightDeltaCheck(_DeltaObserver):
 
     def _held(self, group: str, snap: Any) -> bool:
         return self.phase.get(group) is snap  # at fit start the phase snapshot is the interval snapshot
+
+    def _against(self, group: str, named: list[tuple[str, torch.Tensor]]) -> Any:
+        # the exact store on the host path: the distance from the pretrained weights in the interval's pass
+        entry = self.pretrained.get(group)
+        if entry is None or not isinstance(self.store, ExactStore) or self.store.host_reads is False:
+            return None
+        snap, names = entry
+        have = {n for n, t in named if t.device.type == "cpu"}
+        return snap if all(n in have for n in names) else None
+
+    def _measured_against(self, group: str, against_sq: float) -> None:
+        if group not in self._pre_sq:
+            snap, _ = self.pretrained[group]
+            self._pre_sq[group] = sum(float(torch.linalg.vector_norm(t)) ** 2 for t in snap.views().values()
+                                      if t.is_floating_point() and t.numel())
+        self._dist[group] = math.sqrt(against_sq) / max(math.sqrt(self._pre_sq[group]), 1e-30)
 
     def _fields(self, engine: Any, name: str, **kw: Any) -> dict[str, Any]:
         fields = super()._fields(engine, name, **kw)

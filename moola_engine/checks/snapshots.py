@@ -35,6 +35,8 @@ as tensors; the caller reads them back in one host sync per check.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import math
 from collections.abc import Iterable
 from typing import Any, Protocol
@@ -48,6 +50,32 @@ WEIGHT_MAX = 2048  # checksum weights: uniform on ±1..2048; CHUNK * 2**31 * WEI
 _BITS = {2: torch.int16, 4: torch.int32, 8: torch.int64, 1: torch.uint8}
 
 Named = Iterable[tuple[str, torch.Tensor]]
+
+
+def _load_memcmp() -> Any:
+    """libc's ``memcmp`` (None where it cannot be loaded): a bitwise comparison of two CPU buffers at memory speed
+    that stops at the first difference; ``torch.equal`` on the CPU compares element by element, 5x slower on
+    equal buffers (a frozen group's interval check)."""
+    try:
+        lib = ctypes.CDLL(ctypes.util.find_library("c") or "msvcrt")
+        fn = lib.memcmp
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_MEMCMP = _load_memcmp()
+
+
+def same_bits(t: torch.Tensor, b: torch.Tensor) -> bool:
+    """True when two tensors of the same shape hold the same bit patterns (so -0.0 != 0.0, NaN payloads count)."""
+    if (_MEMCMP is not None and t.device.type == "cpu" and b.device.type == "cpu" and t.dtype == b.dtype
+            and t.shape == b.shape and t.is_contiguous() and b.is_contiguous()):
+        n = t.numel() * t.element_size()
+        return n == 0 or _MEMCMP(t.data_ptr(), b.data_ptr(), n) == 0
+    return torch.equal(bits(t), bits(b))
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:
@@ -66,6 +94,8 @@ class Delta:
     """
 
     host_values: list[float] | None = None
+    against_sq: float | None = None
+    """||now - against||² when the comparison was asked to measure it in the same pass (host path only)."""
 
     def __init__(self, device: torch.device) -> None:
         z = torch.zeros((), dtype=torch.float64, device=device)
@@ -200,12 +230,56 @@ def _slices(numel: int, block: int) -> Iterable[slice]:
     return (slice(i, min(i + block, numel)) for i in range(0, numel, block))
 
 
+class Scratch:
+    """One reused buffer per (dtype, device) for the differences a host-path comparison computes: no
+    allocation per comparison (a fresh buffer of a few MB costs page faults on every use)."""
+
+    def __init__(self) -> None:
+        self.buffers: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+
+    def get(self, like: torch.Tensor) -> torch.Tensor:
+        """A buffer shaped like ``like`` (its dtype, or float64 for types narrower than 4 bytes)."""
+        dtype = like.dtype if like.element_size() >= 4 else torch.float64
+        key = (dtype, like.device)
+        buf = self.buffers.get(key)
+        if buf is None or buf.numel() < like.numel():
+            buf = self.buffers[key] = torch.empty(like.numel(), dtype=dtype, device=like.device)
+        return buf[:like.numel()].view(like.shape)
+
+
+def _diff(t: torch.Tensor, b: torch.Tensor, scratch: Scratch | None) -> torch.Tensor:
+    """``t - b`` of two floating tensors (in float64 for types narrower than 4 bytes), into ``scratch``."""
+    if scratch is None:
+        return t - b if t.element_size() >= 4 else t.double() - b.double()
+    d = scratch.get(t)
+    if t.element_size() >= 4:
+        return torch.sub(t, b, out=d)
+    d.copy_(t)
+    return d.sub_(b)
+
+
+def _against_sq(now: FlatSnapshot, against: FlatSnapshot, scratch: Scratch) -> float:
+    """||now - against||² over ``against``'s names (floating tensors), read on the host."""
+    if (against.buffers and against.names == now.names and against.shapes == now.shapes
+            and against.keys == now.keys):  # the same layout: whole-buffer
+        pairs = [(now.buffers[k], against.buffers[k]) for k in now.buffers]
+    else:
+        nv, av = now.views(), against.views()
+        pairs = [(nv[n], av[n]) for n in against.names]
+    total = 0.0
+    for t, a in pairs:
+        if t.is_floating_point() and t.numel():
+            total += float(torch.linalg.vector_norm(_diff(t, a, scratch))) ** 2
+    return total
+
+
 class ExactStore:
     mode = "exact"
     estimate = False
 
     def __init__(self, host_reads: bool | None = None) -> None:
         self.host_reads = host_reads  # None: host reads when everything is on the CPU (see _compare)
+        self.scratch = Scratch()
 
     @torch.no_grad()
     def take(self, named: Named) -> FlatSnapshot:
@@ -222,42 +296,52 @@ class ExactStore:
         named = list(named)
         if not snap.same_layout(named):
             before = snap.views()
-            return _compare([(t, before[n]) for n, t in named], device, self.host_reads)
+            return _compare([(t, before[n]) for n, t in named], device, self.host_reads, self.scratch)
         if snap.buffers and snap.numel() < SMALL:  # a few whole-buffer operations beat per-tensor dispatch
             now = FlatSnapshot(named)
-            return _compare([(now.buffers[k], snap.buffers[k]) for k in now.buffers], device, self.host_reads)
-        return _compare_live(named, snap, device, self.host_reads, update=False)
+            return _compare([(now.buffers[k], snap.buffers[k]) for k in now.buffers], device, self.host_reads,
+                            self.scratch)
+        return _compare_live(named, snap, device, self.host_reads, update=False, scratch=self.scratch)
 
     @torch.no_grad()
     def delta_and_take(self, snap: FlatSnapshot, named: Named, device: torch.device,
-                       reuse: bool = False) -> tuple[Delta, FlatSnapshot]:
+                       reuse: bool = False, against: FlatSnapshot | None = None) -> tuple[Delta, FlatSnapshot]:
         """The change since ``snap`` and a snapshot of ``named`` as it is now.
 
         ``reuse=True`` (the caller gives ``snap`` up): the comparison copies each changed tensor into
         ``snap``'s own buffers, block by block while the block is in the cache, and returns ``snap``
         itself, now the snapshot of the present; nothing is allocated.  Otherwise a new snapshot is made.
+        ``against`` (with ``reuse``, on the host path): a snapshot of some of the same names (the pretrained
+        weights); when the group moved, the same pass also measures ``||now - against||²`` into
+        ``Delta.against_sq`` while each tensor is in the cache (None when it was not measured).
         """
         named = list(named)
         if not snap.same_layout(named):
             # a different set of tensors: compare name by name (a name missing from the snapshot is a KeyError)
             now = FlatSnapshot(named)
             before, after = snap.views(), now.views()
-            return _compare([(after[n], before[n]) for n in now.names], device, self.host_reads), now
+            return _compare([(after[n], before[n]) for n in now.names], device, self.host_reads, self.scratch), now
         if reuse and snap.numel() < SMALL:
             # a small group: packed into the snapshot's second buffer set (one torch.cat(out=) per dtype, no
             # allocation after the first time), compared whole-buffer, and swapped in
             old = snap.buffers
             snap.refill(named)
-            return _compare([(snap.buffers[k], old[k]) for k in old], device, self.host_reads), snap
+            delta = _compare([(snap.buffers[k], old[k]) for k in old], device, self.host_reads, self.scratch)
+            if against is not None and delta.host_values is not None and delta.host_values[0]:
+                delta.against_sq = _against_sq(snap, against, self.scratch)
+            return delta, snap
         if reuse:
-            return _compare_live(named, snap, device, self.host_reads, update=True), snap
+            views = against.views() if against is not None else None
+            return _compare_live(named, snap, device, self.host_reads, update=True, scratch=self.scratch,
+                                 against=views), snap
         if self.host_reads is not False and device.type == "cpu" and snap.numel() >= SMALL:
-            delta = _compare_live(named, snap, device, self.host_reads, update=False)
+            delta = _compare_live(named, snap, device, self.host_reads, update=False, scratch=self.scratch)
             if delta.host_values is not None and not delta.host_values[0]:
                 return delta, snap  # unchanged: ``snap`` is a snapshot of now already (shared: no copy)
             return delta, FlatSnapshot(named)
         now = FlatSnapshot(named)
-        delta = _compare([(now.buffers[k], snap.buffers[k]) for k in now.buffers], device, self.host_reads)
+        delta = _compare([(now.buffers[k], snap.buffers[k]) for k in now.buffers], device, self.host_reads,
+                         self.scratch)
         if delta.host_values is not None and not delta.host_values[0]:
             return delta, snap  # unchanged: keep sharing ``snap`` (one snapshot object while a group is frozen)
         return delta, now
@@ -274,7 +358,7 @@ def _moved_on_host(pairs: list[tuple[torch.Tensor, torch.Tensor]], device: torch
         host_reads = device.type == "cpu" and all(t.device.type == "cpu" for t, _ in pairs)
     if not host_reads:
         return None
-    return [(t, b) for t, b in pairs if not torch.equal(bits(t), bits(b))]
+    return [(t, b) for t, b in pairs if not same_bits(t, b)]
 
 
 def _moved_delta(device: torch.device, maxima: list[float], diff_sq: float, ref_sq: float) -> Delta:
@@ -284,43 +368,49 @@ def _moved_delta(device: torch.device, maxima: list[float], diff_sq: float, ref_
 
 
 def _compare_live(named: list[tuple[str, torch.Tensor]], snap: FlatSnapshot, device: torch.device,
-                  host_reads: bool | None, update: bool) -> Delta:
-    """``_compare`` of the live tensors against ``snap``'s views, block by block; ``update``: copy them into it."""
+                  host_reads: bool | None, update: bool, scratch: Scratch | None = None,
+                  against: dict[str, torch.Tensor] | None = None) -> Delta:
+    """``_compare`` of the live tensors against ``snap``'s views, block by block; ``update``: copy them into it.
+    ``against`` (host path): views of another snapshot (the pretrained weights) to measure ||now - against||²
+    against in the same pass, while each block is in the cache (``Delta.against_sq``)."""
     views = snap.views()
-    pairs = [(t.detach(), views[n]) for n, t in named if t.numel()]
+    triples = [(n, t.detach(), views[n]) for n, t in named if t.numel()]
+    pairs = [(t, b) for _, t, b in triples]
     moved = _moved_on_host(pairs, device, host_reads)  # a frozen group: no arithmetic, no copy
     if moved is not None and not moved:
         return Delta.host(device, False, 0.0, 0.0, 0.0)
     if moved is not None:
         maxima: list[float] = []
         diff_sq = ref_sq = 0.0
+        against_sq = 0.0 if against is not None else None
         moved_ids = {id(b) for _, b in moved}
-        for t, b in pairs:
+        block = _block_size(device)
+        for name, t, b in triples:
+            a = against.get(name) if against is not None and t.is_floating_point() else None
             if id(b) not in moved_ids:
                 if t.is_floating_point():
                     ref_sq += float(torch.linalg.vector_norm(b)) ** 2
+                if a is not None and against_sq is not None:
+                    against_sq += float(torch.linalg.vector_norm(_diff(t, a, scratch))) ** 2
                 continue
             tf, bf = t.reshape(-1), b.view(-1)
-            scratch = torch.empty(min(tf.numel(), _block_size(t.device)),
-                                  dtype=t.dtype if t.element_size() >= 4 else torch.float64, device=t.device)
-            for s in _slices(tf.numel(), _block_size(t.device)):
+            af = a.reshape(-1) if a is not None else None
+            for s in _slices(tf.numel(), block):
                 tb, bb = tf[s], bf[s]
                 if t.is_floating_point():
-                    d = scratch[:tb.numel()]  # one buffer for every block of this tensor
-                    if t.element_size() >= 4:
-                        torch.sub(tb, bb, out=d)
-                    else:
-                        d.copy_(tb)
-                        d.sub_(bb)
-                    lo, hi = torch.aminmax(d)  # max |d| in one pass, no |d| tensor
-                    maxima += [abs(float(lo)), abs(float(hi))]  # abs: never a -0.0 in the events
+                    d = _diff(tb, bb, scratch)  # one reused buffer for every block
+                    maxima += [abs(float(d.amin())), abs(float(d.amax()))]  # abs: never a -0.0 in the events
                     diff_sq += float(torch.linalg.vector_norm(d)) ** 2
                     ref_sq += float(torch.linalg.vector_norm(bb)) ** 2
+                    if af is not None and against_sq is not None:  # the live block is in the cache: reuse d
+                        against_sq += float(torch.linalg.vector_norm(_diff(tb, af[s], scratch))) ** 2
                 else:
                     maxima.append(float((tb.double() - bb.double()).abs().amax()))
                 if update:
                     bb.copy_(tb)
-        return _moved_delta(device, maxima, diff_sq, ref_sq)
+        out = _moved_delta(device, maxima, diff_sq, ref_sq)
+        out.against_sq = against_sq
+        return out
     # on an accelerator: device-side reductions only, read back later in the check's one sync
     out = Delta(device)
     changed, maxes, diff_sq_t, ref_sq_t = [], [], [], []
@@ -347,7 +437,7 @@ def _compare_live(named: list[tuple[str, torch.Tensor]], snap: FlatSnapshot, dev
 
 
 def _compare(pairs: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device,
-             host_reads: bool | None = None) -> Delta:
+             host_reads: bool | None = None, scratch: Scratch | None = None) -> Delta:
     """Bitwise change, max |dw|, ||dw||² and ||w0||² over (now, before) pairs of equal-shaped tensors.
 
     ``host_reads`` (default: when everything is on the CPU) lets the comparison read values on the host;
@@ -364,9 +454,8 @@ def _compare(pairs: list[tuple[torch.Tensor, torch.Tensor]], device: torch.devic
         diff_sq = ref_sq = 0.0
         for t, b in moved:
             if t.is_floating_point():
-                d = t - b if t.element_size() >= 4 else t.double() - b.double()
-                lo, hi = torch.aminmax(d)  # max |d| in one pass, no |d| tensor
-                maxima += [abs(float(lo)), abs(float(hi))]  # abs: never a -0.0 in the events
+                d = _diff(t, b, scratch)
+                maxima += [abs(float(d.amin())), abs(float(d.amax()))]  # no |d| tensor; abs: never a -0.0
                 diff_sq += float(torch.linalg.vector_norm(d)) ** 2
             else:
                 maxima.append(float((t.double() - b.double()).abs().amax()))
