@@ -204,6 +204,10 @@ class ChecksConfig:
     lr_mask: bool = True
     """Each epoch, every group's live optimizer lr and every parameter's ``requires_grad`` against the plan."""
     snapshots: Literal["exact", "fingerprint"] = "exact"
+    every: int = attrs.field(default=1, validator=_positive)
+    """Weight-delta and BatchNorm interval checks at every ``every``-th epoch end (transitions, phase ends and the
+    fit's end are always checked, so an interval then spans up to ``every`` epochs): the lever for models whose
+    epochs are a few steps long, where reading every weight each epoch is a visible share of the run."""
 
 
 @attrs.frozen(kw_only=True)

@@ -560,3 +560,43 @@ def test_grad_flow_check_answers_every_phase_start_and_end_hook() -> None:
         impls = getattr(pm.hook, hook).get_hookimpls()
         assert [i.plugin for i in impls] == [check], hook
         assert impls[0].trylast, hook
+
+
+# --------------------------------------------------------------------------- checks.every
+
+
+def _intervals(log: RunLog, group: str) -> list[dict[str, Any]]:
+    return [e for e in log.events if e["event"] == "weight_delta.check" and e.get("scope") == "interval"
+            and e["group"] == group]
+
+
+def test_checks_every_spaces_the_interval_checks_and_still_covers_every_step() -> None:
+    every_epoch, log1 = run(named("immediate"), epochs=5)
+    every_epoch.fit()
+    spaced, log2 = run(named("immediate"), epochs=5, checks=ChecksConfig(every=2))
+    spaced.fit()
+    assert [e["epoch"] for e in _intervals(log1, "head")] == [0, 1, 2, 3, 4]
+    assert [e["epoch"] for e in _intervals(log2, "head")] == [1, 3, 4]  # every 2nd epoch, and always the last
+    steps = [(e["from_step"], e["to_step"]) for e in _intervals(log2, "head")]
+    assert steps[0][0] == 0 and steps[-1][1] == spaced.step
+    assert all(a[1] == b[0] for a, b in zip(steps, steps[1:]))  # contiguous: no step left unchecked
+    assert all(e["ok"] and e["moved"] for e in _intervals(log2, "head"))
+
+
+def test_checks_every_still_catches_a_frozen_group_moving_in_a_skipped_epoch() -> None:
+    engine, _ = run(ZeroGradFreeze(), epochs=4, checks=ChecksConfig(every=2, grad_flow=False, lr_mask=False),
+                    train_kwargs={"weight_decay": 0.1})
+    with pytest.raises(CheckFailed, match=r"frozen group encoder.layer0 changed in epoch 1 \(max \|dw\| = "):
+        engine.fit()  # epoch 0 moved it; epoch 0 is not checked on its own, its steps are in epoch 1's interval
+
+
+def test_checks_every_checks_the_steps_after_the_last_epoch_check_at_an_early_stop() -> None:
+    from moola_engine.config import EarlyStoppingConfig
+
+    stop = EarlyStoppingConfig(patience=1, min_delta=1e9)  # nothing ever improves by 1e9: stops after epoch 1
+    engine, log = run(named("immediate"), epochs=6, checks=ChecksConfig(every=3),
+                      train_kwargs={"early_stopping": stop, "restore_best": False})
+    engine.fit()
+    assert engine.result.epochs_run == 2
+    [last] = _intervals(log, "head")  # epoch 1 is no check epoch (every 3): the fit's end checks its steps
+    assert (last["reason"], last["from_step"], last["to_step"], last["ok"]) == ("fit end", 0, engine.step, True)

@@ -51,7 +51,7 @@ from typing import Any
 
 import torch
 
-from moola_engine.checks.snapshots import SMALL, ExactStore, Store, make_store
+from moola_engine.checks.snapshots import SMALL, ExactStore, Store, make_store, same_bits
 from moola_engine.config import ChecksConfig
 from moola_engine.core.freezing import _BN_TYPES, ParamGroup
 from moola_engine.core.hookspecs import hookimpl
@@ -145,7 +145,7 @@ class _DeltaObserver(_Observer):
             if not named:
                 continue  # nothing of the group is still checked here (a mask released: MaskedParamsCheck)
             if compare is not None:
-                if n not in self._fresh:
+                if n not in self._fresh or list(self._fresh[n]) != [name for name, _ in named]:
                     self._fresh[n] = self.store.take(named)
                 deltas[n] = compare(snaps[n], self._fresh[n], engine.device)
                 if taken is not None:
@@ -189,6 +189,13 @@ class _DeltaObserver(_Observer):
         """At each hook call: what was measured in the previous one no longer stands for the weights now."""
         self._fresh = {}
         self._unchanged_now: dict[str, tuple[Any, Any]] = {}  # exact: group -> (snapshot, Delta) found equal
+
+    def _begin_transition(self, engine: Any) -> None:
+        """:meth:`_begin` at a freeze transition.  When no step ran since the last interval check (a transition
+        at an epoch's start), its fingerprints stand for the weights now: no second pass over them."""
+        self._begin()
+        if engine.step == self.ref_step and hasattr(self.store, "compare"):
+            self._fresh = dict(self.ref)
 
     def _unchanged(self, groups: list[str]) -> None:
         """Groups an interval check has just found bitwise unchanged (exact; fingerprint: no checksum changed)."""
@@ -266,18 +273,26 @@ class _DeltaObserver(_Observer):
 
     @hookimpl(trylast=True)
     def on_freeze(self, engine: Any, group: str) -> None:
-        self._begin()
+        self._begin_transition(engine)
         self._checkpoint(engine, reason=f"freeze {group}")
 
     @hookimpl(trylast=True)
     def on_unfreeze(self, engine: Any, group: str) -> None:
-        self._begin()
+        self._begin_transition(engine)
         self._checkpoint(engine, reason=f"unfreeze {group}")
 
     @hookimpl(trylast=True)
     def on_epoch_end(self, engine: Any, epoch: int) -> None:
+        if (epoch + 1) % self.cfg.every and epoch + 1 < engine.config.epochs:
+            return  # checks.every: not this epoch (the next check, or the fit's end, covers its steps)
         self._begin()
         self._checkpoint(engine, reason="epoch end")
+
+    @hookimpl(trylast=True)
+    def on_fit_end(self, engine: Any) -> None:
+        if engine.step != self.ref_step:  # steps no epoch-end check covered (checks.every, an early stop)
+            self._begin()
+            self._checkpoint(engine, reason="fit end")
 
 
 class WeightDeltaCheck(_DeltaObserver):
@@ -312,8 +327,17 @@ class WeightDeltaCheck(_DeltaObserver):
                 # except a small group's (under SMALL elements), packed into one buffer so that the interval
                 # comparison measures its distance whole-buffer (a few MB at most)
                 small = isinstance(self.store, ExactStore) and sum(t.numel() for _, t in named) < SMALL
+                names = [n for n, _ in named]
+                ref = self.ref.get(g.name)
+                live = dict(g.params)
+                if (not isinstance(self.store, ExactStore) and isinstance(ref, dict) and all(n in ref for n in names)
+                        and all(same_bits(live[n].detach(), t) for n, t in named)):
+                    # fingerprints: the loaded tensors are the weights the run starts from (as train() loads
+                    # them), so the reference fingerprints taken a moment ago are theirs too: no second pass
+                    self.pretrained[g.name] = ({n: ref[n] for n in names}, names)
+                    continue
                 refer = self.store.take if small else getattr(self.store, "refer", self.store.take)
-                self.pretrained[g.name] = (refer(named), [n for n, _ in named])
+                self.pretrained[g.name] = (refer(named), names)
 
     def _begin(self) -> None:
         super()._begin()
@@ -430,24 +454,24 @@ class WeightDeltaCheck(_DeltaObserver):
 
     @hookimpl(trylast=True)
     def on_freeze(self, engine: Any, group: str) -> None:
-        self._begin()
+        self._begin_transition(engine)
         self._transition(engine, group, reason=f"freeze {group}")
 
     @hookimpl(trylast=True)
     def on_unfreeze(self, engine: Any, group: str) -> None:
-        self._begin()
+        self._begin_transition(engine)
         self._transition(engine, group, reason=f"unfreeze {group}")
 
     @hookimpl(trylast=True)
     def on_fit_end(self, engine: Any) -> None:
         from moola_engine.core.plan import promised_groups
 
-        # No step ran since the last interval check (the last epoch end): its fingerprints and its distances
-        # from the pretrained weights stand for the weights now, so the phase checks need no pass of their own.
-        if engine.step == self.ref_step:
-            self._fresh = dict(self.ref) if hasattr(self.store, "compare") else {}
-        else:
+        if engine.step != self.ref_step:  # steps no epoch-end check covered (checks.every, an early stop)
             self._begin()
+            self._checkpoint(engine, reason="fit end")
+        # No step ran since the last interval check: its fingerprints and its distances from the pretrained
+        # weights stand for the weights now, so the phase checks need no pass of their own.
+        self._fresh = dict(self.ref) if hasattr(self.store, "compare") else {}
         failures: list[str] = []
         for group in self.phase:
             failures += self._close_phase(engine, group)
