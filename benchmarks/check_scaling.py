@@ -43,7 +43,8 @@ TIME_TARGET = 1.05
 FP_MEMORY_TARGET = 1.05
 
 
-def worker(hidden: int, variant: str, epochs: int, unfreeze_after: int, pretrained: bool) -> dict[str, Any]:
+def worker(hidden: int, variant: str, epochs: int, unfreeze_after: int, pretrained: bool,
+           every: int = 1) -> dict[str, Any]:
     """One run in this (fresh) process: seconds and peak RSS."""
     import resource
 
@@ -53,13 +54,14 @@ def worker(hidden: int, variant: str, epochs: int, unfreeze_after: int, pretrain
 
 
     torch.set_num_threads(1)
-    fit_once(16, variant, 2, 1, pretrained)  # warm-up: lazy imports and first calls, not timed
-    seconds, params = fit_once(hidden, variant, epochs, unfreeze_after, pretrained)
+    fit_once(16, variant, 2, 1, pretrained, every)  # warm-up: lazy imports and first calls, not timed
+    seconds, params = fit_once(hidden, variant, epochs, unfreeze_after, pretrained, every)
     return {"seconds": seconds, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "params": params}
 
 
-def fit_once(hidden: int, variant: str, epochs: int, unfreeze_after: int, pretrained: bool) -> tuple[float, int]:
+def fit_once(hidden: int, variant: str, epochs: int, unfreeze_after: int, pretrained: bool,
+             every: int = 1) -> tuple[float, int]:
     """(seconds from model construction to the end of fit, parameters) of one run in this process."""
     import attrs
     import torch
@@ -85,7 +87,7 @@ def fit_once(hidden: int, variant: str, epochs: int, unfreeze_after: int, pretra
     on = variant != "off"
     checks = ChecksConfig(**{f.name: on for f in attrs.fields(ChecksConfig)
                              if f.name != "strict" and f.type in (bool, "bool")},
-                          snapshots="fingerprint" if variant == "fingerprint" else "exact")
+                          snapshots="fingerprint" if variant == "fingerprint" else "exact", every=every)
     train_cfg = TrainConfig(epochs=epochs, batch_size=16, lr=1e-3, seed=0, device="cpu", threads=1)
     with tempfile.TemporaryDirectory(prefix="moola-check-scaling-") as tmp:
         run_dir = Path(tmp)
@@ -119,7 +121,7 @@ def fit_once(hidden: int, variant: str, epochs: int, unfreeze_after: int, pretra
 
 def run_one(hidden: int, variant: str, args: argparse.Namespace) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--worker", variant, "--hidden", str(hidden), "--epochs", str(args.epochs),
-           "--unfreeze-after", str(args.unfreeze_after)]
+           "--unfreeze-after", str(args.unfreeze_after), "--every", str(args.every)]
     if not args.pretrained:
         cmd.append("--no-pretrained")
     out = subprocess.run(cmd, check=True, capture_output=True, text=True)
@@ -133,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--epochs", type=int, default=6)
     ap.add_argument("--unfreeze-after", type=int, default=3)
+    ap.add_argument("--every", type=int, default=1, help="checks.every: interval checks every N epochs (default 1)")
     ap.add_argument("--no-pretrained", dest="pretrained", action="store_false",
                     help="no pretrained weights (no distance-from-pretrained measurements)")
     ap.add_argument("--json", metavar="PATH")
@@ -140,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hidden", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
-        print(json.dumps(worker(args.hidden, args.worker, args.epochs, args.unfreeze_after, args.pretrained)))
+        print(json.dumps(worker(args.hidden, args.worker, args.epochs, args.unfreeze_after, args.pretrained,
+                                args.every)))
         return 0
     sizes = {**SIZES, **EXTRA_SIZES}
     unknown = [s for s in args.sizes if s not in sizes]
@@ -182,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__}, "
           f"1 thread; {args.rounds} round(s), a fresh process per run; {args.epochs} epochs, unfreeze after "
-          f"{args.unfreeze_after}, pretrained {'yes' if args.pretrained else 'no'}")
+          f"{args.unfreeze_after}, pretrained {'yes' if args.pretrained else 'no'}, checks.every {args.every}")
     print("\n".join(lines))
     print("targets (time <= 1.05 x off, fingerprint RSS <= 1.05 x off): "
           + ("all met" if not missed else "MISSED: " + "; ".join(missed)))
