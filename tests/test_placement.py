@@ -54,7 +54,7 @@ strategies_file = "strategies.toml"
 def test_parse_devices() -> None:
     assert parse_devices("0,1") == [0, 1]
     assert parse_devices(" 2 , 0") == [2, 0]
-    for bad in ("", "a", "0,,1", "-1", "0,0", "1.5"):
+    for bad in ("", "a", "0,,1", "-1", "0,0", "1.5", "\u00b2", "9" * 5000):
         with pytest.raises(ConfigError, match="^--devices: "):
             parse_devices(bad)
 

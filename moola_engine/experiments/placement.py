@@ -12,6 +12,7 @@ queries they need are the small functions at the end, which the tests replace.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 
 import attrs
@@ -33,7 +34,7 @@ MAX_JOBS_PER_GPU = 16
 def parse_devices(text: str) -> list[int]:
     """``--devices 0,2`` -> [0, 2]; anything else is a ConfigError naming the flag."""
     parts = [p.strip() for p in text.split(",")]
-    if not parts or any(not p.isdigit() for p in parts):
+    if any(re.fullmatch(r"[0-9]{1,4}", p) is None for p in parts):
         raise ConfigError("--devices", f"expected comma-separated GPU indices like 0,1, got {text[:40]!r}")
     out = [int(p) for p in parts]
     if len(set(out)) != len(out):
