@@ -17,7 +17,10 @@ never run again; a run folder that finished but lost its marker (killed
 between the two writes) is adopted; an unfinished one is moved aside and
 its cell runs again.  With J jobs, this process runs cells too, next to J - 1
 spawned worker processes (torch and ``fork`` do not mix); each sets its own
-thread count so workers do not fight over cores.
+thread count so workers do not fight over cores.  On CUDA each worker takes one GPU,
+round-robin, and without ``--jobs`` the first cell's memory sets how many fit
+(:mod:`moola_engine.experiments.placement`); ``--batched`` hands workers groups of
+cells trained as one stacked computation (:func:`batch_groups`).
 """
 
 from __future__ import annotations
