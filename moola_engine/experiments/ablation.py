@@ -17,7 +17,10 @@ never run again; a run folder that finished but lost its marker (killed
 between the two writes) is adopted; an unfinished one is moved aside and
 its cell runs again.  With J jobs, this process runs cells too, next to J - 1
 spawned worker processes (torch and ``fork`` do not mix); each sets its own
-thread count so workers do not fight over cores.
+thread count so workers do not fight over cores.  On CUDA each worker takes one GPU,
+round-robin, and without ``--jobs`` the first cell's memory sets how many fit
+(:mod:`moola_engine.experiments.placement`); ``--batched`` hands workers groups of
+cells trained as one stacked computation (:func:`batch_groups`).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import attrs
 
 from moola_engine import jsonsafe
 from moola_engine.errors import ConfigError, MoolaError
+from moola_engine.experiments import placement
 from moola_engine.experiments.grid import (
     GRID_VERSION,
     Cell,
@@ -42,7 +46,7 @@ from moola_engine.experiments.grid import (
     fingerprint,
     marker_record,
 )
-from moola_engine.experiments.workers import Task, _execute, default_jobs, describe
+from moola_engine.experiments.workers import AnyTask, GroupTask, Task, _execute, default_jobs, describe
 from moola_engine.runs.folders import write_json_atomic
 from moola_engine.runs.progress import Bar
 
@@ -158,17 +162,72 @@ def pending(grid: Grid) -> tuple[list[Cell], list[Path]]:
 # --------------------------------------------------------------------------- the runner
 
 
+def batch_groups(cells: Sequence[Cell], size: int) -> list[list[Cell]]:
+    """``ablate --batched``: the cells of each fold and label budget (arms and seeds together: every arm has the same
+    model shape and data size there), in the order given, cut into the fewest groups of at most ``size``, as equal as
+    possible (50 cells by 16: 13, 13, 12, 12; a tail group of 2 would batch little)."""
+    if size < 1:
+        raise ConfigError("--batch-size-runs", f"expected a value >= 1, got {size}")
+    by_shape: dict[tuple[int, int | None], list[Cell]] = {}
+    for c in cells:
+        by_shape.setdefault((c.fold, c.labels), []).append(c)
+    groups: list[list[Cell]] = []
+    for members in by_shape.values():
+        n = -(-len(members) // size)  # ceil
+        base, extra = divmod(len(members), n)
+        start = 0
+        for g in range(n):
+            end = start + base + (1 if g < extra else 0)
+            groups.append(members[start:end])
+            start = end
+    return groups
+
+
+def _check_local_flags(executor: Any, *, devices: Sequence[int] | None, cell_memory_mib: float | None,
+                       batched: bool) -> None:
+    given = [f for f, v in (("--devices", devices is not None), ("--cell-memory", cell_memory_mib is not None),
+                            ("--batched", batched)) if v]
+    if executor is not None and given:
+        raise ConfigError(", ".join(given), "the local pool's (not with --backend ray yet)")
+
+
 def run_grid(grid: Grid, *, jobs: int | None = None, threads: int | None = None, stream: IO[str] | None = None,
-             on_done: Callable[[Cell], None] | None = None, executor: Callable[..., None] | None = None) -> dict[str, int]:
+             on_done: Callable[[Cell], None] | None = None, executor: Callable[..., None] | None = None,
+             devices: Sequence[int] | None = None, cell_memory_mib: float | None = None, batched: bool = False,
+             batch_size_runs: int = 16) -> dict[str, int]:
     """Run every pending cell in ``jobs`` worker processes; returns counts (total, skipped, ran, adopted).
 
-    ``executor(tasks, jobs, threads, finish)`` replaces the local pool (e.g. :class:`.ray_backend.RayExecutor`)."""
+    ``executor(tasks, jobs, threads, finish)`` replaces the local pool (e.g. :class:`.ray_backend.RayExecutor`).
+
+    On CUDA (``train.device`` ``"auto"`` with a GPU, ``"cuda"``, ``"cuda:N"``) each local worker gets one GPU,
+    round-robin over the visible ones or ``devices`` (``--devices``), and 1 torch thread unless ``threads``; without
+    ``jobs`` the first task runs here first and its peak memory (or ``cell_memory_mib``) sets the jobs per GPU
+    (:func:`.placement.cuda_jobs`).  ``batched``: the cells go in groups of at most ``batch_size_runs``
+    (:func:`batch_groups`) through :func:`.batched.train_batched`, one group per task.
+    """
     stream = stream if stream is not None else sys.stderr
     cores = default_jobs()
-    jobs = jobs or cores
-    if jobs < 1:
+    if jobs is not None and jobs < 1:
         raise ConfigError("--jobs", f"expected a value >= 1, got {jobs}")
-    threads = threads or max(1, cores // jobs)
+    _check_local_flags(executor, devices=devices, cell_memory_mib=cell_memory_mib, batched=batched)
+    if batch_size_runs < 1:
+        raise ConfigError("--batch-size-runs", f"expected a value >= 1, got {batch_size_runs}")
+    targets = [] if executor is not None else placement.cuda_targets(
+        grid.cfg.train.device, gpu_count=placement.gpu_count(), only=devices)
+    if cell_memory_mib is not None:
+        if not targets:
+            raise ConfigError("--cell-memory", f"the cells run on train.device = {grid.cfg.train.device!r}, not on "
+                                               "CUDA: --cell-memory sizes the GPU default of --jobs")
+        if jobs is not None:
+            raise ConfigError("--cell-memory", "sets the memory-aware default of --jobs; with --jobs given it is "
+                                               "not used (drop one of them)")
+        if not cell_memory_mib > 0:
+            raise ConfigError("--cell-memory", f"expected MiB > 0, got {cell_memory_mib}")
+    if targets:
+        threads = threads or 1  # a GPU cell's host side is one thread's work; more threads only contend
+    else:
+        jobs = jobs or cores
+        threads = threads or max(1, cores // jobs)
     prepare(grid)
     cells = grid.cells()
     before = sum(read_marker(grid, c) is not None for c in cells)
@@ -187,21 +246,26 @@ def run_grid(grid: Grid, *, jobs: int | None = None, threads: int | None = None,
         progress.show("nothing to run")
         progress.close()
         return {"total": len(cells), "skipped": before, "ran": 0, "adopted": adopted}
-    jobs = min(jobs, len(todo))
-    workers = "this process" if jobs == 1 else f"this process and {jobs - 1} spawned worker(s)"
-    if executor is not None:
-        print(f"ablate: {len(todo)} runs, {getattr(executor, 'description', executor)}; run folders in {grid.runs_dir}",
-              file=stream)
-    else:
-        print(f"ablate: {len(todo)} runs, {workers}, {threads} thread(s) each; "
-              f"run folders in {grid.runs_dir}", file=stream)
-    tasks = [Task(cfg=cell_config(grid, c, threads), cell=c, strategies_file=str(grid.strategies_file),
-                  out=str(grid.out), marker=str(grid.marker(c)), pinned=grid.pinned) for c in todo]
+
+    def task(c: Cell) -> Task:
+        return Task(cfg=cell_config(grid, c, threads), cell=c, strategies_file=str(grid.strategies_file),
+                    out=str(grid.out), marker=str(grid.marker(c)), pinned=grid.pinned)
+
+    tasks: list[AnyTask] = ([GroupTask(tasks=[task(c) for c in g]) for g in batch_groups(todo, batch_size_runs)]
+                            if batched else [task(c) for c in todo])
     by_key = {c.key: c for c in todo}
-    progress = Bar(len(cells), done=done, unit="runs", label="ablate", stream=stream)  # after our own prints
-    progress.show(f"starting {describe(todo[0])}")
+    modes: dict[str, list[str]] = {"batched": [], "fallback": []}
+    bar: list[Bar] = []
+
+    def start_progress() -> None:
+        """The bar, once: after this function's own lines (a terminal's bar redraws over what is printed after)."""
+        if not bar:
+            bar.append(Bar(len(cells), done=done, unit="runs", label="ablate", stream=stream))
+            bar[0].show(f"starting {describe(todo[0])}")
 
     def finish(rec: dict[str, Any]) -> None:
+        start_progress()
+        progress = bar[0]
         cell = by_key[rec["key"]]
         if not rec["ok"]:
             progress.close()
@@ -209,18 +273,85 @@ def run_grid(grid: Grid, *, jobs: int | None = None, threads: int | None = None,
                 f"run {describe(cell)} ({cell.strategy}) failed: {rec['error']}\n"
                 f"       {progress.done} of {len(cells)} runs are done and kept; fix the cause and rerun the same "
                 "command to continue")
+        if "mode" in rec:
+            modes[rec["mode"]].append(rec.get("reason", ""))
         progress.advance(describe(cell))
         if on_done is not None:
             on_done(cell)
 
+    what = (f"{len(todo)} runs in {len(tasks)} batched group(s) of up to {batch_size_runs}" if batched
+            else f"{len(todo)} runs")
     try:
-        (executor or _execute)(tasks, jobs, threads, finish)
+        if executor is not None:
+            jobs = min(jobs or cores, len(tasks))
+            print(f"ablate: {what}, {getattr(executor, 'description', executor)}; run folders in {grid.runs_dir}",
+                  file=stream)
+            start_progress()
+            executor(tasks, jobs, threads, finish)
+        elif not targets:
+            jobs = min(jobs or cores, len(tasks))
+            workers = "this process" if jobs == 1 else f"this process and {jobs - 1} spawned worker(s)"
+            print(f"ablate: {what}, {workers}, {threads} thread(s) each; run folders in {grid.runs_dir}", file=stream)
+            start_progress()
+            _execute(tasks, jobs, threads, finish)
+        else:
+            _run_on_cuda(grid, tasks, targets, jobs=jobs, threads=threads, cores=cores, cell_memory_mib=cell_memory_mib,
+                         what=what, batched=batched, stream=stream, finish=finish, start_progress=start_progress)
     except KeyboardInterrupt:
-        progress.close()
-        print(f"ablate: interrupted; {progress.done} of {len(cells)} runs are done and kept. Rerun the same command "
-              "to continue.", file=stream)
+        for b in bar:
+            b.close()
+        print(f"ablate: interrupted; {bar[0].done if bar else done:g} of {len(cells)} runs are done and kept. Rerun "
+              "the same command to continue.", file=stream)
         raise
-    progress.close()
+    for b in bar:
+        b.close()
+    if batched:
+        print(batched_summary(modes["batched"], modes["fallback"]), file=stream)
     return {"total": len(cells), "skipped": before, "ran": len(todo), "adopted": adopted}
 
 
+def batched_summary(batched: Sequence[str], fallback: Sequence[str]) -> str:
+    """``ablate --batched``'s one line: how many runs trained stacked, how many separately and why."""
+    line = f"ablate: --batched: {len(batched)} run(s) trained in stacked groups, {len(fallback)} separately"
+    if fallback:
+        counts: dict[str, int] = {}
+        for reason in fallback:
+            counts[reason] = counts.get(reason, 0) + 1
+        line += " (" + "; ".join(f"{n} x {reason}" for reason, n in counts.items()) + ")"
+    return line + " (each run's batched.started / batched.fallback event says which)"
+
+
+def _run_on_cuda(grid: Grid, tasks: list[AnyTask], targets: list[int], *, jobs: int | None, threads: int, cores: int,
+                 cell_memory_mib: float | None, what: str, batched: bool, stream: IO[str],
+                 finish: Callable[[dict[str, Any]], None], start_progress: Callable[[], None]) -> None:
+    """The local pool on CUDA: one GPU per worker, round-robin; without ``jobs``, the memory-aware default."""
+    first = f"cuda:{targets[0]}"
+    unit = "batched group" if batched else "cell"
+    rest = list(tasks)
+    if jobs is None and cell_memory_mib is None and len(tasks) > 1:
+        print(f"ablate: {what}; running the first {unit} in this process on {first} to measure its GPU memory "
+              "(pass --jobs N or --cell-memory MiB to skip)", file=stream)
+        start_progress()
+        placement.reset_peak(first)
+        _execute([rest.pop(0)], 1, threads, finish, devices=[first])
+        peak = placement.peak_reserved(first)
+        placement.release_cached(first)
+        task_bytes = peak + placement.CONTEXT_MIB * placement.MIB
+        decision = placement.cuda_jobs(gpus=len(targets), free_bytes=[placement.free_memory(k) for k in targets],
+                                       task_bytes=task_bytes, cores=cores, what=unit)
+        print(decision.line, file=stream)
+        jobs = decision.total
+    elif jobs is None and cell_memory_mib is not None:
+        decision = placement.cuda_jobs(gpus=len(targets), free_bytes=[placement.free_memory(k) for k in targets],
+                                       task_bytes=int(cell_memory_mib * placement.MIB), cores=cores, what=unit,
+                                       measured=False)
+        print(decision.line, file=stream)
+        jobs = decision.total
+    jobs = max(1, min(jobs or 1, len(rest)))
+    devices = placement.worker_devices(targets, jobs)
+    workers = "this process" if jobs == 1 else f"this process and {jobs - 1} spawned worker(s)"
+    on = ", ".join(f"{d} x {devices.count(d)}" for d in dict.fromkeys(devices))
+    print(f"ablate: {what if len(rest) == len(tasks) else f'{len(rest)} task(s) left'}, {workers} on {on}, "
+          f"{threads} thread(s) each; run folders in {grid.runs_dir}", file=stream)
+    start_progress()
+    _execute(rest, jobs, threads, finish, devices=devices)

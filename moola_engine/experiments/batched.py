@@ -565,13 +565,16 @@ def train_batched(
     extra_plugins: tuple[Any, ...] = (),
     stream: IO[str] | None = None,
     capture: bool = False,
+    pinned: dict[str, Any] | None = None,
 ) -> list[Any]:
     """Train ``cfgs`` (one run each), batching the runs of equal shape into one stacked computation.
 
     ``strategy``: one name for every run, or one per config (None: the config's ``run.strategy``).
+    ``pinned``: ``[train]`` values from the command line, as :func:`~moola_engine.runs.train.train` takes them.
     Returns, in order, each run's :class:`~moola_engine.train.RunOutcome`, or the exception that ended it
     (a run's failure, a failed check included, ends that run only).  Every run has its own run folder.
     """
+    from moola_engine.core.preflight import seed_everything
     from moola_engine.runs.train import train
 
     cfgs = list(cfgs)
@@ -582,8 +585,13 @@ def train_batched(
 
     def target(slot: _Slot, name: str | None) -> None:
         try:
+            # as an ablation cell (workers.run_cell) and every separate run start: the global RNGs from this run's
+            # seed, whatever the previous run's set-up drew (the runs are set up one at a time, so no other
+            # thread draws meanwhile)
+            seed_everything(slot.cfg.train.seed)
             slot.outcome = train(slot.cfg, strategy=name, strategies_file=strategies_file,
-                                 extra_plugins=extra_plugins, stream=stream, capture=capture, fit_fn=slot.fit_fn)
+                                 extra_plugins=extra_plugins, stream=stream, capture=capture, fit_fn=slot.fit_fn,
+                                 pinned=pinned)
         except BaseException as exc:
             slot.outcome = exc
         finally:

@@ -7,11 +7,12 @@ import shlex
 import sys
 from collections.abc import Callable
 
-from moola_engine.cli.commands.argtypes import positive_int, writable_output
+from moola_engine.cli.commands.argtypes import positive_float, positive_int, writable_output
 from moola_engine.errors import ConfigError
 from moola_engine.experiments import grid as grid_mod
 from moola_engine.experiments.ablation import run_grid
 from moola_engine.experiments.grid import Grid, build_grid, default_out, load_grid_config
+from moola_engine.experiments.placement import parse_devices
 from moola_engine.experiments.workers import default_jobs
 
 
@@ -30,8 +31,22 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> argp
     p.add_argument("--folds", type=positive_int, help="folds per seed (default: data.folds of the config)")
     p.add_argument("--epochs", type=positive_int, help="override train.epochs, an arm's own [strategy.NAME.train] epochs too "
                                                        "(a different grid: use a different --out)")
-    p.add_argument("--jobs", type=positive_int, help=f"worker processes (default: cores = {default_jobs()})")
-    p.add_argument("--threads", type=positive_int, help="torch threads per worker (default: cores // jobs)")
+    p.add_argument("--jobs", type=positive_int,
+                   help=f"worker processes (default: cores = {default_jobs()}; on CUDA, from the first cell's GPU "
+                        "memory: see --cell-memory); on CUDA they share the GPUs round-robin")
+    p.add_argument("--threads", type=positive_int, help="torch threads per worker (default: cores // jobs; 1 on CUDA)")
+    p.add_argument("--devices", metavar="I,J,...",
+                   help="cells on CUDA: the GPUs the workers share, one per worker, round-robin (default: every "
+                        "visible GPU, or the N of train.device = \"cuda:N\")")
+    p.add_argument("--cell-memory", type=positive_float, metavar="MiB",
+                   help="cells on CUDA, no --jobs: the GPU memory one cell (or batched group) takes, CUDA context "
+                        "included, instead of measuring the first one; sets the jobs per GPU")
+    p.add_argument("--batched", action="store_true",
+                   help="train the cells in stacked groups (same fold and label budget, arms and seeds together) as "
+                        "one vmapped computation each; every cell keeps its own run folder, events and marker, "
+                        "results equal separate runs to float rounding; not with --backend ray (yet)")
+    p.add_argument("--batch-size-runs", type=positive_int, metavar="K",
+                   help="--batched: at most K runs per group (default: 16)")
     p.add_argument("--out", help="grid folder (default: <run.runs_dir>/ablate-<preset or config name>); "
                                  "rerun with the same folder to resume")
     p.add_argument("--report-only", action="store_true", help="only (re)write the report from finished runs")
@@ -55,6 +70,9 @@ def run(args: argparse.Namespace) -> int:
     from moola_engine.experiments.report import console_summary, write_report
     from moola_engine.experiments.summary import collect, summarize
 
+    if args.batch_size_runs is not None and not args.batched:
+        raise ConfigError("--batch-size-runs", "only with --batched")
+    devices = parse_devices(args.devices) if args.devices is not None else None
     preset = grid_mod.get_preset(args.preset) if args.preset else None
     cfg = load_grid_config(args.config, preset)
     if args.epochs is not None:
@@ -90,7 +108,8 @@ def run(args: argparse.Namespace) -> int:
     for w in grid.warnings:
         print(f"WARNING: {w}", file=sys.stderr)
     if not args.report_only:
-        run_grid(grid, jobs=args.jobs, threads=args.threads, executor=ray_executor(args))
+        run_grid(grid, jobs=args.jobs, threads=args.threads, executor=ray_executor(args), devices=devices,
+                 cell_memory_mib=args.cell_memory, batched=args.batched, batch_size_runs=args.batch_size_runs or 16)
     elif not (grid.out / "grid.json").is_file():
         raise ConfigError("--report-only", f"{grid.out} holds no ablation (no grid.json)")
     records, missing = collect(grid)
@@ -164,6 +183,8 @@ def rerun_command(grid: Grid, args: argparse.Namespace) -> str:
         parts += ["--epochs", str(args.epochs)]
     if args.strategies_file:
         parts += ["--strategies-file", args.strategies_file]
+    if getattr(args, "batched", False):  # results equal separate runs' only to float rounding: say how they ran
+        parts += ["--batched", "--batch-size-runs", str(getattr(args, "batch_size_runs", None) or 16)]
     if getattr(args, "backend", "local") == "ray":
         parts += ["--backend", "ray"] + (["--address", args.address] if args.address else [])
     parts += ["--out", str(grid.out)]
