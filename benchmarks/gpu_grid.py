@@ -26,6 +26,7 @@ import io
 import json
 import os
 import platform
+import signal
 import sys
 import tempfile
 import time
@@ -122,6 +123,8 @@ def parse_point(text: str) -> tuple[int | None, bool]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # gpu_check.sh runs this under `timeout`: SIGTERM as SystemExit, so the `finally` below removes the config
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--task", choices=["seed", "mlp"], help="default: seed where moola_ohlc is installed, else mlp")
     ap.add_argument("--points", default="1,2,4,8,auto", help="comma-separated: N (--jobs N), auto, bN (--batched)")

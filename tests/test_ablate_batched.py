@@ -163,7 +163,7 @@ def test_batched_flags_are_checked_before_any_run(experiment: Path, capsys: pyte
     code, err = ablate(capsys, experiment, "g", "--batch-size-runs", "4")
     assert code == 2 and "--batch-size-runs: only with --batched" in err
     code, err = ablate(capsys, experiment, "g", "--batched", "--backend", "ray")
-    assert code == 2 and "--batched: the local pool's (not with --backend ray yet)" in err
+    assert code == 2 and "--batched: only with the local pool (not with --backend ray yet)" in err
     code, err = ablate(capsys, experiment, "g", "--devices", "0,x")
     assert code == 2 and "--devices: expected comma-separated GPU indices" in err
     code, err = ablate(capsys, experiment, "g", "--devices", "0")

@@ -600,3 +600,21 @@ def test_checks_every_checks_the_steps_after_the_last_epoch_check_at_an_early_st
     assert engine.result.epochs_run == 2
     [last] = _intervals(log, "head")  # epoch 1 is no check epoch (every 3): the fit's end checks its steps
     assert (last["reason"], last["from_step"], last["to_step"], last["ok"]) == ("fit end", 0, engine.step, True)
+
+
+def test_checks_every_still_checks_every_epoch_that_writes_a_checkpoint(tmp_path: Any) -> None:
+    from moola_engine.config import CheckpointConfig
+    from moola_engine.runs.checkpoint import Checkpointer
+
+    checks = ChecksConfig(every=10)
+    log = RunLog(None, console="none", capture=True)
+    observers = tuple(p for _, p in build_checks(checks))
+    saver = Checkpointer(tmp_path, CheckpointConfig(every=2))
+    engine = make_engine(named("immediate"), epochs=5, extra=observers, checks=checks, runlog=log)
+    from moola_engine.core.plugins import register_checked
+
+    register_checked(engine.pm, saver, name="checkpointer")  # last, as build_observers registers it
+    engine.fit()
+    # saved at epochs 1 and 3 (every 2) and 4 (the last): exactly those are checked, no checkpoint holds
+    # weights the checks have not seen, and a resumed run's checks start from checked weights
+    assert [e["epoch"] for e in _intervals(log, "head")] == [1, 3, 4]

@@ -103,3 +103,30 @@ def test_a_masked_weight_moved_before_the_release_is_still_a_violation() -> None
     engine = make_engine(MovesMaskedThenReleases(1), epochs=3, extra=_checks())
     with pytest.raises(CheckFailed, match="held frozen by the biases mask changed"):
         engine.fit()
+
+
+class NudgeAt:
+    """Moves a weight the mask holds frozen after one step (a planted bug)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    @hookimpl
+    def after_step(self, engine: Any, step: int) -> None:
+        if step == self.step:
+            with torch.no_grad():
+                engine.model.enc0.weight.add_(1e-3)
+
+
+@pytest.mark.parametrize("snapshots", ["exact", "fingerprint"])
+def test_a_masked_weight_moved_in_an_epoch_no_check_covered_is_caught_when_the_mask_is_released(
+        snapshots: str) -> None:
+    # checks.every = 2: epoch 2's end is not checked; the mask is released at epoch 3's start. The release ends
+    # an interval, which must compare the weights as they are now (not what epoch 1's check measured).
+    checks = ChecksConfig(every=2, grad_flow=False, lr_mask=False, snapshots=snapshots)
+    observers = tuple(obj for _, obj in build_checks(checks))
+    steps_per_epoch = 4  # conftest's tiny data: 64 rows, batch 16
+    engine = make_engine(BiasesFirst(release=3), epochs=4, checks=checks,
+                         extra=(*observers, NudgeAt(2 * steps_per_epoch + 1)))
+    with pytest.raises(CheckFailed, match="parameters of group encoder.layer0 held frozen by the biases mask changed"):
+        engine.fit()

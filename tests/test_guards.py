@@ -225,3 +225,17 @@ def test_poison_hook_is_inert_when_disarmed() -> None:
     b = make_engine(named("immediate"), epochs=2, extra=(PoisonGrad(-1, "enc1.weight"),))
     b.fit()
     assert all(torch.equal(x, y) for x, y in zip(a.model.state_dict().values(), b.model.state_dict().values()))
+
+
+def test_epoch_guard_probes_trainable_weights_the_last_step_gave_no_gradient() -> None:
+    # a branch the epoch's last step skipped has grad None, yet it trained earlier in the epoch
+    engine = make_engine(named("immediate"), epochs=1, train_kwargs={"grad_guard": "epoch"})
+    engine.fit()
+    weight = engine.model.enc1.weight
+    weight.grad = None
+    with torch.no_grad():
+        weight[0, 0] = float("nan")
+    finite = [torch.tensor(0.5)]
+    with pytest.raises(MoolaError, match=r"non-finite weights after epoch 7 in group encoder.layer1 "
+                                         r"\(first tensor: enc1.weight\)"):
+        engine._epoch_loss(finite, [16], 16, 7, 0, [])

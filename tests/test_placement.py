@@ -247,7 +247,7 @@ def test_grid_flags_that_need_the_local_pool(tmp_path: Path) -> None:
 
     for kw, flag in (({"batched": True}, "--batched"), ({"devices": [0]}, "--devices"),
                      ({"cell_memory_mib": 100.0}, "--cell-memory")):
-        with pytest.raises(ConfigError, match=f"^{flag}: the local pool's"):
+        with pytest.raises(ConfigError, match=f"^{flag}: only with the local pool"):
             run_grid(grid, stream=io.StringIO(), executor=executor, **kw)
     assert not (grid.out / "cells").exists()
 

@@ -111,6 +111,7 @@ class _DeltaObserver(_Observer):
             # a mask set or released mid-run ends an interval, like a transition: judge the steps before it
             # by the old mask, start the next interval with the new one
             if when == "before":
+                self._begin()  # what the last check measured no longer stands for the weights now
                 self._checkpoint(engine, reason=f"mask {group}")
             else:
                 self._take_refs(engine)
@@ -190,13 +191,6 @@ class _DeltaObserver(_Observer):
         self._fresh = {}
         self._unchanged_now: dict[str, tuple[Any, Any]] = {}  # exact: group -> (snapshot, Delta) found equal
 
-    def _begin_transition(self, engine: Any) -> None:
-        """:meth:`_begin` at a freeze transition.  When no step ran since the last interval check (a transition
-        at an epoch's start), its fingerprints stand for the weights now: no second pass over them."""
-        self._begin()
-        if engine.step == self.ref_step and hasattr(self.store, "compare"):
-            self._fresh = dict(self.ref)
-
     def _unchanged(self, groups: list[str]) -> None:
         """Groups an interval check has just found bitwise unchanged (exact; fingerprint: no checksum changed)."""
 
@@ -273,17 +267,17 @@ class _DeltaObserver(_Observer):
 
     @hookimpl(trylast=True)
     def on_freeze(self, engine: Any, group: str) -> None:
-        self._begin_transition(engine)
+        self._begin()
         self._checkpoint(engine, reason=f"freeze {group}")
 
     @hookimpl(trylast=True)
     def on_unfreeze(self, engine: Any, group: str) -> None:
-        self._begin_transition(engine)
+        self._begin()
         self._checkpoint(engine, reason=f"unfreeze {group}")
 
     @hookimpl(trylast=True)
     def on_epoch_end(self, engine: Any, epoch: int) -> None:
-        if (epoch + 1) % self.cfg.every and epoch + 1 < engine.config.epochs:
+        if (epoch + 1) % self.cfg.every and epoch + 1 < engine.config.epochs and not _saving(engine, epoch):
             return  # checks.every: not this epoch (the next check, or the fit's end, covers its steps)
         self._begin()
         self._checkpoint(engine, reason="epoch end")
@@ -293,6 +287,14 @@ class _DeltaObserver(_Observer):
         if engine.step != self.ref_step:  # steps no epoch-end check covered (checks.every, an early stop)
             self._begin()
             self._checkpoint(engine, reason="fit end")
+
+
+def _saving(engine: Any, epoch: int) -> bool:
+    """True when a checkpoint is written at the end of ``epoch``: its weights are checked first, whatever
+    ``checks.every`` says (a resumed run starts its checks from them, and no checkpoint holds unchecked steps)."""
+    pm = getattr(engine, "pm", None)
+    saver = pm.get_plugin("checkpointer") if pm is not None else None
+    return bool(saver is not None and hasattr(saver, "reasons") and saver.reasons(engine, epoch))
 
 
 class WeightDeltaCheck(_DeltaObserver):
@@ -454,12 +456,12 @@ class WeightDeltaCheck(_DeltaObserver):
 
     @hookimpl(trylast=True)
     def on_freeze(self, engine: Any, group: str) -> None:
-        self._begin_transition(engine)
+        self._begin()
         self._transition(engine, group, reason=f"freeze {group}")
 
     @hookimpl(trylast=True)
     def on_unfreeze(self, engine: Any, group: str) -> None:
-        self._begin_transition(engine)
+        self._begin()
         self._transition(engine, group, reason=f"unfreeze {group}")
 
     @hookimpl(trylast=True)

@@ -13,8 +13,8 @@ as tensors; the caller reads them back in one host sync per check.
     elements is packed into a second buffer set and compared whole-buffer, a
     larger one is compared against the live tensors block by block and copied
     into its own buffers while each block is in the cache.  No interval
-    allocates; on the CPU a frozen group above ``SMALL`` costs one ``torch.equal``
-    per tensor and no copy.
+    allocates; on the CPU a frozen group above ``SMALL`` costs one bitwise ``memcmp``
+    per tensor (:func:`same_bits`) and no copy.
 
 ``fingerprint``
     No copy: per chunk of ``CHUNK`` (1024) elements of each tensor, ``CHECKSUMS`` (5) exact integer
@@ -390,8 +390,10 @@ def _compare_live(named: list[tuple[str, torch.Tensor]], snap: FlatSnapshot, dev
             if id(b) not in moved_ids:
                 if t.is_floating_point():
                     ref_sq += float(torch.linalg.vector_norm(b)) ** 2
-                if a is not None and against_sq is not None:
-                    against_sq += float(torch.linalg.vector_norm(_diff(t, a, scratch))) ** 2
+                if a is not None and against_sq is not None:  # block by block: no temporary above a block
+                    tf, af = t.reshape(-1), a.reshape(-1)
+                    for s in _slices(tf.numel(), block):
+                        against_sq += float(torch.linalg.vector_norm(_diff(tf[s], af[s], scratch))) ** 2
                 continue
             tf, bf = t.reshape(-1), b.view(-1)
             af = a.reshape(-1) if a is not None else None

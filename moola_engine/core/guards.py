@@ -48,7 +48,7 @@ class LossGuard(EngineBase):
             if loss_step >= 0 or max(grad_steps, default=-1) >= 0:
                 self._nonfinite(epoch, loss_step, grad_steps)
         else:
-            bad_weights = [p.grad is not None and not bool(torch.isfinite(p.detach()).all())
+            bad_weights = [self._probed(g.name, p) and not bool(torch.isfinite(p.detach()).all())
                            for g in self.groups for _, p in g.params]
             if loss_step >= 0 or any(bad_weights):
                 self._nonfinite(epoch, loss_step, [], bad_weights=bad_weights, steps=(first_step, self.step - 1))
@@ -58,8 +58,12 @@ class LossGuard(EngineBase):
                          f"(per rank [loss sum, {what} sum]: {values}); lower train.lr or set train.grad_clip")
 
     def _trained_weights(self) -> list[torch.Tensor]:
-        """The parameters the epoch's last step trained (they hold a gradient until the next step's zero_grad)."""
-        return [p.detach() for g in self.groups for _, p in g.params if p.grad is not None]
+        """The parameters the epoch may have trained: every ``requires_grad`` parameter of a group trainable now,
+        and any other holding a gradient (a step that skipped a branch leaves it without one, yet it trained)."""
+        return [p.detach() for g in self.groups for _, p in g.params if self._probed(g.name, p)]
+
+    def _probed(self, group: str, p: torch.Tensor) -> bool:
+        return p.grad is not None or (p.requires_grad and self.freezer.is_trainable(group))
 
     @staticmethod
     @torch.no_grad()

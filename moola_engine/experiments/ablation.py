@@ -188,7 +188,7 @@ def _check_local_flags(executor: Any, *, devices: Sequence[int] | None, cell_mem
     given = [f for f, v in (("--devices", devices is not None), ("--cell-memory", cell_memory_mib is not None),
                             ("--batched", batched)) if v]
     if executor is not None and given:
-        raise ConfigError(", ".join(given), "the local pool's (not with --backend ray yet)")
+        raise ConfigError(", ".join(given), "only with the local pool (not with --backend ray yet)")
 
 
 def run_grid(grid: Grid, *, jobs: int | None = None, threads: int | None = None, stream: IO[str] | None = None,
@@ -335,6 +335,9 @@ def _run_on_cuda(grid: Grid, tasks: list[AnyTask], targets: list[int], *, jobs: 
         placement.reset_peak(first)
         _execute([rest.pop(0)], 1, threads, finish, devices=[first])
         peak = placement.peak_reserved(first)
+        import gc
+
+        gc.collect()  # the measured cell's tensors in reference cycles: freed before the free-memory query
         placement.release_cached(first)
         task_bytes = peak + placement.CONTEXT_MIB * placement.MIB
         decision = placement.cuda_jobs(gpus=len(targets), free_bytes=[placement.free_memory(k) for k in targets],

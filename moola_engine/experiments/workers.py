@@ -179,7 +179,11 @@ def _batched_mode(run_dir: Path) -> dict[str, str]:
     """How ``train_batched`` trained a run, from its event log."""
     from moola_engine.logs import Event, read_events
 
-    for e in read_events(run_dir / "events.jsonl"):
+    try:
+        events = read_events(run_dir / "events.jsonl")
+    except MoolaError as exc:  # the summary line only: the run itself finished and is marked done
+        return {"mode": "fallback", "reason": f"unknown (its event log: {exc})"}
+    for e in events:
         if e.get("event") == Event.BATCHED_FALLBACK:
             return {"mode": "fallback", "reason": str(e.get("reason", ""))}
         if e.get("event") == Event.BATCHED_STARTED:

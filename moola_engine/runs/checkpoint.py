@@ -319,8 +319,9 @@ class Checkpointer:
     def on_unfreeze(self, engine: Any) -> None:
         self._transitioned = True
 
-    @hookimpl(trylast=True)
-    def on_epoch_end(self, engine: Any, epoch: int) -> None:
+    def reasons(self, engine: Any, epoch: int) -> list[str]:
+        """Why a checkpoint is written at the end of ``epoch`` (empty: none is).  The weight checks ask too
+        (``checks.every``): an epoch that is saved is always checked first."""
         reasons = []
         if (epoch + 1) % self.cfg.every == 0:
             reasons.append("every")
@@ -330,6 +331,11 @@ class Checkpointer:
             reasons.append("before-transition")
         if epoch == engine.epochs - 1:
             reasons.append("last")
+        return reasons
+
+    @hookimpl(trylast=True)
+    def on_epoch_end(self, engine: Any, epoch: int) -> None:
+        reasons = self.reasons(engine, epoch)
         self._transitioned = False
         # the previous write is complete (or its error surfaces) before this epoch's state is taken: one write
         # in flight at most, and its host buffers are free to reuse
