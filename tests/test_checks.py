@@ -618,3 +618,63 @@ def test_checks_every_still_checks_every_epoch_that_writes_a_checkpoint(tmp_path
     # saved at epochs 1 and 3 (every 2) and 4 (the last): exactly those are checked, no checkpoint holds
     # weights the checks have not seen, and a resumed run's checks start from checked weights
     assert [e["epoch"] for e in _intervals(log, "head")] == [1, 3, 4]
+
+
+# --------------------------------------------------------------------------- fingerprints of a group still pretrained
+
+
+def _pretrained_run(strategy: Any, checks: ChecksConfig, rogue: tuple[Any, ...] = (), epochs: int = 3) -> Engine:
+    from conftest import tiny_data
+
+    from moola_engine.config import TrainConfig
+    from moola_engine.core.plugins import register_checked
+
+    torch.manual_seed(0)
+    pm, _ = build_plugin_manager()
+    for i, plugin in enumerate((*(p for _, p in build_checks(checks)), *rogue)):
+        register_checked(pm, plugin, name=f"extra-{i}")
+    register_checked(pm, strategy, name="strategy")
+    model = TinyNet()
+    loaded = {k: v.clone() for k, v in model.state_dict().items() if k.startswith("enc")}  # as train() loads them
+    return Engine(model, train=TrainConfig(epochs=epochs, batch_size=16, lr=1e-2, seed=0, device="cpu"),
+                  groups=TINY_GROUPS, pm=pm, strategy=strategy, train_data=tiny_data(), val_data=tiny_data(32, seed=1),
+                  checks=checks, pretrained=loaded)
+
+
+def test_fingerprints_of_a_group_still_equal_to_its_pretrained_weights_take_no_pass(monkeypatch: Any) -> None:
+    from moola_engine.checks.snapshots import FingerprintStore
+
+    passes: list[tuple[int, ...]] = []
+    real = FingerprintStore.fingerprint
+
+    def counting(self: Any, t: torch.Tensor) -> Any:
+        passes.append(tuple(t.shape))
+        return real(self, t)
+
+    monkeypatch.setattr(FingerprintStore, "fingerprint", counting)
+    checks = ChecksConfig(snapshots="fingerprint", grad_flow=False, bn_stats=False, lr_mask=False)
+    engine = _pretrained_run(named("frozen"), checks, epochs=4)
+    engine.fit()
+    enc = tuple(engine.model.enc0.weight.shape)
+    # the frozen encoder: fingerprinted once at fit start (its reference, which its pretrained weights then share);
+    # every later check finds it bitwise equal to the loaded tensors by memcmp
+    assert passes.count(enc) == 1
+    assert passes.count(tuple(engine.model.head.weight.shape)) >= 4  # the head moves: a pass every check
+
+
+def test_a_frozen_group_that_moved_away_from_its_pretrained_weights_is_still_caught() -> None:
+    checks = ChecksConfig(snapshots="fingerprint", grad_flow=False, lr_mask=False)
+    engine = _pretrained_run(named("frozen"), checks, rogue=(NudgeFrozen(step=5),), epochs=3)
+    with pytest.raises(CheckFailed, match=r"frozen group encoder.layer0 changed in epoch 1"):
+        engine.fit()
+
+
+class NudgeFrozen:
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    @hookimpl
+    def after_step(self, engine: Any, step: int) -> None:
+        if step == self.step:
+            with torch.no_grad():
+                engine.model.enc0.weight.view(-1)[3] += 1e-3

@@ -147,7 +147,7 @@ class _DeltaObserver(_Observer):
                 continue  # nothing of the group is still checked here (a mask released: MaskedParamsCheck)
             if compare is not None:
                 if n not in self._fresh or list(self._fresh[n]) != [name for name, _ in named]:
-                    self._fresh[n] = self.store.take(named)
+                    self._fresh[n] = self._known_fingerprint(n, named) or self.store.take(named)
                 deltas[n] = compare(snaps[n], self._fresh[n], engine.device)
                 if taken is not None:
                     taken[n] = self._fresh[n]
@@ -200,6 +200,11 @@ class _DeltaObserver(_Observer):
 
     def _against(self, group: str, named: list[tuple[str, torch.Tensor]]) -> Any:
         """A second snapshot the interval comparison should also measure the distance to (None: none)."""
+        return None
+
+    def _known_fingerprint(self, group: str, named: list[tuple[str, torch.Tensor]]) -> Any:
+        """Fingerprint mode: the fingerprints of ``named`` as they are now without a pass over them, when
+        they are known (None: take them)."""
         return None
 
     def _measured_against(self, group: str, against_sq: float) -> None:
@@ -321,6 +326,7 @@ class WeightDeltaCheck(_DeltaObserver):
         self.phase_epoch = dict.fromkeys(self.ref, engine.epoch)
         self.pretrained: dict[str, Any] = {}
         self._pre_sq: dict[str, float] = {}  # ||w_pretrained||² per group (host path), measured once
+        self._pre_tensors: dict[str, dict[str, torch.Tensor]] = {}  # fingerprint mode: the loaded tensors
         pre = getattr(engine, "pretrained", None) or {}
         for g in engine.groups:
             named = [(n, pre[n].to(engine.device)) for n, _ in g.params if n in pre]
@@ -330,6 +336,8 @@ class WeightDeltaCheck(_DeltaObserver):
                 # comparison measures its distance whole-buffer (a few MB at most)
                 small = isinstance(self.store, ExactStore) and sum(t.numel() for _, t in named) < SMALL
                 names = [n for n, _ in named]
+                if not isinstance(self.store, ExactStore):
+                    self._pre_tensors[g.name] = dict(named)  # references to the loaded tensors, no copy
                 ref = self.ref.get(g.name)
                 live = dict(g.params)
                 if (not isinstance(self.store, ExactStore) and isinstance(ref, dict) and all(n in ref for n in names)
@@ -354,6 +362,18 @@ class WeightDeltaCheck(_DeltaObserver):
 
     def _held(self, group: str, snap: Any) -> bool:
         return self.phase.get(group) is snap  # at fit start the phase snapshot is the interval snapshot
+
+    def _known_fingerprint(self, group: str, named: list[tuple[str, torch.Tensor]]) -> Any:
+        # A group still bitwise equal to its pretrained weights (frozen since the fit started) has their
+        # fingerprints: one memcmp per tensor instead of a fingerprint pass, about 4x cheaper on the CPU, and
+        # 1 us per tensor once the group has moved (memcmp stops at the first difference).
+        entry = self.pretrained.get(group)
+        loaded = self._pre_tensors.get(group)
+        if entry is None or loaded is None or entry[1] != [n for n, _ in named]:
+            return None
+        if not all(t.device.type == "cpu" for _, t in named):
+            return None  # on an accelerator each comparison would be a host sync: take the fingerprints
+        return entry[0] if all(same_bits(t.detach(), loaded[n]) for n, t in named) else None
 
     def _against(self, group: str, named: list[tuple[str, torch.Tensor]]) -> Any:
         # the exact store on the host path: the distance from the pretrained weights in the interval's pass
