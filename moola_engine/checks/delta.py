@@ -104,6 +104,7 @@ class _DeltaObserver(_Observer):
     def _start(self, engine: Any) -> None:
         self.store = make_store(self.cfg.snapshots)
         self._begin()
+        self._before_refs(engine)
         self._take_refs(engine)
         self.moved = dict.fromkeys(self.ref, False)
 
@@ -121,9 +122,16 @@ class _DeltaObserver(_Observer):
         mask_changed.observer = self  # type: ignore[attr-defined]
         listeners.append(mask_changed)
 
+    def _before_refs(self, engine: Any) -> None:
+        """At fit start, before the first snapshots are taken."""
+
+    def _snapshot(self, group: str, named: list[tuple[str, torch.Tensor]]) -> Any:
+        """A snapshot of ``named`` (the group's checked tensors) as they are now."""
+        return self.store.take(named)
+
     def _take_refs(self, engine: Any) -> None:
         groups = self._groups(engine)
-        self.ref = {g.name: self.store.take(self._named(engine, g)) for g in groups}
+        self.ref = {g.name: self._snapshot(g.name, self._named(engine, g)) for g in groups}
         self.ref_state = {g.name: engine.freezer.is_trainable(g.name) for g in groups}
         self.ref_lr = {g.name: self._opt_lr(engine, g.name) for g in groups}
         self.ref_step = engine.step
@@ -171,6 +179,7 @@ class _DeltaObserver(_Observer):
             against = self._against(n, named) if reuse else None
             if against is None:
                 deltas[n], taken[n] = self.store.delta_and_take(snaps[n], named, engine.device, reuse=reuse)
+                self._measured_since(n, snaps[n], deltas[n])
             else:  # the distance from the pretrained weights measured in the same pass
                 deltas[n], taken[n] = self.store.delta_and_take(snaps[n], named, engine.device, reuse=True,
                                                                 against=against)  # type: ignore[call-arg]
@@ -209,6 +218,9 @@ class _DeltaObserver(_Observer):
 
     def _measured_against(self, group: str, against_sq: float) -> None:
         """What the interval comparison measured against :meth:`_against`'s snapshot: ||now - it||²."""
+
+    def _measured_since(self, group: str, snap: Any, delta: Any) -> None:
+        """An interval comparison of ``group`` against ``snap`` gave ``delta``."""
 
     def _checkpoint(self, engine: Any, reason: str) -> None:
         steps = engine.step - self.ref_step
@@ -318,36 +330,62 @@ class WeightDeltaCheck(_DeltaObserver):
             return "zero"
         return "nonzero" if steps > 0 else "any"
 
+    def _before_refs(self, engine: Any) -> None:
+        # The pretrained weights as loaded: the loaded tensors are never written to, so the exact store refers
+        # to them instead of copying, except a small group's (under SMALL elements), packed into one buffer so
+        # that the interval comparison measures its distance whole-buffer (a few MB at most).  Fingerprint
+        # mode keeps references to them (no copy) and takes their fingerprints with the first snapshots.
+        self.pretrained: dict[str, Any] = {}
+        self._pre_sq: dict[str, float] = {}  # ||w_pretrained||² per group (host path), measured once
+        self._pre_tensors: dict[str, dict[str, torch.Tensor]] = {}
+        pre = getattr(engine, "pretrained", None) or {}
+        exact = isinstance(self.store, ExactStore)
+        for g in engine.groups:
+            named = [(n, pre[n].to(engine.device)) for n, _ in g.params if n in pre]
+            if not named:
+                continue
+            self._pre_tensors[g.name] = dict(named)  # references to the loaded tensors, no copy
+            if exact:
+                small = sum(t.numel() for _, t in named) < SMALL
+                refer = self.store.take if small else getattr(self.store, "refer", self.store.take)
+                self.pretrained[g.name] = (refer(named), [n for n, _ in named])
+
+    def _still_pretrained(self, group: str, named: list[tuple[str, torch.Tensor]]) -> bool:
+        """True when ``named`` is bitwise the group's loaded tensors, name for name (a memcmp per tensor on the
+        CPU, which stops at the first difference)."""
+        loaded = self._pre_tensors.get(group)
+        return (loaded is not None and list(loaded) == [n for n, _ in named]
+                and all(same_bits(t.detach(), loaded[n]) for n, t in named))
+
+    def _snapshot(self, group: str, named: list[tuple[str, torch.Tensor]]) -> Any:
+        # exact: a group that is still its pretrained weights (as train() starts it) has them as its snapshot:
+        # no copy until it moves (a group frozen for the whole run is never copied)
+        entry = self.pretrained.get(group)
+        if entry is not None and isinstance(self.store, ExactStore) and self._still_pretrained(group, named):
+            return entry[0]
+        return self.store.take(named)
+
     def _start(self, engine: Any) -> None:
         super()._start(engine)
         self.phase = dict(self.ref)
         self.phase_state = dict(self.ref_state)
         self.phase_step = dict.fromkeys(self.ref, engine.step)
         self.phase_epoch = dict.fromkeys(self.ref, engine.epoch)
-        self.pretrained: dict[str, Any] = {}
-        self._pre_sq: dict[str, float] = {}  # ||w_pretrained||² per group (host path), measured once
-        self._pre_tensors: dict[str, dict[str, torch.Tensor]] = {}  # fingerprint mode: the loaded tensors
-        pre = getattr(engine, "pretrained", None) or {}
-        for g in engine.groups:
-            named = [(n, pre[n].to(engine.device)) for n, _ in g.params if n in pre]
-            if named:
-                # the loaded tensors are never written to: the exact store refers to them instead of copying,
-                # except a small group's (under SMALL elements), packed into one buffer so that the interval
-                # comparison measures its distance whole-buffer (a few MB at most)
-                small = isinstance(self.store, ExactStore) and sum(t.numel() for _, t in named) < SMALL
-                names = [n for n, _ in named]
-                if not isinstance(self.store, ExactStore):
-                    self._pre_tensors[g.name] = dict(named)  # references to the loaded tensors, no copy
-                ref = self.ref.get(g.name)
-                live = dict(g.params)
-                if (not isinstance(self.store, ExactStore) and isinstance(ref, dict) and all(n in ref for n in names)
-                        and all(same_bits(live[n].detach(), t) for n, t in named)):
-                    # fingerprints: the loaded tensors are the weights the run starts from (as train() loads
-                    # them), so the reference fingerprints taken a moment ago are theirs too: no second pass
-                    self.pretrained[g.name] = ({n: ref[n] for n in names}, names)
-                    continue
-                refer = self.store.take if small else getattr(self.store, "refer", self.store.take)
-                self.pretrained[g.name] = (refer(named), names)
+        if isinstance(self.store, ExactStore):
+            return
+        by_name = {g.name: g for g in engine.groups}
+        for group, loaded in self._pre_tensors.items():
+            named = list(loaded.items())
+            names = list(loaded)
+            ref = self.ref.get(group)
+            live = dict(by_name[group].params)
+            if isinstance(ref, dict) and all(n in ref for n in names) and all(
+                    same_bits(live[n].detach(), t) for n, t in named):
+                # the loaded tensors are the weights the run starts from (as train() loads them), so the
+                # reference fingerprints taken a moment ago are theirs too: no second pass
+                self.pretrained[group] = ({n: ref[n] for n in names}, names)
+            else:
+                self.pretrained[group] = (self.store.take(named), names)
 
     def _begin(self) -> None:
         super()._begin()
@@ -361,19 +399,26 @@ class WeightDeltaCheck(_DeltaObserver):
                 self._dist[n] = self._dist_before[n]
 
     def _held(self, group: str, snap: Any) -> bool:
-        return self.phase.get(group) is snap  # at fit start the phase snapshot is the interval snapshot
+        # at fit start the phase snapshot is the interval snapshot; the pretrained snapshot is never refreshed
+        entry = self.pretrained.get(group)
+        return self.phase.get(group) is snap or (entry is not None and entry[0] is snap)
+
+    def _measured_since(self, group: str, snap: Any, delta: Any) -> None:
+        # an interval that started from the pretrained weights themselves measured the distance from them
+        entry = self.pretrained.get(group)
+        if entry is not None and entry[0] is snap and delta.host_values is not None:
+            self._dist[group] = delta.host_values[3]
 
     def _known_fingerprint(self, group: str, named: list[tuple[str, torch.Tensor]]) -> Any:
         # A group still bitwise equal to its pretrained weights (frozen since the fit started) has their
         # fingerprints: one memcmp per tensor instead of a fingerprint pass, about 4x cheaper on the CPU, and
         # 1 us per tensor once the group has moved (memcmp stops at the first difference).
         entry = self.pretrained.get(group)
-        loaded = self._pre_tensors.get(group)
-        if entry is None or loaded is None or entry[1] != [n for n, _ in named]:
+        if entry is None or entry[1] != [n for n, _ in named]:
             return None
         if not all(t.device.type == "cpu" for _, t in named):
             return None  # on an accelerator each comparison would be a host sync: take the fingerprints
-        return entry[0] if all(same_bits(t.detach(), loaded[n]) for n, t in named) else None
+        return entry[0] if self._still_pretrained(group, named) else None
 
     def _against(self, group: str, named: list[tuple[str, torch.Tensor]]) -> Any:
         # the exact store on the host path: the distance from the pretrained weights in the interval's pass
