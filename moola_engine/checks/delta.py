@@ -223,6 +223,9 @@ class _DeltaObserver(_Observer):
         """An interval comparison of ``group`` against ``snap`` gave ``delta``."""
 
     def _checkpoint(self, engine: Any, reason: str) -> None:
+        if not self.ref:  # nothing of any group is checked here (no BatchNorm, no mask): nothing to compare
+            self.ref_step = engine.step  # a mask set later retakes the snapshots (mask_changed)
+            return
         steps = engine.step - self.ref_step
         taken: dict[str, Any] = {}
         measured = self._measure(engine, self.ref, self.ref, taken)
@@ -566,7 +569,20 @@ class BnStatsCheck(_DeltaObserver):
     check = "bn_stats"
     ok_event = fail_event = Event.BN_STATS_CHECK
 
+    def _start(self, engine: Any) -> None:
+        self._bn: dict[str, list[tuple[str, torch.Tensor]]] = {}  # the groups' modules do not change in a fit
+        super()._start(engine)
+
     def _named(self, engine: Any, group: ParamGroup) -> list[tuple[str, torch.Tensor]]:
+        cache = getattr(self, "_bn", None)
+        if cache is None:
+            return self._find_bn(group)
+        if group.name not in cache:
+            cache[group.name] = self._find_bn(group)
+        return cache[group.name]
+
+    @staticmethod
+    def _find_bn(group: ParamGroup) -> list[tuple[str, torch.Tensor]]:
         seen: set[int] = set()
         out: list[tuple[str, torch.Tensor]] = []
         for mname, module in group.modules:
