@@ -15,6 +15,7 @@ import pytest
 import torch
 from torch import nn
 
+from moola_engine import hookimpl
 from moola_engine.config import ChecksConfig, GroupSpec, TrainConfig
 from moola_engine.core.data import TensorData
 from moola_engine.core.engine import Engine
@@ -109,3 +110,16 @@ def named(name: str, **params: Any) -> Any:
     obj = info.factory(structure(params, info.params, source="test"))
     obj.name = name
     return obj
+
+
+class NudgeAt:
+    """A planted bug: moves ``enc0.weight`` (TinyNet's) by 1e-3 after one optimizer step."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    @hookimpl
+    def after_step(self, engine: Any, step: int) -> None:
+        if step == self.step:
+            with torch.no_grad():
+                engine.model.enc0.weight.add_(1e-3)

@@ -11,20 +11,13 @@ from typing import Any
 
 import numpy as np
 import pytest
+import test_ablation
 
 from moola_engine.cli import main
 from moola_engine.logs import read_events
 
 ATOL = RTOL = 1e-5
-STRATEGIES = """
-[strategy.frozen]
-plugin = "frozen"
-[strategy.immediate]
-plugin = "immediate"
-[strategy.two_phase]
-plugin = "two-phase"
-unfreeze_after = 1
-lr_scale = 0.5
+STRATEGIES = test_ablation.STRATEGIES + """
 [strategy.stuck]
 plugin = "immediate"
 [strategy.stuck.train]

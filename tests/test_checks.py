@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Any
 
 import attrs
 import pytest
 import torch
-from conftest import TINY_GROUPS, TinyNet, make_engine, named
+from conftest import TINY_GROUPS, NudgeAt, TinyNet, make_engine, named
 from torch import nn
 
 from moola_engine import hookimpl
@@ -579,7 +580,7 @@ def test_checks_every_spaces_the_interval_checks_and_still_covers_every_step() -
     assert [e["epoch"] for e in _intervals(log2, "head")] == [1, 3, 4]  # every 2nd epoch, and always the last
     steps = [(e["from_step"], e["to_step"]) for e in _intervals(log2, "head")]
     assert steps[0][0] == 0 and steps[-1][1] == spaced.step
-    assert all(a[1] == b[0] for a, b in zip(steps, steps[1:]))  # contiguous: no step left unchecked
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(steps))  # contiguous: no step left unchecked
     assert all(e["ok"] and e["moved"] for e in _intervals(log2, "head"))
 
 
@@ -664,17 +665,6 @@ def test_fingerprints_of_a_group_still_equal_to_its_pretrained_weights_take_no_p
 
 def test_a_frozen_group_that_moved_away_from_its_pretrained_weights_is_still_caught() -> None:
     checks = ChecksConfig(snapshots="fingerprint", grad_flow=False, lr_mask=False)
-    engine = _pretrained_run(named("frozen"), checks, rogue=(NudgeFrozen(step=5),), epochs=3)
+    engine = _pretrained_run(named("frozen"), checks, rogue=(NudgeAt(step=5),), epochs=3)
     with pytest.raises(CheckFailed, match=r"frozen group encoder.layer0 changed in epoch 1"):
         engine.fit()
-
-
-class NudgeFrozen:
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    @hookimpl
-    def after_step(self, engine: Any, step: int) -> None:
-        if step == self.step:
-            with torch.no_grad():
-                engine.model.enc0.weight.view(-1)[3] += 1e-3

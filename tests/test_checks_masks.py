@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import make_engine, named
+from conftest import NudgeAt, make_engine, named
 
 from moola_engine import hookimpl
 from moola_engine.checks.delta import build_checks
@@ -103,19 +103,6 @@ def test_a_masked_weight_moved_before_the_release_is_still_a_violation() -> None
     engine = make_engine(MovesMaskedThenReleases(1), epochs=3, extra=_checks())
     with pytest.raises(CheckFailed, match="held frozen by the biases mask changed"):
         engine.fit()
-
-
-class NudgeAt:
-    """Moves a weight the mask holds frozen after one step (a planted bug)."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    @hookimpl
-    def after_step(self, engine: Any, step: int) -> None:
-        if step == self.step:
-            with torch.no_grad():
-                engine.model.enc0.weight.add_(1e-3)
 
 
 @pytest.mark.parametrize("snapshots", ["exact", "fingerprint"])

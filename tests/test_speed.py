@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import importlib.metadata as md
+import statistics
 import sys
 from typing import Any
 
@@ -246,20 +247,23 @@ def test_non_finite_loss_is_found_at_epoch_end_with_its_step() -> None:
 
 
 @pytest.mark.slow
-def test_check_scaling_benchmark_runs_each_variant_in_its_own_process(tmp_path: Any) -> None:
+def test_check_scaling_benchmark_pools_rounds_of_fresh_processes(tmp_path: Any) -> None:
     import json
     import subprocess
 
     out = tmp_path / "scaling.json"
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "check_scaling.py"), "--sizes", "tiny",
-                           "--rounds", "1", "--epochs", "2", "--unfreeze-after", "1", "--json", str(out)],
-                          capture_output=True, text=True, timeout=300, check=True)
+                           "--rounds", "2", "--repeat", "2", "--epochs", "2", "--unfreeze-after", "1", "--json",
+                           str(out)], capture_output=True, text=True, timeout=300, check=True)
     assert "| tiny (" in proc.stdout and "targets (time <= 1.05 x off" in proc.stdout
     row = json.loads(out.read_text())["results"]["tiny"]
+    pooled = [r for rounds in row["processes"] for r in rounds]
+    assert len(row["processes"]) == 2 and len(pooled) == 4
     for v in ("off", "exact", "fingerprint"):
-        [run] = row["runs"][v]
-        assert run["seconds"] > 0 and run["peak_rss_mb"] > 50  # a process of its own with torch loaded
-        assert row[v]["median_ratio"] == pytest.approx(run["seconds"] / row["runs"]["off"][0]["seconds"])
+        assert all(r[v] > 0 for r in pooled)
+        assert row[v]["median_ratio"] == pytest.approx(statistics.median(r[v] / r["off"] for r in pooled))
+        assert row["rss_runs"][v]["peak_rss_mb"] > 50  # a process of its own with torch loaded
+        assert row[v]["rss_ratio"] == pytest.approx(row[v]["peak_rss_mb"] / row["off"]["peak_rss_mb"])
 
 
 def test_dataloader_benchmark_quick_smoke(tmp_path: Any) -> None:

@@ -7,7 +7,8 @@ freezer's state, never a strategy's parameters.
 
 :class:`WeightDeltaCheck` (``checks.weight_delta``)
     Snapshots every group at fit start, at every freeze transition and at every
-    epoch end (every N-th with ``checks.every``, always when a checkpoint is written, and at fit end).  At each of these points, for the steps since the last one: a
+    epoch end (every N-th with ``checks.every``, always when a checkpoint is
+    written, and at fit end).  At each of these points, for the steps since the last one: a
     frozen group must be bitwise unchanged, a trainable group must have moved.
     One ``weight_delta.check`` event per group (``scope = "interval"``); at a
     group's transition and at fit end, one more for the whole phase it leaves
