@@ -575,7 +575,7 @@ class BnStatsCheck(_DeltaObserver):
         super()._start(engine)
 
     def _named(self, engine: Any, group: ParamGroup) -> list[tuple[str, torch.Tensor]]:
-        cache = getattr(self, "_bn", None)
+        cache: dict[str, list[tuple[str, torch.Tensor]]] | None = getattr(self, "_bn", None)
         if cache is None:
             return self._find_bn(group)
         if group.name not in cache:

@@ -391,9 +391,9 @@ def _compare_live(named: list[tuple[str, torch.Tensor]], snap: FlatSnapshot, dev
                 if t.is_floating_point():
                     ref_sq += float(torch.linalg.vector_norm(b)) ** 2
                 if a is not None and against_sq is not None:  # block by block: no temporary above a block
-                    tf, af = t.reshape(-1), a.reshape(-1)
-                    for s in _slices(tf.numel(), block):
-                        against_sq += float(torch.linalg.vector_norm(_diff(tf[s], af[s], scratch))) ** 2
+                    flat, pre = t.reshape(-1), a.reshape(-1)
+                    for s in _slices(flat.numel(), block):
+                        against_sq += float(torch.linalg.vector_norm(_diff(flat[s], pre[s], scratch))) ** 2
                 continue
             tf, bf = t.reshape(-1), b.view(-1)
             af = a.reshape(-1) if a is not None else None
