@@ -177,15 +177,9 @@ class _DeltaObserver(_Observer):
             # the old snapshot is given up: the exact store refreshes its buffers in place (no allocation),
             # unless another snapshot (a phase start) still holds the same object
             reuse = not self._held(n, snaps[n])
-            against = self._against(n, named) if reuse else None
-            if against is None:
-                deltas[n], taken[n] = self.store.delta_and_take(snaps[n], named, engine.device, reuse=reuse)
-                self._measured_since(n, snaps[n], deltas[n])
-            else:  # the distance from the pretrained weights measured in the same pass
-                deltas[n], taken[n] = self.store.delta_and_take(snaps[n], named, engine.device, reuse=True,
-                                                                against=against)  # type: ignore[call-arg]
-                if deltas[n].against_sq is not None:
-                    self._measured_against(n, deltas[n].against_sq)
+            deltas[n], taken[n] = self.store.delta_and_take(snaps[n], named, engine.device, reuse=reuse,
+                                                            against=self._against(n, named) if reuse else None)
+            self._measured(n, snaps[n], deltas[n])
         if not deltas:
             return {}
         if all(d.host_values is not None for d in deltas.values()):  # the CPU path: floats already
@@ -217,11 +211,9 @@ class _DeltaObserver(_Observer):
         they are known (None: take them)."""
         return None
 
-    def _measured_against(self, group: str, against_sq: float) -> None:
-        """What the interval comparison measured against :meth:`_against`'s snapshot: ||now - it||²."""
-
-    def _measured_since(self, group: str, snap: Any, delta: Any) -> None:
-        """An interval comparison of ``group`` against ``snap`` gave ``delta``."""
+    def _measured(self, group: str, snap: Any, delta: Any) -> None:
+        """An interval comparison of ``group`` against ``snap`` gave ``delta`` (with ``delta.against_sq`` when
+        :meth:`_against` asked for it and the group moved)."""
 
     def _checkpoint(self, engine: Any, reason: str) -> None:
         if not self.ref:  # nothing of any group is checked here (no BatchNorm, no mask): nothing to compare
@@ -305,7 +297,11 @@ class _DeltaObserver(_Observer):
 
     @hookimpl(trylast=True)
     def on_fit_end(self, engine: Any) -> None:
-        if engine.step != self.ref_step:  # steps no epoch-end check covered (checks.every, an early stop)
+        self._check_the_rest(engine)
+
+    def _check_the_rest(self, engine: Any) -> None:
+        """At fit end: the steps no epoch-end check covered (``checks.every``, an early stop), if any."""
+        if engine.step != self.ref_step:
             self._begin()
             self._checkpoint(engine, reason="fit end")
 
@@ -379,17 +375,16 @@ class WeightDeltaCheck(_DeltaObserver):
             return
         by_name = {g.name: g for g in engine.groups}
         for group, loaded in self._pre_tensors.items():
-            named = list(loaded.items())
             names = list(loaded)
             ref = self.ref.get(group)
             live = dict(by_name[group].params)
-            if isinstance(ref, dict) and all(n in ref for n in names) and all(
-                    same_bits(live[n].detach(), t) for n, t in named):
+            if isinstance(ref, dict) and all(n in ref for n in names) and self._still_pretrained(
+                    group, [(n, live[n]) for n in names]):
                 # the loaded tensors are the weights the run starts from (as train() loads them), so the
                 # reference fingerprints taken a moment ago are theirs too: no second pass
                 self.pretrained[group] = ({n: ref[n] for n in names}, names)
             else:
-                self.pretrained[group] = (self.store.take(named), names)
+                self.pretrained[group] = (self.store.take(list(loaded.items())), names)
 
     def _begin(self) -> None:
         super()._begin()
@@ -407,10 +402,18 @@ class WeightDeltaCheck(_DeltaObserver):
         entry = self.pretrained.get(group)
         return self.phase.get(group) is snap or (entry is not None and entry[0] is snap)
 
-    def _measured_since(self, group: str, snap: Any, delta: Any) -> None:
-        # an interval that started from the pretrained weights themselves measured the distance from them
+    def _measured(self, group: str, snap: Any, delta: Any) -> None:
+        # the distance from the pretrained weights, when the interval's pass measured it: against them in the
+        # same pass (against_sq), or an interval that started from the pretrained weights themselves
         entry = self.pretrained.get(group)
-        if entry is not None and entry[0] is snap and delta.host_values is not None:
+        if entry is None:
+            return
+        if delta.against_sq is not None:
+            if group not in self._pre_sq:
+                self._pre_sq[group] = sum(float(torch.linalg.vector_norm(t)) ** 2 for t in entry[0].views().values()
+                                          if t.is_floating_point() and t.numel())
+            self._dist[group] = math.sqrt(delta.against_sq) / max(math.sqrt(self._pre_sq[group]), 1e-30)
+        elif entry[0] is snap and delta.host_values is not None:
             self._dist[group] = delta.host_values[3]
 
     def _known_fingerprint(self, group: str, named: list[tuple[str, torch.Tensor]]) -> Any:
@@ -418,7 +421,7 @@ class WeightDeltaCheck(_DeltaObserver):
         # fingerprints: one memcmp per tensor instead of a fingerprint pass, about 4x cheaper on the CPU, and
         # 1 us per tensor once the group has moved (memcmp stops at the first difference).
         entry = self.pretrained.get(group)
-        if entry is None or entry[1] != [n for n, _ in named]:
+        if entry is None:
             return None
         if not all(t.device.type == "cpu" for _, t in named):
             return None  # on an accelerator each comparison would be a host sync: take the fingerprints
@@ -433,12 +436,6 @@ class WeightDeltaCheck(_DeltaObserver):
         have = {n for n, t in named if t.device.type == "cpu"}
         return snap if all(n in have for n in names) else None
 
-    def _measured_against(self, group: str, against_sq: float) -> None:
-        if group not in self._pre_sq:
-            snap, _ = self.pretrained[group]
-            self._pre_sq[group] = sum(float(torch.linalg.vector_norm(t)) ** 2 for t in snap.views().values()
-                                      if t.is_floating_point() and t.numel())
-        self._dist[group] = math.sqrt(against_sq) / max(math.sqrt(self._pre_sq[group]), 1e-30)
 
     def _fields(self, engine: Any, name: str, **kw: Any) -> dict[str, Any]:
         fields = super()._fields(engine, name, **kw)
@@ -537,9 +534,7 @@ class WeightDeltaCheck(_DeltaObserver):
     def on_fit_end(self, engine: Any) -> None:
         from moola_engine.core.plan import promised_groups
 
-        if engine.step != self.ref_step:  # steps no epoch-end check covered (checks.every, an early stop)
-            self._begin()
-            self._checkpoint(engine, reason="fit end")
+        self._check_the_rest(engine)
         # No step ran since the last interval check: its fingerprints and its distances from the pretrained
         # weights stand for the weights now, so the phase checks need no pass of their own.
         self._fresh = dict(self.ref) if hasattr(self.store, "compare") else {}

@@ -134,8 +134,10 @@ class Store(Protocol):
 
     def delta(self, snap: Any, named: Named, device: torch.device) -> Delta: ...
 
-    def delta_and_take(self, snap: Any, named: Named, device: torch.device, reuse: bool = False) -> tuple[Delta, Any]:
-        """``delta`` plus a snapshot of ``named`` as it is now (what ``take`` would return), in one pass."""
+    def delta_and_take(self, snap: Any, named: Named, device: torch.device, reuse: bool = False,
+                       against: Any = None) -> tuple[Delta, Any]:
+        """``delta`` plus a snapshot of ``named`` as it is now (what ``take`` would return), in one pass;
+        ``against``: a second snapshot to measure ``||now - it||²`` to in the same pass, where the store can."""
         ...
 
 
@@ -569,9 +571,9 @@ class FingerprintStore:
         return self.delta_and_take(snap, named, device)[0]
 
     def delta_and_take(self, snap: dict[str, Fingerprint], named: Named, device: torch.device,
-                       reuse: bool = False) -> tuple[Delta, dict[str, Fingerprint]]:
+                       reuse: bool = False, against: Any = None) -> tuple[Delta, dict[str, Fingerprint]]:
         """One pass over ``named``: its fingerprints now, and the change since ``snap`` (``reuse``: no effect,
-        a fingerprint is a few numbers)."""
+        a fingerprint is a few numbers; ``against``: not measured, the distance comes from the fingerprints)."""
         now = {n: self.fingerprint(t) for n, t in named}
         return self.compare(snap, now, device), now
 

@@ -133,9 +133,13 @@ def run_cell(task: Task, device: str | None = None) -> dict[str, Any]:
                         pinned=task.pinned or None)
     except Exception as exc:
         return _failed(cell, exc)
-    seconds = time.perf_counter() - t0
-    write_json_atomic(Path(task.marker), marker_record(cell, outcome.run_dir, Path(task.out), seconds))
-    return {"key": cell.key, "ok": True, "run_dir": str(outcome.run_dir), "seconds": seconds}
+    return _done(task, outcome.run_dir, time.perf_counter() - t0)
+
+
+def _done(task: Task, run_dir: Path, seconds: float) -> dict[str, Any]:
+    """A finished cell: its done marker (written last), and its record."""
+    write_json_atomic(Path(task.marker), marker_record(task.cell, run_dir, Path(task.out), seconds))
+    return {"key": task.cell.key, "ok": True, "run_dir": str(run_dir), "seconds": seconds}
 
 
 def _failed(cell: Cell, exc: BaseException) -> dict[str, Any]:
@@ -169,9 +173,7 @@ def run_group(group: GroupTask, device: str | None = None) -> list[dict[str, Any
         if isinstance(outcome, BaseException):
             failed.append(_failed(t.cell, outcome))
             continue
-        write_json_atomic(Path(t.marker), marker_record(t.cell, outcome.run_dir, Path(t.out), share))
-        ok.append({"key": t.cell.key, "ok": True, "run_dir": str(outcome.run_dir), "seconds": share,
-                   **_batched_mode(Path(outcome.run_dir))})
+        ok.append({**_done(t, outcome.run_dir, share), **_batched_mode(Path(outcome.run_dir))})
     return ok + failed
 
 
