@@ -648,9 +648,9 @@ def test_fingerprints_of_a_group_still_equal_to_its_pretrained_weights_take_no_p
     passes: list[tuple[int, ...]] = []
     real = FingerprintStore.fingerprint
 
-    def counting(self: Any, t: torch.Tensor) -> Any:
+    def counting(self: Any, t: torch.Tensor, light: bool = False) -> Any:
         passes.append(tuple(t.shape))
-        return real(self, t)
+        return real(self, t, light)
 
     monkeypatch.setattr(FingerprintStore, "fingerprint", counting)
     checks = ChecksConfig(snapshots="fingerprint", grad_flow=False, bn_stats=False, lr_mask=False)
@@ -661,6 +661,56 @@ def test_fingerprints_of_a_group_still_equal_to_its_pretrained_weights_take_no_p
     # every later check finds it bitwise equal to the loaded tensors by memcmp
     assert passes.count(enc) == 1
     assert passes.count(tuple(engine.model.head.weight.shape)) >= 4  # the head moves: a pass every check
+
+
+def test_fingerprints_are_light_only_where_every_comparison_expects_a_change(monkeypatch: Any) -> None:
+    from moola_engine.checks.snapshots import FingerprintStore
+
+    taken: list[tuple[str, bool, int]] = []  # (which tensor, light, epoch)
+    real = FingerprintStore.fingerprint
+    holder: dict[str, Any] = {}
+
+    def recording(self: Any, t: torch.Tensor, light: bool = False) -> Any:
+        model = holder["engine"].model
+        which = {id(model.enc0.weight): "enc0", id(model.head.weight): "head"}.get(id(t), "other")
+        taken.append((which, light, holder["engine"].epoch))
+        return real(self, t, light)
+
+    monkeypatch.setattr(FingerprintStore, "fingerprint", recording)
+    checks = ChecksConfig(snapshots="fingerprint", grad_flow=False, bn_stats=False, lr_mask=False)
+    engine = _pretrained_run(named("two-phase", unfreeze_after=2, lr_scale=0.5), checks, epochs=5)
+    holder["engine"] = engine
+    engine.fit()
+    enc = [(light, epoch) for which, light, epoch in taken if which == "enc0"]
+    head = [(light, epoch) for which, light, epoch in taken if which == "head"]
+    # the encoder, frozen for epochs 0-1 (its unfreeze reuses its pretrained weights' full fingerprints): light
+    # from the first interval it trains through (epoch 2's end) on
+    assert enc[0] == (False, 0) and not any(light for light, epoch in enc if epoch < 2)
+    assert [e for e in enc if e[1] >= 2] == [(True, 2), (True, 3), (True, 4)]
+    # the head trains throughout: light from the first epoch end (after the fit start's full reference)
+    assert head[0] == (False, 0) and (True, 1) in head and all(light for light, epoch in head[2:])
+
+
+def test_two_sign_flips_in_a_frozen_chunk_are_caught_by_the_checksums() -> None:
+    class FlipTwo:
+        @hookimpl
+        def after_step(self, engine: Any, step: int) -> None:
+            if step == 5:
+                with torch.no_grad():
+                    flat = engine.model.enc0.weight.view(-1)
+                    flat[:2] = -flat[:2]  # two sign bits: +-2**31 each, so the words' sum mod 2**32 is unchanged
+
+    checks = ChecksConfig(snapshots="fingerprint", grad_flow=False, lr_mask=False)
+    engine = _pretrained_run(named("frozen"), checks, rogue=(FlipTwo(),), epochs=3)
+    with pytest.raises(CheckFailed, match=r"frozen group encoder.layer0 changed in epoch 1"):
+        engine.fit()
+    # the same flips before an unfreeze, with no epoch-end check in between (checks.every): the transition ends
+    # an interval that started frozen, so its fingerprint is full even though the group trains from now on
+    checks = ChecksConfig(snapshots="fingerprint", grad_flow=False, lr_mask=False, every=3)
+    engine = _pretrained_run(named("two-phase", unfreeze_after=2, lr_scale=0.5), checks, rogue=(FlipTwo(),),
+                             epochs=4)
+    with pytest.raises(CheckFailed, match=r"frozen group encoder.layer0 changed"):
+        engine.fit()
 
 
 def test_a_frozen_group_that_moved_away_from_its_pretrained_weights_is_still_caught() -> None:

@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from moola_engine.checks.snapshots import CHUNK, SMALL, ExactStore, FingerprintStore
+from moola_engine.checks.snapshots import CHUNK, PROJECTIONS, SMALL, ExactStore, FingerprintStore
 
 CPU = torch.device("cpu")
 
@@ -200,6 +200,49 @@ def test_fingerprints_catch_the_sign_of_zero_a_nan_payload_and_integers() -> Non
     n = torch.tensor(7, dtype=torch.int64)
     assert fp_changed([("n", n)], [("n", n + 1)]) == 1.0
     assert fp_changed([("n", n)], [("n", n + 2**32)]) == 1.0  # the high word only
+
+
+def light_changed(before, after, light_before=True, light_after=True) -> float:
+    store = FingerprintStore()
+    return store.compare(store.take(before, light=light_before), store.take(after, light=light_after),
+                         CPU).as_list()[0]
+
+
+@pytest.mark.parametrize("index", [0, CHUNK - 1, CHUNK, -1])
+def test_light_fingerprints_have_no_checksums_and_see_a_one_ulp_change_by_their_word_sums(index) -> None:
+    w = big()
+    w2 = w.clone()
+    w2.view(torch.int32)[index] += 1
+    store = FingerprintStore()
+    light = store.fingerprint(w, light=True)
+    assert light.light and light.checks is None and light.sums.dtype == torch.int32
+    assert light.sums.numel() == 4 and light.proj.shape == (PROJECTIONS, 4)
+    assert light_changed([("w", w)], [("w", w.clone())]) == 0.0
+    assert light_changed([("w", w)], [("w", w2)]) == 1.0
+    # a light fingerprint against a full one (the first interval of a group that trains from the start)
+    assert light_changed([("w", w)], [("w", w2)], light_before=False) == 1.0
+    assert light_changed([("w", w)], [("w", w.clone())], light_before=False) == 0.0
+
+
+def test_light_word_sums_miss_two_sign_flips_in_a_chunk_that_the_checksums_catch() -> None:
+    """The documented limit of a light comparison: two sign-bit flips in one chunk add 2 x 2**31 = 0 mod 2**32.
+    The checks compare light fingerprints only where a change is expected, so this can fail a check (a group
+    that did move read as not moved), never pass one; a frozen side gets the checksums, which see it."""
+    w = big().abs() + 0.5
+    w2 = w.clone()
+    w2[[CHUNK + 2, CHUNK + 9]] *= -1
+    assert light_changed([("w", w)], [("w", w2)]) == 0.0
+    assert light_changed([("w", w)], [("w", w2)], light_before=False, light_after=False) == 1.0
+    assert fp_changed([("w", w)], [("w", w2)]) == 1.0
+
+
+def test_light_fingerprints_estimate_the_same_norm_as_full_ones() -> None:
+    w = big()
+    w2 = w + 0.01 * torch.randn(w.shape, generator=torch.Generator().manual_seed(2))
+    store = FingerprintStore()
+    full = store.compare(store.take([("w", w)]), store.take([("w", w2)]), CPU).as_list()
+    light = store.compare(store.take([("w", w)], light=True), store.take([("w", w2)], light=True), CPU).as_list()
+    assert light[2:] == full[2:]  # the projections and the norm are the same numbers
 
 
 def test_fingerprint_checksums_are_exact_integers() -> None:

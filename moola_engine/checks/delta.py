@@ -156,7 +156,8 @@ class _DeltaObserver(_Observer):
                 continue  # nothing of the group is still checked here (a mask released: MaskedParamsCheck)
             if compare is not None:
                 if n not in self._fresh or list(self._fresh[n]) != [name for name, _ in named]:
-                    self._fresh[n] = self._known_fingerprint(n, named) or self.store.take(named)
+                    self._fresh[n] = (self._known_fingerprint(n, named)
+                                      or self.store.take(named, light=self._light(engine, n)))  # type: ignore[call-arg]  # fingerprint stores only
                 deltas[n] = compare(snaps[n], self._fresh[n], engine.device)
                 if taken is not None:
                     taken[n] = self._fresh[n]
@@ -177,8 +178,9 @@ class _DeltaObserver(_Observer):
             # the old snapshot is given up: the exact store refreshes its buffers in place (no allocation),
             # unless another snapshot (a phase start) still holds the same object
             reuse = not self._held(n, snaps[n])
+            against = self._against(n, named)
             deltas[n], taken[n] = self.store.delta_and_take(snaps[n], named, engine.device, reuse=reuse,
-                                                            against=self._against(n, named) if reuse else None)
+                                                            against=None if against is snaps[n] else against)
             self._measured(n, snaps[n], deltas[n])
         if not deltas:
             return {}
@@ -210,6 +212,11 @@ class _DeltaObserver(_Observer):
         """Fingerprint mode: the fingerprints of ``named`` as they are now without a pass over them, when
         they are known (None: take them)."""
         return None
+
+    def _light(self, engine: Any, group: str) -> bool:
+        """Fingerprint mode: True when the fingerprints taken of ``group`` now may be light (no checksums,
+        :meth:`FingerprintStore.compare`): only where every comparison they take part in expects a change."""
+        return False
 
     def _measured(self, group: str, snap: Any, delta: Any) -> None:
         """An interval comparison of ``group`` against ``snap`` gave ``delta`` (with ``delta.against_sq`` when
@@ -427,6 +434,13 @@ class WeightDeltaCheck(_DeltaObserver):
             return None  # on an accelerator each comparison would be a host sync: take the fingerprints
         return entry[0] if self._still_pretrained(group, named) else None
 
+    def _light(self, engine: Any, group: str) -> bool:
+        # Light fingerprints only for a group that trains now, trained at the start of the interval being
+        # judged and of its phase: both comparisons they enter (this interval and phase, the next interval)
+        # expect a change.  A frozen side anywhere (the interval a freeze or an unfreeze ends) gets the checksums.
+        return bool(engine.freezer.is_trainable(group) and self.ref_state.get(group, False)
+                    and getattr(self, "phase_state", {}).get(group, False))
+
     def _against(self, group: str, named: list[tuple[str, torch.Tensor]]) -> Any:
         # the exact store on the host path: the distance from the pretrained weights in the interval's pass
         entry = self.pretrained.get(group)
@@ -507,7 +521,8 @@ class WeightDeltaCheck(_DeltaObserver):
             g = next(x for x in engine.groups if x.name == group)
             if fingerprint:  # the fingerprint taken for this hook call (immutable, so it may be shared)
                 if group not in self._fresh:
-                    self._fresh[group] = self.store.take(self._named(engine, g))
+                    self._fresh[group] = self.store.take(  # type: ignore[call-arg]  # fingerprint stores only
+                        self._named(engine, g), light=self._light(engine, group))
                 self.phase[group] = self._fresh[group]
             else:  # exact: the interval snapshot the check below takes (one copy fewer); the old one is free
                 del self.phase[group]
