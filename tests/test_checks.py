@@ -624,7 +624,8 @@ def test_checks_every_still_checks_every_epoch_that_writes_a_checkpoint(tmp_path
 # --------------------------------------------------------------------------- fingerprints of a group still pretrained
 
 
-def _pretrained_run(strategy: Any, checks: ChecksConfig, rogue: tuple[Any, ...] = (), epochs: int = 3) -> Engine:
+def _pretrained_run(strategy: Any, checks: ChecksConfig, rogue: tuple[Any, ...] = (), epochs: int = 3,
+                    runlog: RunLog | None = None) -> Engine:
     from conftest import tiny_data
 
     from moola_engine.config import TrainConfig
@@ -639,7 +640,28 @@ def _pretrained_run(strategy: Any, checks: ChecksConfig, rogue: tuple[Any, ...] 
     loaded = {k: v.clone() for k, v in model.state_dict().items() if k.startswith("enc")}  # as train() loads them
     return Engine(model, train=TrainConfig(epochs=epochs, batch_size=16, lr=1e-2, seed=0, device="cpu"),
                   groups=TINY_GROUPS, pm=pm, strategy=strategy, train_data=tiny_data(), val_data=tiny_data(32, seed=1),
-                  checks=checks, pretrained=loaded)
+                  checks=checks, pretrained=loaded, **({"logger": runlog.logger} if runlog else {}))
+
+
+@pytest.mark.parametrize("mode", ["exact", "fingerprint"])
+def test_phase_events_carry_the_distance_from_the_pretrained_weights(mode: str) -> None:
+    """A frozen phase that ends still bitwise pretrained is 0.0 from them (no second pass needed: the phase
+    comparison against the pretrained snapshot is that distance); the trained phase at fit end matches the
+    distance computed here from the weights."""
+    log = RunLog(None, console="none", capture=True)
+    checks = ChecksConfig(snapshots=mode, grad_flow=False, bn_stats=False, lr_mask=False)
+    engine = _pretrained_run(named("two-phase", unfreeze_after=2, lr_scale=0.5), checks, epochs=4, runlog=log)
+    pre = engine.model.enc0.weight.detach().clone(), engine.model.enc0.bias.detach().clone()
+    engine.fit()
+    phases = [e for e in log.events if e["event"] == "weight_delta.check" and e.get("scope") == "phase"
+              and e["group"] == "encoder.layer0"]
+    assert [(p["expected"], p["moved"]) for p in phases] == [("zero", False), ("nonzero", True)]
+    assert phases[0]["from_pretrained"] == 0.0
+    now = torch.cat([engine.model.enc0.weight.detach().reshape(-1), engine.model.enc0.bias.detach()])
+    w0 = torch.cat([pre[0].reshape(-1), pre[1]])
+    want = float((now.double() - w0.double()).norm() / w0.double().norm())
+    assert phases[1]["from_pretrained"] == pytest.approx(want, rel=1e-5 if mode == "exact" else 0.5)
+    assert phases[1]["from_pretrained"] > 0
 
 
 def test_fingerprints_of_a_group_still_equal_to_its_pretrained_weights_take_no_pass(monkeypatch: Any) -> None:

@@ -169,11 +169,13 @@ class _DeltaObserver(_Observer):
                 deltas[n] = unchanged[1]
                 if taken is not None:
                     taken[n] = snaps[n]
+                self._measured(n, snaps[n], deltas[n])
                 continue
             if taken is None:
                 deltas[n] = self.store.delta(snaps[n], named, engine.device)
                 if deltas[n].host_values is not None and not deltas[n].host_values[0]:
                     self._unchanged_now[n] = (snaps[n], deltas[n])
+                self._measured(n, snaps[n], deltas[n])
                 continue
             # the old snapshot is given up: the exact store refreshes its buffers in place (no allocation),
             # unless another snapshot (a phase start) still holds the same object
