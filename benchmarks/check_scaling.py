@@ -3,6 +3,7 @@
     python benchmarks/check_scaling.py                         # 0.2M, 2.4M, 8.9M, 35M parameters, 5 rounds
     python benchmarks/check_scaling.py --sizes 0.2M --rounds 1 # smoke (tests/test_speed.py)
     python benchmarks/check_scaling.py --json out.json
+    python benchmarks/check_scaling.py --hooks 5               # the checks' own time (inside their hooks) per fit
 
 The setup of issue 18: a two-phase fine-tuning run (encoder frozen for ``--unfreeze-after`` epochs, then
 unfrozen at 0.3x lr; AdamW) of an MLP encoder (256 inputs -> H -> H -> H, ReLU) with a head (H -> 32 -> 2),
@@ -66,9 +67,28 @@ def worker(hidden: int, variant: str, epochs: int, unfreeze_after: int, pretrain
             "params": params}
 
 
+def _timed(obs: Any, spent: list[float]) -> Any:
+    """``obs`` with each of its hook implementations timed into ``spent[0]`` (seconds), before registration."""
+    import functools
+
+    for attr in dir(type(obs)):
+        if attr.startswith(("on_", "after_", "before_")):
+            method = getattr(obs, attr)
+            if callable(method) and hasattr(method, "__func__"):
+                def timed(*a: Any, _m: Any = method, **k: Any) -> Any:
+                    t0 = time.perf_counter()
+                    try:
+                        return _m(*a, **k)
+                    finally:
+                        spent[0] += time.perf_counter() - t0
+                setattr(obs, attr, functools.update_wrapper(timed, method))  # keeps pluggy's hookimpl marker
+    return obs
+
+
 def fit_once(hidden: int, variant: str, epochs: int, unfreeze_after: int, pretrained: bool,
-             every: int = 1) -> tuple[float, int]:
-    """(seconds from model construction to the end of fit, parameters) of one run in this process."""
+             every: int = 1, spent: list[float] | None = None) -> tuple[float, int]:
+    """(seconds from model construction to the end of fit, parameters) of one run in this process; ``spent``:
+    the seconds inside the check observers' hooks are added to ``spent[0]``."""
     import attrs
     import torch
     from torch import nn
@@ -100,7 +120,7 @@ def fit_once(hidden: int, variant: str, epochs: int, unfreeze_after: int, pretra
         if on:
             cfg = ExperimentConfig(train=train_cfg, checks=checks, checkpoint=CheckpointConfig(enabled=False))
             for name, obs in build_observers(cfg, run_dir):
-                register_checked(pm, obs, name=name)
+                register_checked(pm, obs if spent is None else _timed(obs, spent), name=name)
         register_checked(pm, strat, name="strategy:two-phase")
         runlog = RunLog(run_dir / "events.jsonl", console="none")
         try:
@@ -142,6 +162,29 @@ def rounds_worker(hidden: int, rounds: int, epochs: int, unfreeze_after: int, pr
     return out
 
 
+def hooks_worker(hidden: int, fits: int, epochs: int, unfreeze_after: int, pretrained: bool,
+                 every: int) -> dict[str, dict[str, float]]:
+    """In this (fresh) process, per snapshot mode: the median over ``fits`` fits of the fit's seconds and of the
+    seconds spent inside the check observers' hooks (their direct cost, without the run-to-run noise of a
+    checks-off comparison)."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    import torch
+
+    torch.set_num_threads(1)
+    out: dict[str, dict[str, float]] = {}
+    for v in VARIANTS[1:]:
+        fit_once(16, v, 2, 1, pretrained, every)  # warm-up
+        fit_s, hook_s = [], []
+        for _ in range(fits):
+            spent = [0.0]
+            fit_s.append(fit_once(hidden, v, epochs, unfreeze_after, pretrained, every, spent)[0])
+            hook_s.append(spent[0])
+        out[v] = {"fit_seconds": statistics.median(fit_s), "check_seconds": statistics.median(hook_s),
+                  "share": statistics.median(h / f for h, f in zip(hook_s, fit_s, strict=True))}
+    return out
+
+
 def _cmd(args: argparse.Namespace, hidden: int) -> list[str]:
     cmd = [sys.executable, __file__, "--hidden", str(hidden), "--epochs", str(args.epochs),
            "--unfreeze-after", str(args.unfreeze_after), "--every", str(args.every)]
@@ -175,7 +218,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
     ap.add_argument("--worker-rounds", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--hidden", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--hooks", type=int, metavar="FITS",
+                    help="instead: the checks' direct cost, the time inside their hooks over FITS fits per mode in "
+                         "one fresh process per size (median), as a share of the fit")
+    ap.add_argument("--worker-hooks", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.worker_hooks:
+        print(json.dumps(hooks_worker(args.hidden, args.worker_hooks, args.epochs, args.unfreeze_after,
+                                      args.pretrained, args.every)))
+        return 0
     if args.worker_rounds:
         print(json.dumps(rounds_worker(args.hidden, args.worker_rounds, args.epochs, args.unfreeze_after,
                                        args.pretrained, args.every)))
@@ -188,6 +239,21 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [s for s in args.sizes if s not in sizes]
     if unknown:
         ap.error(f"unknown size(s) {unknown}; expected some of {', '.join(sizes)}")
+
+    if args.hooks:
+        hooks: dict[str, Any] = {}
+        print("| params | exact: fit, inside the checks (share) | fingerprint: fit, inside the checks (share) |")
+        print("|---:|---:|---:|")
+        for label in args.sizes:
+            got = subprocess.run(_cmd(args, sizes[label]) + ["--worker-hooks", str(args.hooks)], check=True,
+                                 capture_output=True, text=True)
+            row = hooks[label] = json.loads(got.stdout.strip().splitlines()[-1])
+            print(f"| {label} | " + " | ".join(
+                f"{row[v]['fit_seconds'] * 1e3:.0f} ms, {row[v]['check_seconds'] * 1e3:.1f} ms "
+                f"({row[v]['share'] * 100:.1f}%)" for v in VARIANTS[1:]) + " |", flush=True)
+        if args.json:
+            Path(args.json).write_text(json.dumps({"args": vars(args), "hooks": hooks}, indent=2) + "\n")
+        return 0
 
     results: dict[str, Any] = {}
     for label in args.sizes:

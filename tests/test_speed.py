@@ -266,6 +266,23 @@ def test_check_scaling_benchmark_pools_rounds_of_fresh_processes(tmp_path: Any) 
         assert row[v]["rss_ratio"] == pytest.approx(row[v]["peak_rss_mb"] / row["off"]["peak_rss_mb"])
 
 
+@pytest.mark.slow
+def test_check_scaling_hooks_mode_times_the_checks_inside_the_fit(tmp_path: Any) -> None:
+    """--hooks: the time inside the check observers' hooks, per mode; part of the fit, and not nothing."""
+    import json
+    import subprocess
+
+    out = tmp_path / "hooks.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "check_scaling.py"), "--sizes", "tiny",
+                           "--hooks", "2", "--epochs", "2", "--unfreeze-after", "1", "--json", str(out)],
+                          capture_output=True, text=True, timeout=300, check=True)
+    assert "| tiny | " in proc.stdout
+    row = json.loads(out.read_text())["hooks"]["tiny"]
+    for v in ("exact", "fingerprint"):
+        assert 0 < row[v]["check_seconds"] < row[v]["fit_seconds"]
+        assert 0 < row[v]["share"] < 1
+
+
 def test_dataloader_benchmark_quick_smoke(tmp_path: Any) -> None:
     """The DataLoader-path benchmark runs both variants (a smoke test: it times nothing it asserts)."""
     import json
